@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Result:
+    """What a command produced: ``data`` for ``--json``, ``text`` for people.
+
+    ``ok`` is False when the command ran but found problems the caller should act on (a lint
+    that failed, files that were rejected); the exit code is then 1.
+    """
+
+    data: dict = field(default_factory=dict)
+    text: str = ""
+    ok: bool = True

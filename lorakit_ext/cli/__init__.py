@@ -18,9 +18,11 @@ ORDER = ("project", "import_images", "dedupe", "undo", "captions", "tags", "plan
 
 
 def _command_modules():
-    found = {m.name for m in pkgutil.iter_modules(__path__) if m.name not in ("output",) and not m.name.startswith("_")}
+    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
     ordered = [name for name in ORDER if name in found] + sorted(found - set(ORDER))
-    return [importlib.import_module(f"{__name__}.{name}") for name in ordered]
+    modules = [importlib.import_module(f"{__name__}.{name}") for name in ordered]
+    # Helper modules (output, shared option groups) live here too; commands have register().
+    return [m for m in modules if hasattr(m, "register")]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,43 @@
+"""Training options shared by ``plan`` and ``train``: ``--config FILE`` plus ``--set key=value``
+and a few common flags, all turned into one validated :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.train.config import PRESETS, TrainConfig, load_config_file
+
+# The options people change most often get their own flags; everything else is --set key=value.
+_FLAGS = {
+    "repeats": "num_repeats",
+    "epochs": "max_train_epochs",
+    "steps": "max_train_steps",
+    "batch_size": "train_batch_size",
+}
+
+
+def add_train_options(parser) -> None:
+    group = parser.add_argument_group("training options")
+    group.add_argument("--config", help="a .json or .toml file of TrainConfig options")
+    group.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset (default: kohya-colab defaults)")
+    group.add_argument("--repeats", type=int, help="num_repeats (default 10)")
+    group.add_argument("--epochs", type=int, help="max_train_epochs (default 10)")
+    group.add_argument("--steps", type=int, help="max_train_steps instead of epochs")
+    group.add_argument("--batch-size", type=int, help="train_batch_size (default 2)")
+    group.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig option, repeatable"
+    )
+
+
+def config_from_args(args) -> TrainConfig:
+    values: dict = dict(PRESETS[args.preset]) if args.preset else {}
+    if args.config:
+        values.update(load_config_file(args.config))
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        values[key.strip()] = value.strip()
+    for flag, name in _FLAGS.items():
+        if getattr(args, flag) is not None:
+            values[name] = getattr(args, flag)
+    return TrainConfig.from_dict(values).validate()

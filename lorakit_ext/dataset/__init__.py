@@ -1,0 +1,1 @@
+"""The dataset half: image import, near-duplicate curation, caption sidecars, tag curation."""

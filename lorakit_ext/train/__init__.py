@@ -1,0 +1,1 @@
+"""Training: config, plan, buckets, data, networks, loss, optimiser, loop, resume."""

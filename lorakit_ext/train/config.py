@@ -1,0 +1,217 @@
+"""``TrainConfig``: the one description of a training run.
+
+The A1111 tab, the HTTP API and the CLI all build this object and call :meth:`TrainConfig.validate`
+once. Each field carries its label, help, group, range and choices as metadata, so the tab's form
+is generated from it and a new option is one line here. Defaults are the kohya-colab
+"Lora Trainer" SD1.5 defaults (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorakit_ext.errors import UserError
+
+OPTIMIZERS = ("AdamW8bit", "AdamW", "Lion", "Prodigy", "Adafactor")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+NETWORK_TYPES = ("LoRA", "LoCon")
+PRECISIONS = ("auto", "fp16", "bf16", "no")
+
+
+def _f(default, label, help, group, *, min=None, max=None, step=None, choices=None):
+    meta = {"label": label, "help": help, "group": group, "min": min, "max": max, "step": step, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    output_name: str = _f("", "Output name", "LoRA file stem; epochs are saved as <name>-01.safetensors … (empty: the project name)", "Output")
+    trigger: str = _f("", "Activation tag", "Trigger word(s) put first in every caption and written into the card", "Output")
+    training_comment: str = _f("", "Comment", "Stored in the file's ss_training_comment metadata", "Output")
+
+    resolution: int = _f(512, "Resolution", "Training resolution (square side); buckets keep about this many pixels", "Dataset", min=256, max=2048, step=64)
+    enable_bucket: bool = _f(True, "Aspect-ratio buckets", "Train images at their own aspect ratio instead of cropping to a square", "Dataset")
+    min_bucket_reso: int = _f(256, "Min bucket side", "Smallest bucket side in pixels", "Dataset", min=64, max=2048, step=64)
+    max_bucket_reso: int = _f(1024, "Max bucket side", "Largest bucket side in pixels", "Dataset", min=256, max=4096, step=64)
+    bucket_reso_steps: int = _f(64, "Bucket step", "Bucket sides are multiples of this", "Dataset", min=8, max=256, step=8)
+    bucket_no_upscale: bool = _f(False, "No upscaling into buckets", "Small images get a bucket no larger than themselves", "Dataset")
+    num_repeats: int = _f(10, "Repeats", "How often each image is seen per epoch", "Dataset", min=1, max=1000)
+    flip_aug: bool = _f(False, "Flip augmentation", "Also train on mirrored images (not for asymmetric characters)", "Dataset")
+    shuffle_tags: bool = _f(True, "Shuffle tags", "Shuffle caption tags every step, keeping the first `keep tokens` in place", "Dataset")
+    keep_tokens: int = _f(1, "Keep tokens", "Leading tags never shuffled (the activation tag)", "Dataset", min=0, max=32)
+    caption_dropout_rate: float = _f(0.0, "Caption dropout", "Chance of training a step with an empty caption", "Dataset", min=0.0, max=0.99, step=0.01)
+    max_token_length: int = _f(225, "Max token length", "Caption tokens used: 75, 150 or 225 (in 75-token chunks)", "Dataset", choices=(75, 150, 225))
+    cache_latents: bool = _f(True, "Cache latents", "Encode every image once before training (faster; no per-step VAE)", "Dataset")
+
+    max_train_epochs: int = _f(10, "Epochs", "Number of epochs (ignored when Max steps is set)", "Steps", min=1, max=1000)
+    max_train_steps: int = _f(0, "Max steps", "Train this many steps instead of counting epochs (0: use epochs)", "Steps", min=0, max=1_000_000)
+    train_batch_size: int = _f(2, "Batch size", "Images per step", "Steps", min=1, max=64)
+    save_every_n_epochs: int = _f(1, "Save every N epochs", "Write an epoch file every N epochs (the last epoch is always saved)", "Steps", min=1, max=1000)
+    keep_only_last_n_epochs: int = _f(10, "Keep last N epochs", "Delete this run's older epoch files beyond N (0: keep all)", "Steps", min=0, max=1000)
+
+    unet_lr: float = _f(5e-4, "UNet learning rate", "Learning rate of the UNet LoRA", "Learning", min=0.0, max=10.0)
+    text_encoder_lr: float = _f(1e-4, "Text encoder learning rate", "0 trains the UNet only", "Learning", min=0.0, max=10.0)
+    lr_scheduler: str = _f("cosine_with_restarts", "Scheduler", "Learning-rate schedule", "Learning", choices=SCHEDULERS)
+    lr_scheduler_num_cycles: int = _f(3, "Restarts", "Cycles of cosine_with_restarts (power of polynomial)", "Learning", min=1, max=100)
+    lr_warmup_ratio: float = _f(0.05, "Warmup ratio", "Share of the steps spent warming up (warmup steps = int(total × ratio))", "Learning", min=0.0, max=0.5, step=0.01)
+    min_snr_gamma: float = _f(5.0, "Min-SNR gamma", "Loss weight min(SNR, γ)/SNR; 0 turns it off", "Learning", min=0.0, max=20.0, step=0.5)
+    noise_offset: float = _f(0.0, "Noise offset", "Adds offset·randn(B,C,1,1) to the noise (darker darks, lighter lights)", "Learning", min=0.0, max=1.0, step=0.01)
+    optimizer: str = _f("AdamW8bit", "Optimizer", "AdamW8bit needs bitsandbytes and falls back to torch AdamW without it", "Learning", choices=OPTIMIZERS)
+    weight_decay: float = _f(0.1, "Weight decay", "Optimizer weight decay", "Learning", min=0.0, max=1.0)
+    adam_beta1: float = _f(0.9, "Beta 1", "First moment decay (AdamW, Lion, Prodigy)", "Learning", min=0.0, max=0.9999)
+    adam_beta2: float = _f(0.99, "Beta 2", "Second moment decay (AdamW, Lion, Prodigy)", "Learning", min=0.0, max=0.99999)
+    max_grad_norm: float = _f(1.0, "Max grad norm", "Gradient clipping (0: off)", "Learning", min=0.0, max=100.0)
+
+    network_type: str = _f("LoRA", "Network", "LoRA: attention and MLP layers; LoCon adds the ResNet/down/upsample convs", "Network", choices=NETWORK_TYPES)
+    network_dim: int = _f(16, "Dim (rank)", "LoRA rank of linear layers", "Network", min=1, max=1024)
+    network_alpha: float = _f(8.0, "Alpha", "Scale = alpha / dim", "Network", min=0.0, max=1024.0)
+    conv_dim: int = _f(8, "Conv dim", "LoCon rank of 3×3 convs", "Network", min=1, max=1024)
+    conv_alpha: float = _f(4.0, "Conv alpha", "LoCon conv scale = conv alpha / conv dim", "Network", min=0.0, max=1024.0)
+    network_dropout: float = _f(0.0, "Network dropout", "Dropout on the LoRA path during training", "Network", min=0.0, max=0.99, step=0.01)
+
+    clip_skip: int = _f(2, "Clip skip", "2 for anime models, 1 for photo models", "Model", min=1, max=12)
+    mixed_precision: str = _f("auto", "Precision", "auto: bf16 where the GPU supports it, else fp16; fp32 on CPU", "Model", choices=PRECISIONS)
+    gradient_checkpointing: bool = _f(False, "Gradient checkpointing", "Less memory, slower steps", "Model")
+    seed: int = _f(42, "Seed", "Seed for shuffling, noise and initialisation", "Model", min=0, max=2**32 - 1)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def field_specs(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Builds a config from strings or typed values (forms, JSON, TOML); unknown keys are errors."""
+        specs = {f.name: f for f in cls.field_specs()}
+        unknown = sorted(set(values) - set(specs))
+        if unknown:
+            raise UserError(f"unknown training option(s): {', '.join(unknown)}")
+        kwargs = {name: _coerce(specs[name], value) for name, value in values.items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "TrainConfig":
+        return cls.from_dict(load_config_file(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every reason this config can't train, as sentences; empty when it is valid."""
+        out = []
+        for spec in self.field_specs():
+            value, meta = getattr(self, spec.name), spec.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                out.append(f"{spec.name} = {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+            if meta["min"] is not None and value < meta["min"]:
+                out.append(f"{spec.name} = {value} is below the minimum {meta['min']}")
+            if meta["max"] is not None and value > meta["max"]:
+                out.append(f"{spec.name} = {value} is above the maximum {meta['max']}")
+        if self.unet_lr == 0 and self.text_encoder_lr == 0:
+            out.append("unet_lr and text_encoder_lr are both 0: nothing would be trained")
+        if self.enable_bucket:
+            for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
+                if getattr(self, name) % self.bucket_reso_steps:
+                    out.append(f"{name} = {getattr(self, name)} is not a multiple of bucket_reso_steps = {self.bucket_reso_steps}")
+            if not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+                out.append(
+                    f"resolution {self.resolution} must lie between min_bucket_reso {self.min_bucket_reso} "
+                    f"and max_bucket_reso {self.max_bucket_reso}"
+                )
+        elif self.resolution % 8:
+            out.append(f"resolution = {self.resolution} is not a multiple of 8 (the VAE downsamples by 8)")
+        if self.output_name:
+            from lorakit_ext.project import validate_name
+
+            try:
+                validate_name(self.output_name, "output name")
+            except UserError as exc:
+                out.append(str(exc))
+        return out
+
+    def validate(self) -> "TrainConfig":
+        problems = self.problems()
+        if problems:
+            raise UserError("invalid training settings: " + "; ".join(problems))
+        return self
+
+
+PRESETS: dict[str, dict] = {
+    "kohya-colab (anime)": {},
+    "kohya-colab (photo)": {"clip_skip": 1},
+    "kohya-colab LoCon": {"network_type": "LoCon"},
+    "UNet only": {"text_encoder_lr": 0.0},
+    "Low VRAM": {"train_batch_size": 1, "gradient_checkpointing": True},
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return TrainConfig(**{**PRESETS[name], **overrides})
+
+
+def _coerce(spec: dataclasses.Field, value):
+    kind = type(spec.default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if kind is int:
+            number = float(value)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{spec.name} = {value!r} is not a valid {kind.__name__}") from None
+
+
+def load_config_file(path: Path) -> dict:
+    """Reads a ``.json`` or ``.toml`` file of options. TOML files may hold them under ``[train]``."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data = _toml_loads(raw.decode("utf-8"))
+            data = data.get("train", data)
+        else:
+            data = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a table of options")
+    return data
+
+
+def _toml_loads(text: str) -> dict:
+    try:
+        import tomllib as toml
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as toml
+        except ModuleNotFoundError:
+            raise UserError("reading TOML on Python 3.10 needs the 'tomli' package; use a .json config or pip install tomli") from None
+    return toml.loads(text)

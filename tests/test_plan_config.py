@@ -1,0 +1,119 @@
+import json
+
+import pytest
+
+from lorakit_ext.cli import main
+from lorakit_ext.errors import UserError
+from lorakit_ext.train.config import PRESETS, TrainConfig, preset
+from lorakit_ext.train.plan import make_plan
+
+
+def test_plan_has_kohya_colab_lines_exactly():
+    plan = make_plan(126, 10, 2, 10)
+    assert plan.lines == [
+        "Found 126 images with 10 repeats, equaling 1260 steps.",
+        "Divide 1260 steps by 2 batch size to get 630.0 steps per epoch.",
+        "There will be 10 epochs, for around 6300 total training steps.",
+    ]
+    assert plan.total_steps == 6300
+    assert plan.warmup_steps == 315
+
+
+def test_plan_in_steps_says_how_many_epochs():
+    plan = make_plan(126, 10, 2, max_train_steps=2000)
+    assert plan.lines[-1] == "There will be 2000 steps, divided into 3 epochs and then some."
+    assert plan.total_steps == 2000 and plan.warmup_steps == 100
+
+
+def test_plan_odd_batch_keeps_fraction_and_floors_total():
+    plan = make_plan(25, 3, 2, 3)
+    assert plan.lines[1] == "Divide 75 steps by 2 batch size to get 37.5 steps per epoch."
+    assert plan.total_steps == 112
+
+
+def test_plan_warns_over_ten_thousand_steps():
+    assert make_plan(200, 10, 2, 10).warnings == []
+    plan = make_plan(300, 40, 1, 10)
+    assert plan.total_steps == 120000
+    assert "over 10000" in plan.warnings[0]
+
+
+@pytest.mark.parametrize("images,repeats,hint", [(30, 10, False), (126, 10, True), (10, 5, True)])
+def test_plan_hints_when_image_steps_outside_200_400(images, repeats, hint):
+    assert bool(make_plan(images, repeats, 2).hints) is hint
+
+
+def test_defaults_are_kohya_colab():
+    c = TrainConfig()
+    assert (c.resolution, c.num_repeats, c.max_train_epochs, c.train_batch_size) == (512, 10, 10, 2)
+    assert (c.unet_lr, c.text_encoder_lr, c.lr_scheduler, c.lr_scheduler_num_cycles) == (5e-4, 1e-4, "cosine_with_restarts", 3)
+    assert (c.network_dim, c.network_alpha, c.conv_dim, c.conv_alpha) == (16, 8.0, 8, 4.0)
+    assert (c.min_snr_gamma, c.keep_tokens, c.seed, c.max_token_length) == (5.0, 1, 42, 225)
+    assert (c.min_bucket_reso, c.max_bucket_reso, c.bucket_reso_steps, c.lr_warmup_ratio) == (256, 1024, 64, 0.05)
+    TrainConfig().validate()
+
+
+def test_every_field_has_form_metadata():
+    for spec in TrainConfig.field_specs():
+        assert spec.metadata["label"] and spec.metadata["help"] and spec.metadata["group"], spec.name
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"unet_lr": -1}, "unet_lr = -1.0 is below the minimum"),
+        ({"network_dim": 0}, "network_dim = 0 is below the minimum 1"),
+        ({"optimizer": "SGDNesterov9bit"}, "optimizer = 'SGDNesterov9bit' is not one of"),
+        ({"lr_scheduler": "rex"}, "lr_scheduler = 'rex' is not one of"),
+        ({"unet_lr": 0, "text_encoder_lr": 0}, "nothing would be trained"),
+        ({"resolution": 500}, "not a multiple of bucket_reso_steps"),
+        ({"resolution": 2048}, "must lie between"),
+        ({"output_name": "../evil"}, "path separator"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_reason(values, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        TrainConfig.from_dict(values).validate()
+
+
+def test_from_dict_coerces_form_strings_and_rejects_unknown_keys():
+    c = TrainConfig.from_dict({"network_dim": "32", "flip_aug": "true", "unet_lr": "1e-4", "max_train_epochs": 5.0})
+    assert (c.network_dim, c.flip_aug, c.unet_lr, c.max_train_epochs) == (32, True, 1e-4, 5)
+    with pytest.raises(UserError, match="unknown training option"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(UserError, match="not a valid int"):
+        TrainConfig.from_dict({"network_dim": "2.5"})
+    with pytest.raises(UserError, match="not a valid bool"):
+        TrainConfig.from_dict({"flip_aug": "maybe"})
+
+
+def test_presets_are_valid_configs():
+    for name in PRESETS:
+        preset(name).validate()
+    assert preset("kohya-colab (photo)").clip_skip == 1
+    with pytest.raises(UserError, match="unknown preset"):
+        preset("nope")
+
+
+def test_plan_cli_counts_project_images_and_reads_config_files(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "projects"
+    assert main(["project", "create", "kat", "--root", str(root)]) == 0
+    for i in range(30):
+        Image.new("RGB", (8, 8), (i, i, i)).save(root / "kat" / "dataset" / f"{i}.png")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"num_repeats": 8, "train_batch_size": 4}))
+    capsys.readouterr()
+    assert main(["plan", "kat", "--root", str(root), "--config", str(cfg), "--epochs", "5", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["lines"][0] == "Found 30 images with 8 repeats, equaling 240 steps."
+    assert plan["total_steps"] == 300
+
+
+def test_plan_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["plan", "nothere", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no project 'nothere'") and err.count("\n") == 1
+    assert main(["plan", "--images", "10", "--set", "network_dim=0"]) == 2
+    assert "network_dim = 0 is below the minimum 1" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Diffusion model adapters and model-building helpers."""

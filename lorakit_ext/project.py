@@ -79,7 +79,7 @@ class Project:
     def dataset_file(self, filename: str) -> Path:
         """A file directly in ``dataset/``, by name, confined to the project."""
         if Path(filename).name != filename or filename in ("", ".", ".."):
-            raise UserError(f"{filename!r} is not a plain file name")
+            raise UserError(f"{filename!r} is not a plain file name; give the name of a file inside dataset/")
         return self.inside(self.dataset / filename)
 
 

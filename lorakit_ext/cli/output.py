@@ -8,7 +8,8 @@ class Result:
     """What a command produced: ``data`` for ``--json``, ``text`` for people.
 
     ``ok`` is False when the command ran but found problems the caller should act on (a lint
-    that failed, files that were rejected); the exit code is then 1.
+    that failed); the exit code is then 1. Partial success (some files imported, some rejected
+    and listed) is ok.
     """
 
     data: dict = field(default_factory=dict)

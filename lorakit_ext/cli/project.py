@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from lorakit_ext.cli.output import Result
+from lorakit_ext.errors import UserError
 from lorakit_ext.project import create_project, list_projects, open_project
 
 
 def register(sub, common) -> None:
+    # One flat parser: nested sub-parsers would re-default --root/--json given before the action.
     p = sub.add_parser("project", parents=[common], help="create, list or show projects")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, help_ in (("create", "create a project folder"), ("show", "show a project's folders")):
-        a = actions.add_parser(action, parents=[common], help=help_)
-        a.add_argument("name")
-    actions.add_parser("list", parents=[common], help="list projects under the root")
+    p.add_argument("action", choices=("create", "list", "show"))
+    p.add_argument("name", nargs="?", help="project name (create, show)")
     p.set_defaults(handler=run)
 
 
@@ -20,6 +19,8 @@ def run(args) -> Result:
     if args.action == "list":
         names = list_projects(args.root)
         return Result({"projects": names}, "\n".join(names) if names else f"no projects under {args.root}")
+    if not args.name:
+        raise UserError(f"project {args.action} needs a NAME")
     project = create_project(args.root, args.name) if args.action == "create" else open_project(args.root, args.name)
     data = {
         "name": project.name,

@@ -32,10 +32,10 @@ class TrainConfig:
     trigger: str = _f("", "Activation tag", "Trigger word(s) put first in every caption and written into the card", "Output")
     training_comment: str = _f("", "Comment", "Stored in the file's ss_training_comment metadata", "Output")
 
-    resolution: int = _f(512, "Resolution", "Training resolution (square side); buckets keep about this many pixels", "Dataset", min=256, max=2048, step=64)
+    resolution: int = _f(512, "Resolution", "Training resolution (square side); buckets keep about this many pixels", "Dataset", min=64, max=2048, step=64)
     enable_bucket: bool = _f(True, "Aspect-ratio buckets", "Train images at their own aspect ratio instead of cropping to a square", "Dataset")
     min_bucket_reso: int = _f(256, "Min bucket side", "Smallest bucket side in pixels", "Dataset", min=64, max=2048, step=64)
-    max_bucket_reso: int = _f(1024, "Max bucket side", "Largest bucket side in pixels", "Dataset", min=256, max=4096, step=64)
+    max_bucket_reso: int = _f(1024, "Max bucket side", "Largest bucket side in pixels", "Dataset", min=64, max=4096, step=64)
     bucket_reso_steps: int = _f(64, "Bucket step", "Bucket sides are multiples of this", "Dataset", min=8, max=256, step=8)
     bucket_no_upscale: bool = _f(False, "No upscaling into buckets", "Small images get a bucket no larger than themselves", "Dataset")
     num_repeats: int = _f(10, "Repeats", "How often each image is seen per epoch", "Dataset", min=1, max=1000)

@@ -1,0 +1,40 @@
+"""Progress lines for long CLI jobs, on stderr so ``--json`` output stays clean."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressPrinter:
+    """Prints a training progress line at most every ``interval`` seconds, and every message."""
+
+    def __init__(self, interval: float = 2.0, stream=None):
+        self.interval = interval
+        self.stream = stream or sys.stderr
+        self._last = 0.0
+
+    def __call__(self, p) -> None:
+        now = time.monotonic()
+        if p.message:
+            print(p.message, file=self.stream, flush=True)
+            return
+        if p.phase != "training" or (now - self._last < self.interval and p.step != p.total_steps):
+            return
+        self._last = now
+        parts = [f"epoch {p.epoch}/{p.epochs}", f"step {p.step}/{p.total_steps}"]
+        if p.loss is not None:
+            parts.append(f"loss {p.loss:.4f}")
+        if p.lr is not None:
+            parts.append(f"lr {p.lr:.2e}")
+        if p.it_per_s:
+            parts.append(f"{p.it_per_s:.2f} it/s")
+        parts.append(f"ETA {_clock(p.eta_s)}")
+        print("  ".join(parts), file=self.stream, flush=True)

@@ -1,0 +1,1 @@
+"""Comparing epochs: sample images with each epoch's LoRA and lay them out as a grid."""

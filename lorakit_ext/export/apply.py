@@ -1,0 +1,121 @@
+"""Merging a kohya LoRA file into an ldm SD1/SD2 model's weights, by A1111's rule.
+
+For each module ``W += multiplier · (alpha / rank) · up · down``: ``up`` and ``down`` are flattened
+to ``[out, r]`` and ``[r, in·kh·kw]`` and the product is reshaped to the weight, which covers
+Linear layers, 1×1 convs (SD1's proj_in/proj_out) and 3×3 convs (LoCon). SD2 files may name q/k/v
+of OpenCLIP attention, which live as thirds of ``in_proj_weight``; they are merged there, as A1111
+does. Every key is resolved before any weight changes, so a file that does not fit changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.export.kohya import ARCHS, PACKED_QKV, module_path_from_kohya
+from lorakit_ext.export.writer import read_lora_file
+
+_LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
+_LISTED = 20
+
+
+def component_roots(sd_model: nn.Module, arch: str) -> dict[str, nn.Module]:
+    """The modules kohya paths are relative to: the ldm UNet and the HF CLIP / OpenCLIP text model."""
+    cond = sd_model.cond_stage_model
+    # A1111 wraps ldm's embedder in its own class and keeps the original as `.wrapped`.
+    embedder = getattr(cond, "wrapped", cond)
+    te = embedder.transformer if arch == "sd1" else embedder.model
+    return {"unet": sd_model.model.diffusion_model, "te": te}
+
+
+def _target(root: nn.Module, path: str) -> tuple[torch.Tensor, slice | None]:
+    """The weight a module path names, with its rows for a packed q/k/v; ``LookupError`` if none."""
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        return _packed_qkv(root, path)
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise LookupError(path)
+    return module.weight, None
+
+
+def _packed_qkv(root: nn.Module, path: str) -> tuple[torch.Tensor, slice]:
+    index = next((i for i, leaf in enumerate(PACKED_QKV) if path.endswith("." + leaf)), None)
+    if index is None:
+        raise LookupError(path)
+    try:
+        mha = root.get_submodule(path.rpartition(".")[0])
+    except AttributeError:
+        raise LookupError(path) from None
+    if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
+        raise LookupError(path)
+    # nn.MultiheadAttention stacks the q, k and v projections in this order.
+    width = mha.embed_dim
+    return mha.in_proj_weight, slice(index * width, (index + 1) * width)
+
+
+def _delta(parts: dict[str, torch.Tensor], multiplier: float) -> torch.Tensor:
+    down = parts["lora_down.weight"].float()
+    up = parts["lora_up.weight"].float()
+    rank = down.shape[0]
+    up = up.reshape(up.shape[0], -1)
+    if up.shape[1] != rank:
+        raise ValueError(f"up rank {up.shape[1]} ≠ down rank {rank}")
+    # No alpha means no scaling, in A1111 and in kohya alike.
+    scale = parts["alpha"].item() / rank if "alpha" in parts else 1.0
+    return (up @ down.reshape(rank, -1)) * (scale * multiplier)
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    return shown + (f" … and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def apply_lora_file(sd_model: nn.Module, path: Path, multiplier: float = 1.0, arch: str = "sd1") -> int:
+    """Merges the LoRA file at ``path`` into ``sd_model``'s weights; returns how many modules it merged.
+
+    Raises :class:`UserError`, changing nothing, when a module name matches nothing in the model,
+    a module is not plain LoRA (LoHa, LoKr, DoRA…), or its shape does not fit the weight.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
+    tensors, _ = read_lora_file(path)
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        groups[name][part] = tensor
+    roots = component_roots(sd_model, arch)
+    unknown, problems, merges = [], [], []
+    for name, parts in sorted(groups.items()):
+        if not set(parts) <= _LORA_PARTS or not {"lora_down.weight", "lora_up.weight"} <= set(parts):
+            problems.append(f"{name} has {', '.join(sorted(parts))}, not a plain LoRA module")
+            continue
+        try:
+            component, module_path = module_path_from_kohya(name, arch)
+            weight, rows = _target(roots[component], module_path)
+        except (ValueError, LookupError):
+            unknown.append(name)
+            continue
+        shape = weight[rows].shape if rows is not None else weight.shape
+        try:
+            delta = _delta(parts, multiplier)
+            if delta.numel() != shape.numel():
+                raise ValueError(f"up·down has {delta.numel()} values")
+        except ValueError as exc:
+            problems.append(f"{name} does not fit the weight {tuple(shape)}: {exc}")
+            continue
+        merges.append((weight, rows, delta.reshape(shape)))
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} module(s) match nothing in this {arch} model: {_listing(unknown)}")
+    if problems:
+        raise UserError(f"{path}: cannot merge: {_listing(problems)}")
+    with torch.no_grad():
+        for weight, rows, delta in merges:
+            target = weight[rows] if rows is not None else weight
+            # Sum in fp32 and round once, so an fp16 model loses no more than one rounding.
+            target.copy_((target.float() + delta.to(target.device)).to(target.dtype))
+    return len(merges)

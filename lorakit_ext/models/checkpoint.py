@@ -1,0 +1,238 @@
+"""Loading an SD1/SD2 checkpoint (.safetensors or .ckpt) into ldm's ``LatentDiffusion``, offline.
+
+The model is the same object A1111 holds as ``shared.sd_model``: same classes, same module names,
+in eval mode, with ldm's own ``requires_grad`` flags (the UNet's left on, as in A1111).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .ldm_import import build_latent_diffusion
+from .sd_configs import SD2_WIDTHS, sd2_config, sd15_config
+
+_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_SD1_TEXT = "cond_stage_model.transformer.text_model."
+_SD1_TEXT_WIDTH = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+_SD2_TEXT = "cond_stage_model.model."
+_SD2_TEXT_WIDTH = "cond_stage_model.model.ln_final.weight"
+# Stored in some checkpoints as floats that no longer round to 0..76; the model's own are exact.
+_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+# Old SD1 files predate transformers' ``text_model`` level; SD2-turbo uses sgm's prefix (A1111 maps both).
+_KEY_PREFIX_RENAMES = {
+    "cond_stage_model.transformer.embeddings.": "cond_stage_model.transformer.text_model.embeddings.",
+    "cond_stage_model.transformer.encoder.": "cond_stage_model.transformer.text_model.encoder.",
+    "cond_stage_model.transformer.final_layer_norm.": "cond_stage_model.transformer.text_model.final_layer_norm.",
+    "conditioner.embedders.0.": "cond_stage_model.",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    kind: str  # "sd1" or "sd2"
+    v_parameterization: bool
+    resolution: int
+    sha256: str  # of the whole file: A1111's checkpoint hash, kohya's ss_new_sd_model_hash
+    legacy_hash: str  # A1111's old 8-digit model_hash, kohya's ss_sd_model_hash
+
+    @property
+    def short_hash(self) -> str:
+        """The 10-digit form A1111 shows as "Model hash"."""
+        return self.sha256[:10]
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """(sha256 of the whole file, A1111's legacy hash: sha256 of the 64 KiB at offset 1 MiB, 8 digits)."""
+    whole, legacy = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            whole.update(chunk)
+        fh.seek(0x100000)
+        legacy.update(fh.read(0x10000))
+    return whole.hexdigest(), legacy.hexdigest()[:8]
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, keys in ldm's layout; raises ``UserError`` for unreadable files."""
+    raw = _read_file(path)
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} does not contain a state dict; choose a Stable Diffusion checkpoint.")
+    return {_renamed(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+
+
+def _read_file(path: Path):
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+        raise UserError(f"{path} is not a .safetensors or .ckpt file; choose a Stable Diffusion checkpoint.")
+    try:
+        if suffix == ".safetensors":
+            import safetensors.torch
+
+            return safetensors.torch.load_file(str(path), device="cpu")
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    # Whatever a parser raises on a bad file (its error types differ by format and version) means
+    # the same to the user.
+    except Exception as exc:
+        # torch's weights-only unpickler names the class it refused ("global" or "class" by version).
+        if re.search(r"Unsupported (global|class)", str(exc)):
+            raise UserError(
+                f"{path} holds Python objects besides weights, which LoRA Kit does not unpickle; "
+                "convert it to .safetensors."
+            ) from exc
+        raise UserError(f"{path} is damaged or not a checkpoint ({_first_line(exc)}); download it again.") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's type and first sentence: enough to tell a truncated file from a foreign one."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0].split('. ')[0]}" if lines else type(exc).__name__
+
+
+def _renamed(key: str) -> str:
+    for old, new in _KEY_PREFIX_RENAMES.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def detect_kind(state_dict: dict[str, torch.Tensor], path: Path) -> str:
+    """"sd1" or "sd2" from the checkpoint's keys; ``UserError`` for anything LoRA Kit cannot train here."""
+    if any(k.startswith("conditioner.embedders.1.") for k in state_dict):
+        raise UserError(
+            f"{path.name} is an SDXL checkpoint; LoRA Kit trains SD1 and SD2 models here, choose one of those."
+        )
+    unet_in = state_dict.get(_UNET_IN)
+    if unet_in is None:
+        raise UserError(
+            f"{path.name} has no Stable Diffusion UNet weights (is it a LoRA, VAE or embedding?); "
+            "choose a full SD1 or SD2 checkpoint."
+        )
+    if unet_in.ndim != 4 or unet_in.shape[1] != 4:
+        raise UserError(
+            f"{path.name} is an inpainting or instruct-pix2pix model ({unet_in.shape[1]} UNet input channels); "
+            "choose a regular SD1 or SD2 checkpoint."
+        )
+    if any(k.startswith(_SD2_TEXT) for k in state_dict):
+        return "sd2"
+    if any(k.startswith(_SD1_TEXT) for k in state_dict):
+        return "sd1"
+    raise UserError(f"{path.name} has no text encoder weights; choose a full SD1 or SD2 checkpoint.")
+
+
+def _check_standard_widths(state_dict: dict[str, torch.Tensor], kind: str, path: Path) -> None:
+    """Without a .yaml the model is built at SD's full widths; refuse a file of other widths before
+    allocating a full-size model for it."""
+    text_key, text_width = (_SD2_TEXT_WIDTH, 1024) if kind == "sd2" else (_SD1_TEXT_WIDTH, 768)
+    found = (state_dict[_UNET_IN].shape[0], state_dict[text_key].shape[0] if text_key in state_dict else None)
+    if found != (320, text_width):
+        raise UserError(
+            f"{path.name} has {kind.upper()} keys but not {kind.upper()}'s layer widths "
+            f"(UNet {found[0]}, text {found[1]}); put its .yaml config beside it with the same name."
+        )
+
+
+def _config_for(path: Path, config: Path | None, kind: str) -> tuple[dict, bool]:
+    """(config, whether it came from a file); a missing file named by the caller is an error."""
+    yaml_path = config if config is not None else path.with_suffix(".yaml")
+    if config is not None and not config.is_file():
+        raise UserError(f"The model config {config} does not exist; give an existing .yaml file or none.")
+    if yaml_path.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            return OmegaConf.to_container(OmegaConf.load(yaml_path), resolve=True), True
+        except Exception as exc:
+            raise UserError(
+                f"The model config {yaml_path} is not valid YAML ({_first_line(exc)}); fix or remove it."
+            ) from exc
+    return (sd2_config(v=False) if kind == "sd2" else sd15_config(None)), False
+
+
+def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, kind: str) -> None:
+    own = model.state_dict()
+    # Top-level buffers (the noise schedule) are computed from the config; position ids see above.
+    derived = {k for k in own if "." not in k} | {_POSITION_IDS}
+    missing = [k for k in own if k not in state_dict and k not in derived]
+    if missing:
+        raise UserError(
+            f"{path.name} lacks {len(missing)} of the {kind.upper()} model's weights (first: {missing[0]}); "
+            "the file is incomplete or its .yaml config describes another model."
+        )
+    wrong = [k for k, v in state_dict.items() if k in own and k != _POSITION_IDS and v.shape != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(
+            f"{path.name} does not match its model config: {len(wrong)} weights have other sizes "
+            f"(first: {k} is {tuple(state_dict[k].shape)}, expected {tuple(own[k].shape)}); "
+            "fix or remove the .yaml beside it."
+        )
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in state_dict.items() if k in own and k != _POSITION_IDS}, strict=False)
+
+
+def _predicts_v(unet: torch.nn.Module, context_dim: int) -> bool:
+    """A1111's test for SD2 checkpoints without a config: at t=999 on a flat input, a v-prediction
+    UNet's output sits far below its input, an ε-prediction UNet's does not."""
+    param = next(unet.parameters())
+    x = torch.full((1, 4, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+    context = torch.full((1, 2, context_dim), 0.5, device=param.device, dtype=param.dtype)
+    t = torch.tensor([999], device=param.device)
+    with torch.no_grad():
+        return (unet(x, t, context=context) - x).mean().item() < -1
+
+
+def load_sd_checkpoint(
+    path: Path | str,
+    config: Path | str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Loads an SD1/SD2 checkpoint as ldm's ``LatentDiffusion``; returns ``(model, ModelInfo)``.
+
+    The config is ``config``, else the .yaml beside the checkpoint with the same name, else SD1.5 or
+    SD2 detected from the keys (SD2's ε or v by A1111's test forward pass). Nothing is downloaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The checkpoint {path} does not exist; check the path.")
+    state_dict = read_state_dict(path)
+    kind = detect_kind(state_dict, path)
+    cfg, from_file = _config_for(path, Path(config) if config is not None else None, kind)
+    if not from_file:
+        _check_standard_widths(state_dict, kind, path)
+    model = build_latent_diffusion(cfg, init_weights=False)
+    _load_weights(model, state_dict, path, kind)
+    del state_dict
+    if kind == "sd2" and not from_file and _predicts_v(model.model.diffusion_model, SD2_WIDTHS.context_dim):
+        model.parameterization = "v"
+        # ldm derives its (unused here) loss weights from the parameterization when it builds the schedule.
+        params = cfg["model"]["params"]
+        model.register_schedule(
+            timesteps=params["timesteps"], linear_start=params["linear_start"], linear_end=params["linear_end"]
+        )
+    place_model(model, device, dtype)
+    v = model.parameterization == "v"
+    sha256, legacy = file_hashes(path)
+    info = ModelInfo(path, kind, v, 768 if v else 512, sha256, legacy)
+    return model, info
+
+
+def place_model(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Moves the model to ``device`` and its networks to ``dtype``; the noise schedule stays fp32, as A1111 keeps it."""
+    for part in (model.model, model.first_stage_model, model.cond_stage_model):
+        part.to(dtype=dtype)
+    model.to(device=device)
+    # ldm's text encoders move token ids to this attribute, which defaults to "cuda".
+    model.cond_stage_model.device = torch.device(device)

@@ -1,0 +1,283 @@
+"""The trainer: dataset → latent cache → LoRA injected → epochs → kohya files, on a live model.
+
+One :class:`Trainer` serves the CLI, the A1111 tab and the HTTP API. It reports through callbacks,
+checks ``should_stop`` before every step, saves resumable state after every epoch and on
+interrupt, and always leaves the model as it found it (see :mod:`lorakit_ext.train.network`).
+The training step is a function of tensors with no host-side decisions (:meth:`Trainer._loss`),
+so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.train.buckets import bucket_plan_for
+from lorakit_ext.train.checkpointing import configure_checkpointing
+from lorakit_ext.train.data import EpochBatches, LatentCache, check_batch_size, load_train_items
+from lorakit_ext.train.events import Interrupted, Progress
+from lorakit_ext.train.loss import NoiseSchedule, diffusion_loss, draw_noise, draw_timesteps
+from lorakit_ext.train.network import injected
+from lorakit_ext.train.optim import build_optimizer, build_scheduler
+from lorakit_ext.train.plan import plan_for
+from lorakit_ext.train.precision import resolve_precision
+from lorakit_ext.train.record import RunRecord
+from lorakit_ext.train.saving import EpochSaver
+from lorakit_ext.train.state import Position, restore_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished" | "interrupted"
+    files: list[Path]
+    losses: list[float]
+    steps: int
+    run_dir: Path
+
+
+@dataclass
+class Schedule:
+    """The real step counts of a run, after bucketing (kohya's way of counting)."""
+
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    warmup_steps: int
+
+
+def real_schedule(config, steps_per_epoch: int) -> Schedule:
+    if config.max_train_steps:
+        total = config.max_train_steps
+        epochs = math.ceil(total / steps_per_epoch)
+    else:
+        epochs = config.max_train_epochs
+        total = epochs * steps_per_epoch
+    return Schedule(steps_per_epoch, epochs, total, int(total * config.lr_warmup_ratio))
+
+
+@dataclass
+class TrainJob:
+    """Everything a run needs besides the model."""
+
+    config: object  # TrainConfig, validated
+    project: object  # Project
+    output_dir: Path
+    run_dir: Path
+    base_model_name: str = ""
+    base_model_hash: str = ""
+    base_model_sha256: str = ""
+    patch_attention: bool = False  # headless: give stock ldm attention an SDPA forward
+    extra_output_bases: tuple = field(default_factory=tuple)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model,
+        job: TrainJob,
+        *,
+        on_progress: Callable[[Progress], None] | None = None,
+        on_epoch_file: Callable[[Path], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        self.model = model
+        self.job = job
+        self.config = job.config
+        self.on_progress = on_progress or (lambda p: None)
+        self.on_epoch_file = on_epoch_file or (lambda p: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.device = model.device
+        self.loss_read_every = 1 if self.device.type == "cpu" else 10
+
+    # ---- preparation ----------------------------------------------------------------------------
+    def prepare(self):
+        """Reads the dataset and computes the real schedule; raises before any slow work."""
+        items = load_train_items(self.job.project.dataset)
+        check_batch_size(len(items), self.config.train_batch_size)
+        buckets = bucket_plan_for(self.config, [item.size for item in items])
+        estimate = plan_for(self.config, len(items))
+        schedule = real_schedule(self.config, buckets.steps_per_epoch(self.config.num_repeats, self.config.train_batch_size))
+        return items, buckets, estimate, schedule
+
+    def _cache_latents(self, items, buckets) -> LatentCache:
+        def progress(done, total):
+            self.on_progress(Progress("caching", step=done, total_steps=total, message=f"caching latents {done}/{total}"))
+
+        # The VAE samples its posterior with torch's global RNG; fork and seed it so a run (and
+        # its resume) sees the same latents without disturbing the host application's RNG.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed)
+            return self._build_cache(items, buckets, progress)
+
+    def _build_cache(self, items, buckets, progress) -> LatentCache:
+        return LatentCache.build(
+            items,
+            buckets,
+            self.model.encode_images,
+            vae_batch_size=4 if self.device.type == "cuda" else 1,
+            device=self.device,
+            flip_aug=self.config.flip_aug,
+            progress=progress,
+            should_stop=self.should_stop,
+        )
+
+    # ---- the step -----------------------------------------------------------------------------
+    def _loss(self, latents, cond_input, noise, timesteps, train_te: bool):
+        cond = self.model.encode_tokens(cond_input) if train_te else cond_input
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        pred = self.model.predict(noisy, timesteps, cond)
+        v = self.model.parameterization == "v"
+        target = self.schedule.velocity(latents, noise, timesteps) if v else noise
+        return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, v)
+
+    def _conditioning(self, captions: list[str], train_te: bool, cache: dict | None):
+        """Token ids when the text encoder trains; otherwise its output, cached per caption when
+        captions never change between steps."""
+        if train_te:
+            return self.model.tokenize(captions)
+        key = tuple(captions)
+        if cache is not None and key in cache:
+            return cache[key]
+        with torch.no_grad(), self._autocast():
+            cond = self.model.encode_tokens(self.model.tokenize(captions))
+        if cache is not None:
+            cache[key] = cond
+        return cond
+
+    def _autocast(self):
+        if self.precision.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.autocast)
+
+    # ---- the run ------------------------------------------------------------------------------
+    def run(self, resume_state: dict | None = None) -> RunResult:
+        config = self.config
+        items, buckets, estimate, schedule = self.prepare()
+        weight_dtype = next(self.model.unet.parameters()).dtype
+        self.precision = resolve_precision(config.mixed_precision, self.device, weight_dtype)
+        self.schedule = NoiseSchedule(self.device)
+        record = RunRecord(self.job.run_dir)
+        record.start(config, estimate, schedule, buckets, self.precision.name, self.model, self.job)
+        self.on_progress(Progress("caching", message="\n".join(estimate.lines + [f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."])))
+        cache = self._cache_latents(items, buckets)
+        captions = [item.caption for item in items]
+        train_te = config.text_encoder_lr > 0
+        deterministic_captions = not config.shuffle_tags and not config.caption_dropout_rate
+        cond_cache = {} if not train_te and deterministic_captions else None
+        saver = EpochSaver(self.job, self.model, items, buckets, schedule)
+        with contextlib.ExitStack() as stack:
+            network = stack.enter_context(injected(self.model, config, config.seed))
+            stack.callback(configure_checkpointing(self.model.unet, config.gradient_checkpointing))
+            if self.job.patch_attention:
+                from lorakit_ext.models.sdpa import use_sdpa
+
+                stack.callback(use_sdpa(self.model.unet))
+            optimizer, optimizer_name = build_optimizer(config, network.param_groups(), self.device)
+            saver.optimizer_name = optimizer_name
+            scheduler = build_scheduler(config, optimizer, schedule.total_steps, schedule.warmup_steps)
+            scaler = torch.cuda.amp.GradScaler() if self.precision.scaler else None
+            generator = torch.Generator(self.device).manual_seed(config.seed)
+            position, losses = Position(0, 0, 0), []
+            if resume_state is not None:
+                position, losses = restore_state(resume_state, network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator)
+                saver.files = [Path(p) for p in resume_state.get("files", [])]
+
+            def save(pos):
+                save_state(self.job.run_dir, network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                           position=pos, generator=generator, config=config.to_dict(), losses=losses, files=saver.files)
+
+            pending: list[torch.Tensor] = []
+            started, first_step = time.perf_counter(), position.global_step
+            params = network.parameters()
+            for epoch in range(position.epoch, schedule.epochs):
+                batches = EpochBatches.from_config(config, cache, captions, buckets, epoch)
+                for step in range(position.step_in_epoch if epoch == position.epoch else 0, len(batches)):
+                    if position.global_step >= schedule.total_steps:
+                        break
+                    if self.should_stop():
+                        self._flush(pending, losses, position.global_step)
+                        save(Position(epoch, step, position.global_step))
+                        record.finish("interrupted", losses, saver.files)
+                        raise Interrupted()
+                    batch = batches[step]
+                    cond_input = self._conditioning(batch.captions, train_te, cond_cache)
+                    latents = batch.latents
+                    noise = draw_noise(latents, generator, config.noise_offset)
+                    timesteps = draw_timesteps(latents.shape[0], generator, self.device)
+                    with self._autocast():
+                        loss = self._loss(latents, cond_input, noise, timesteps, train_te)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    if config.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    pending.append(loss.detach())
+                    position.global_step += 1
+                    if len(pending) >= self.loss_read_every:
+                        self._flush(pending, losses, position.global_step)
+                    self._report(epoch, schedule, position.global_step, losses, scheduler, started, first_step)
+                self._flush(pending, losses, position.global_step)
+                position = Position(epoch + 1, 0, position.global_step)
+                self.on_progress(Progress("saving", epoch=epoch + 1, epochs=schedule.epochs, step=position.global_step, total_steps=schedule.total_steps))
+                for path in saver.save_epoch(network, epoch + 1, position.global_step, losses):
+                    self.on_epoch_file(path)
+                save(position)
+                record.update(losses, saver.files)
+                if position.global_step >= schedule.total_steps:
+                    break
+        record.finish("finished", losses, saver.files)
+        return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir)
+
+    def _flush(self, pending: list[torch.Tensor], losses: list[float], global_step: int) -> None:
+        """Reads the losses accumulated on the device (one host sync) and stops on NaN/inf."""
+        if not pending:
+            return
+        values = torch.stack(pending).float().cpu().tolist()
+        pending.clear()
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                step = global_step - len(values) + offset + 1
+                raise UserError(
+                    f"the loss became {value} at step {step}; likely causes: a learning rate too high "
+                    f"(unet_lr {self.config.unet_lr}, text_encoder_lr {self.config.text_encoder_lr}), fp16 overflow "
+                    "(try bf16, or --no-half), or a VAE that returns NaN in fp16 (--no-half-vae)"
+                )
+        losses.extend(values)
+
+    def _report(self, epoch, schedule, global_step, losses, scheduler, started, first_step) -> None:
+        done = global_step - first_step
+        elapsed = time.perf_counter() - started
+        rate = done / elapsed if elapsed > 0 else None
+        eta = (schedule.total_steps - global_step) / rate if rate else None
+        self.on_progress(
+            Progress(
+                "training",
+                epoch=epoch + 1,
+                epochs=schedule.epochs,
+                step=global_step,
+                total_steps=schedule.total_steps,
+                loss=losses[-1] if losses else None,
+                lr=scheduler.get_last_lr()[0],
+                it_per_s=rate,
+                eta_s=eta,
+            )
+        )

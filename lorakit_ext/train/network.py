@@ -1,0 +1,177 @@
+"""LoRA / LoCon injection into the user's model with peft, and its exact removal.
+
+The model is the user's (A1111's ``shared.sd_model``): after training — success, interrupt or
+exception — every injected wrapper is replaced by the original module object and each parameter's
+``requires_grad``, each module's train/eval mode and every weight are as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from lorakit_ext.export.collect import collect_peft_weights
+from lorakit_ext.export.kohya import target_modules
+from lorakit_ext.export.writer import ModuleWeights
+
+ADAPTER = "lorakit"
+
+
+@dataclass
+class ModelState:
+    """What training may change on a module tree besides the weights, to put back afterwards."""
+
+    requires_grad: dict[nn.Parameter, bool]
+    training: dict[nn.Module, bool]
+    # peft leaves a `peft_config` attribute on every module tree it injects into.
+    without_peft_config: list[nn.Module]
+
+    @classmethod
+    def capture(cls, root: nn.Module) -> "ModelState":
+        return cls(
+            {p: p.requires_grad for p in root.parameters()},
+            {m: m.training for m in root.modules()},
+            [m for m in root.modules() if not hasattr(m, "peft_config")],
+        )
+
+    def restore(self) -> None:
+        for param, flag in self.requires_grad.items():
+            param.requires_grad_(flag)
+        for module, flag in self.training.items():
+            module.training = flag
+        for module in self.without_peft_config:
+            if "peft_config" in vars(module):
+                del module.peft_config
+
+
+@dataclass
+class Component:
+    name: str  # "unet" | "te"
+    root: nn.Module
+    alphas: dict[str, float] = field(default_factory=dict)
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+def _config(targets, dim, alpha, conv_dim, conv_alpha, dropout) -> tuple[LoraConfig, dict[str, float]]:
+    names = [path for path, _ in targets]
+    convs = [path for path, kind in targets if kind == "conv3x3"]
+    alphas = {path: (conv_alpha if kind == "conv3x3" else alpha) for path, kind in targets}
+    # Full module paths as pattern keys: peft's older versions fall back to an exact-key lookup,
+    # newer ones match a full path against itself, so the same dict works on both.
+    config = LoraConfig(
+        r=dim,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=names,
+        rank_pattern={p: conv_dim for p in convs},
+        alpha_pattern={p: conv_alpha for p in convs},
+        init_lora_weights=True,
+        bias="none",
+    )
+    return config, alphas
+
+
+def _remove_lora_layers(root: nn.Module) -> None:
+    for name, module in list(root.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = root.get_submodule(parent_name) if parent_name else root
+            setattr(parent, child, module.get_base_layer())
+
+
+class LoraNetwork:
+    """The LoRA modules of one training run, injected into ``model`` (a DiffusionModel)."""
+
+    def __init__(self, model, config, seed: int):
+        self.model = model
+        self.config = config
+        self.seed = seed
+        self.components: list[Component] = []
+        self._state: ModelState | None = None
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return self.config.text_encoder_lr > 0
+
+    def inject(self) -> None:
+        c = self.config
+        te = self.model.text_encoder if self.train_text_encoder else None
+        targets = target_modules(self.model.unet, te, c.network_type, self.model.arch)
+        roots = {"unet": self.model.unet, "te": self.model.text_encoder}
+        self._state = ModelState.capture(self.model.sd_model)
+        for p in self.model.sd_model.parameters():
+            p.requires_grad_(False)
+        # peft draws the down weights from torch's global RNG: seed it for reproducible runs without
+        # disturbing the RNG stream of the host application.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            for name, paths in targets.items():
+                if not paths:
+                    continue
+                peft_config, alphas = _config(paths, c.network_dim, c.network_alpha, c.conv_dim, c.conv_alpha, c.network_dropout)
+                root = roots[name]
+                inject_adapter_in_model(peft_config, root, adapter_name=ADAPTER)
+                params = []
+                for pname, param in root.named_parameters():
+                    if "lora_" in pname:
+                        # LoRA weights train in fp32 whatever the base model's dtype.
+                        param.data = param.data.float()
+                        param.requires_grad_(True)
+                        params.append(param)
+                self.components.append(Component(name, root, alphas, params))
+        for comp in self.components:
+            comp.root.train()
+
+    def remove(self) -> None:
+        for comp in self.components:
+            _remove_lora_layers(comp.root)
+        if self._state is not None:
+            self._state.restore()
+        self.components.clear()
+        self._state = None
+
+    # ---- optimiser groups, resume state, export ---------------------------------------------
+    def param_groups(self) -> list[dict]:
+        lrs = {"unet": self.config.unet_lr, "te": self.config.text_encoder_lr}
+        return [{"params": comp.params, "lr": lrs[comp.name], "name": comp.name} for comp in self.components if comp.params]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for comp in self.components for p in comp.params]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{comp.name}.{n}": p.detach().clone()
+            for comp in self.components
+            for n, p in comp.root.named_parameters()
+            if "lora_" in n
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        mine = {f"{comp.name}.{n}": p for comp in self.components for n, p in comp.root.named_parameters() if "lora_" in n}
+        missing = set(mine) - set(state)
+        if missing:
+            raise ValueError(f"resume state lacks {len(missing)} LoRA weights, e.g. {sorted(missing)[0]}")
+        with torch.no_grad():
+            for key, param in mine.items():
+                param.copy_(state[key])
+
+    def export(self) -> list[ModuleWeights]:
+        out = []
+        for comp in self.components:
+            out += collect_peft_weights(comp.root, comp.name, self.model.arch, comp.alphas.__getitem__)
+        return out
+
+
+@contextlib.contextmanager
+def injected(model, config, seed: int):
+    network = LoraNetwork(model, config, seed)
+    try:
+        network.inject()
+        yield network
+    finally:
+        network.remove()

@@ -1,0 +1,75 @@
+"""Writing epoch files: kohya-format LoRA + metadata, and keep-last-N for this run's files."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+from lorakit_ext.dataset.tags import split_tags
+from lorakit_ext.export.metadata import training_metadata
+from lorakit_ext.export.writer import epoch_file_name, remove_old_epochs, write_lora_file
+
+
+class EpochSaver:
+    def __init__(self, job, model, items, buckets, schedule):
+        self.job = job
+        self.config = job.config
+        self.model = model
+        self.items = items
+        self.buckets = buckets
+        self.schedule = schedule
+        self.optimizer_name = self.config.optimizer
+        self.output_name = self.config.output_name or job.project.name
+        self.started_at = time.time()
+        self.files: list[Path] = []
+        # kohya names a dataset folder "<repeats>_<name>"; tools that read ss_tag_frequency expect it.
+        self.dataset_dir = f"{self.config.num_repeats}_{job.project.name}"
+
+    def _due(self, epoch: int) -> bool:
+        return epoch % self.config.save_every_n_epochs == 0 or epoch == self.schedule.epochs
+
+    def metadata(self, epoch: int, steps: int) -> dict[str, str]:
+        c = self.config
+        tag_counts = Counter(tag for item in self.items for tag in dict.fromkeys(split_tags(item.caption)))
+        network_args = {"conv_dim": str(c.conv_dim), "conv_alpha": str(c.conv_alpha)} if c.network_type == "LoCon" else {}
+        return training_metadata(
+            # ss_optimizer names what ran (AdamW8bit falls back to AdamW without bitsandbytes).
+            c.replace(optimizer=self.optimizer_name),
+            arch=self.model.arch,
+            v_parameterization=self.model.parameterization == "v",
+            output_name=Path(epoch_file_name(self.output_name, epoch)).stem,
+            epoch=epoch,
+            num_epochs=self.schedule.epochs,
+            steps=steps,
+            num_train_images=len(self.items) * c.num_repeats,
+            num_batches_per_epoch=self.schedule.steps_per_epoch,
+            tag_frequency={self.dataset_dir: dict(tag_counts)},
+            dataset_dirs={self.dataset_dir: {"n_repeats": c.num_repeats, "img_count": len(self.items)}},
+            bucket_info=self.buckets.bucket_info(c.num_repeats) if c.enable_bucket else None,
+            base_model_name=self.job.base_model_name,
+            base_model_hash=self.job.base_model_hash,
+            base_model_sha256=self.job.base_model_sha256,
+            started_at=self.started_at,
+            finished_at=time.time(),
+            network_args=network_args,
+            resolution=c.resolution,
+        )
+
+    def save_epoch(self, network, epoch: int, steps: int, losses) -> list[Path]:
+        if not self._due(epoch):
+            return []
+        path = self.job.output_dir / epoch_file_name(self.output_name, epoch)
+        write_lora_file(path, network.export(), self.metadata(epoch, steps))
+        self.files.append(path)
+        self._prune()
+        return [path]
+
+    def _prune(self) -> None:
+        keep = self.config.keep_only_last_n_epochs
+        if not keep:
+            return
+        batch = remove_old_epochs(self.job.project, self.job.output_dir, self.output_name, keep, self.files)
+        if batch is not None:
+            moved = {Path(f.original_path).name for f in batch.files}
+            self.files = [f for f in self.files if f.name not in moved]

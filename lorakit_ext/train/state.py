@@ -1,0 +1,74 @@
+"""Resumable training state: saved after every epoch and on interrupt, loaded by ``--resume``.
+
+Everything that decides the remaining loss sequence is in it: LoRA weights, optimiser, scheduler,
+loss scaler, position (epoch, step), the device noise generator and the host RNGs.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.fsutil import atomic_write_bytes
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class Position:
+    epoch: int  # 0-based epoch being trained
+    step_in_epoch: int  # batches of that epoch already done
+    global_step: int
+
+
+def save_state(run_dir: Path, *, network, optimizer, scheduler, scaler, position: Position, generator: torch.Generator, config: dict, losses: list[float], files: list[Path]) -> Path:
+    state = {
+        "format": 1,
+        "network": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "position": vars(position),
+        "generator": generator.get_state(),
+        "python_random": random.getstate(),
+        "torch_cpu_rng": torch.get_rng_state(),
+        "config": config,
+        "losses": losses,
+        "files": [str(f) for f in files],
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = Path(run_dir) / STATE_FILE
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_state(run_dir: Path) -> dict:
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"no resumable state in {run_dir} (a run saves it after each epoch and on interrupt)")
+    try:
+        # Our own file, but it holds optimiser state and Python RNG tuples, not only tensors.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"resume state {path} is unreadable: {exc}") from None
+    if state.get("format") != 1:
+        raise UserError(f"resume state {path} has an unknown format")
+    return state
+
+
+def restore_state(state: dict, *, network, optimizer, scheduler, scaler, generator: torch.Generator) -> tuple[Position, list[float]]:
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    generator.set_state(state["generator"])
+    random.setstate(state["python_random"])
+    torch.set_rng_state(state["torch_cpu_rng"])
+    return Position(**state["position"]), list(state["losses"])

@@ -1,0 +1,31 @@
+"""Shared test setup: no network, and one tiny SD1.5 model per test session."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers or huggingface_hub: a test that tries to download fails fast.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    """Folder holding ``tiny-sd15.safetensors``, ``tiny-sd15.yaml`` and ``clip/``, built once."""
+    from lorakit_ext.models.tiny import build_tiny_sd15
+
+    folder = tmp_path_factory.mktemp("tiny-sd15")
+    build_tiny_sd15(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_sd15(tiny_sd15_dir):
+    """``(model, ModelInfo)``: a fresh fp32 CPU ``LatentDiffusion`` per test, free to modify."""
+    from lorakit_ext.models.checkpoint import load_sd_checkpoint
+    from lorakit_ext.models.tiny import TINY_NAME
+
+    return load_sd_checkpoint(tiny_sd15_dir / f"{TINY_NAME}.safetensors", device="cpu", dtype=torch.float32)

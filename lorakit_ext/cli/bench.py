@@ -22,7 +22,8 @@ def _kinds() -> dict:
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("bench", parents=[common], help="measure how fast LoRA Kit runs here")
+    # --root/--json belong to each KIND's parser: nested parsers would re-default them.
+    p = sub.add_parser("bench", help="measure how fast LoRA Kit runs here")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     for name, (add_arguments, run_cli) in _kinds().items():
         k = kinds.add_parser(name, parents=[common], help=f"{name} benchmark")

@@ -1,0 +1,180 @@
+"""``bench train``: steady-state training speed, peak memory and time to the first step.
+
+It runs the real :class:`~lorakit_ext.train.loop.Trainer` — the same code path as the CLI and the
+A1111 tab — on a random-initialised full-size SD1.5 (no weights needed: throughput does not depend
+on weight values) and a synthetic dataset, at the kohya-colab settings by default (512², batch 2,
+dim 16 / alpha 8, TE + UNet). kohya sd-scripts' figures on an H200 (shared/perf.md) are printed
+beside ours; ``bench train --compare-kohya`` is the same-run comparison on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lorakit_ext.errors import UserError
+
+# kohya sd-scripts 48d368f on one H200, bf16, SDPA, cached latents (shared/perf.md), steady-state it/s.
+KOHYA_H200 = {("te", 2): 3.46, ("unet", 2): 4.38, ("unet", 8): 4.91}
+WEIGHTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--batch", default="2", help="batch size(s), comma-separated (default 2)")
+    p.add_argument("--train", default="te", help="te (TE + UNet), unet (UNet only) or both: te,unet (default te)")
+    p.add_argument("--weights", default=None, help="base weight dtype(s): fp32, fp16, bf16, comma-separated (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "no"), default="auto", help="mixed precision (default auto)")
+    p.add_argument("--steps", type=int, default=60, help="steps measured after warm-up (default 60)")
+    p.add_argument("--warmup", type=int, default=10, help="steps not measured (default 10)")
+    p.add_argument("--images", type=int, default=126, help="synthetic dataset size (default 126, as the seed's)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=8.0)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="the tiny test model instead of full-size SD1.5 (a CPU smoke run)")
+    p.add_argument("--device", default="auto")
+
+
+def _dataset(project, images: int, resolution: int) -> None:
+    rng = np.random.default_rng(0)
+    # A few distinct pictures repeated under other names: decoding stays cheap, latents differ
+    # enough for a realistic step, and every image lands in the square bucket like kohya's bench.
+    base = [Image.fromarray(rng.integers(0, 256, (resolution // 8, resolution // 8, 3), dtype=np.uint8)).resize((resolution, resolution)) for _ in range(8)]
+    for i in range(images):
+        base[i % len(base)].save(project.dataset / f"{i:04d}.png", compress_level=1)
+        (project.dataset / f"{i:04d}.txt").write_text(f"kat3r1na, tag{i % 7}, tag{i % 5}, 1girl, red hair")
+
+
+def _model(tiny: bool, device: torch.device, dtype: torch.dtype, folder: Path):
+    if tiny:
+        from lorakit_ext.models.checkpoint import load_sd_checkpoint
+        from lorakit_ext.models.tiny import build_tiny_sd15
+
+        model, _ = load_sd_checkpoint(build_tiny_sd15(folder / "tiny"), device=device, dtype=dtype)
+        return model
+    from lorakit_ext.models.tiny import build_random_sd15
+
+    return build_random_sd15(device, dtype, full=True)
+
+
+def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device) -> dict:
+    """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
+    from lorakit_ext.models.ldm import LdmModel
+    from lorakit_ext.train.config import TrainConfig
+    from lorakit_ext.train.loop import Trainer, TrainJob
+
+    total = args.warmup + args.steps
+    config = TrainConfig(
+        resolution=args.resolution, min_bucket_reso=min(256, args.resolution), max_bucket_reso=max(1024, args.resolution),
+        num_repeats=max(1, -(-total * batch // args.images)), train_batch_size=batch, max_train_epochs=1,
+        max_train_steps=total, network_dim=args.dim, network_alpha=args.alpha, optimizer="AdamW",
+        text_encoder_lr=0.0 if unet_only else 1e-4, mixed_precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, keep_only_last_n_epochs=0, save_every_n_epochs=1000,
+    ).validate()
+    model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+    marks: dict[str, float] = {}
+
+    def on_progress(p) -> None:
+        if p.phase != "training":
+            return
+        if p.step == 1:
+            marks["first_step"] = time.perf_counter()
+        if p.step in (args.warmup, total):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            marks[f"step{p.step}"] = time.perf_counter()
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    job = TrainJob(config, project, project.path / "out", project.runs / run_name, patch_attention=True)
+    job.run_dir.mkdir(parents=True)
+    trainer = Trainer(model, job, on_progress=on_progress)
+    started = time.perf_counter()
+    result = trainer.run()
+    it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
+    row = {
+        "train": "UNet only" if unet_only else "TE + UNet",
+        "batch": batch,
+        "precision": trainer.precision.name,
+        "it_per_s": it_s,
+        "images_per_s": it_s * batch,
+        "start_to_first_step_s": marks["first_step"] - started,
+        "final_loss": result.losses[-1],
+    }
+    if device.type == "cuda":
+        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    kohya = KOHYA_H200.get(("unet" if unet_only else "te", batch))
+    if kohya and not args.tiny:
+        row["kohya_h200_it_per_s"] = kohya
+        row["ratio_vs_kohya_h200"] = it_s / kohya
+    return row
+
+
+def _list(value: str, allowed=None) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if not items or bad:
+        raise UserError(f"expected a comma-separated list of {', '.join(allowed or ['values'])}, got {value!r}")
+    return items
+
+
+def run_bench(args) -> dict:
+    from lorakit_ext.models.checkpoint import place_model
+    from lorakit_ext.project import create_project
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    weights = _list(args.weights or ("fp16" if device.type == "cuda" else "fp32"), WEIGHTS)
+    batches = [int(b) for b in _list(args.batch)]
+    trains = _list(args.train, ("te", "unet"))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
+        tmp = Path(tmp)
+        project = create_project(tmp, "bench")
+        _dataset(project, args.images, args.resolution)
+        t0 = time.perf_counter()
+        sd_model = _model(args.tiny, device, WEIGHTS[weights[0]], tmp)
+        build_s = time.perf_counter() - t0
+        for w in weights:
+            place_model(sd_model, device, WEIGHTS[w])
+            for train in trains:
+                for batch in batches:
+                    row = _measure(sd_model, project, f"{w}-{train}-b{batch}", args, batch=batch, unet_only=train == "unet", device=device)
+                    rows.append({"weights": w, **row})
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": "tiny SD1.5 layout" if args.tiny else "SD1.5 full size, random weights",
+        "resolution": args.resolution,
+        "images": args.images,
+        "model_build_s": build_s,
+        "rows": rows,
+    }
+
+
+def run_cli(args):
+    if args.steps < 1 or args.warmup < 1:
+        raise UserError("--steps and --warmup must be at least 1")
+    f = run_bench(args)
+    lines = [f"{f['model']} on {f['device']}, {f['resolution']}², {f['images']} images, LoRA dim {args.dim}/alpha {args.alpha}"]
+    header = f"{'weights':7} {'train':9} {'batch':>5} {'prec':4} {'it/s':>7} {'img/s':>7} {'first step':>10} {'peak GiB':>8} {'vs kohya':>8}"
+    lines.append(header)
+    for r in f["rows"]:
+        peak = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
+        ratio = f"{r['ratio_vs_kohya_h200']:.2f}x" if "ratio_vs_kohya_h200" in r else "-"
+        lines.append(
+            f"{r['weights']:7} {r['train']:9} {r['batch']:>5} {r['precision']:4} {r['it_per_s']:7.2f} {r['images_per_s']:7.1f} "
+            f"{r['start_to_first_step_s']:9.1f}s {peak:>8} {ratio:>8}"
+        )
+    lines.append("first step: seconds from Trainer.run() to the first optimizer step, model already in memory (latent caching included).")
+    if any("ratio_vs_kohya_h200" in r for r in f["rows"]):
+        lines.append("vs kohya: kohya sd-scripts on an H200 from shared/perf.md (recorded, not this run); peak GiB: torch reserved.")
+    return f, "\n".join(lines)
+
+
+BENCH_CLI = {"train": (add_arguments, run_cli)}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 
 import numpy as np
@@ -49,21 +51,35 @@ COPIES_OF_B = {"b.png", "b_q60.jpg"}
 DISTINCT = {"c.png", "d.png", "e.png"}
 
 
-@pytest.fixture
-def project(tmp_path):
-    p = create_project(tmp_path / "root", "kat")
+def encoded(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset_files() -> dict[str, bytes]:
+    """The dataset's bytes, made once: encoding grainy PNGs is the slow part of these tests."""
     a, b = picture(1), picture(2, (512, 512))
-    a.save(p.dataset / "a.png")
-    a.resize((384, 288), Image.LANCZOS).save(p.dataset / "a_small.jpg", quality=75)
-    centre_crop(a, 0.05).save(p.dataset / "a_crop.png")
-    ImageEnhance.Brightness(a).enhance(1.08).save(p.dataset / "a_bright.jpg", quality=85)
-    b.save(p.dataset / "b.png")
-    b.save(p.dataset / "b_q60.jpg", quality=60)
-    for n, name in enumerate(sorted(DISTINCT)):
-        picture(10 + n).save(p.dataset / name)
-    for name in ("a", "a_small", "a_crop", "b_q60", "c"):
-        (p.dataset / f"{name}.txt").write_text(f"caption of {name}", encoding="utf-8")
-    (p.dataset / "a_small.caption").write_text("kohya caption", encoding="utf-8")
+    files = {
+        "a.png": encoded(a, "PNG"),
+        "a_small.jpg": encoded(a.resize((384, 288), Image.LANCZOS), "JPEG", quality=75),
+        "a_crop.png": encoded(centre_crop(a, 0.05), "PNG"),
+        "a_bright.jpg": encoded(ImageEnhance.Brightness(a).enhance(1.08), "JPEG", quality=85),
+        "b.png": encoded(b, "PNG"),
+        "b_q60.jpg": encoded(b, "JPEG", quality=60),
+    }
+    files.update({name: encoded(picture(10 + n), "PNG") for n, name in enumerate(sorted(DISTINCT))})
+    files.update({f"{name}.txt": f"caption of {name}".encode() for name in ("a", "a_small", "a_crop", "b_q60", "c")})
+    files["a_small.caption"] = b"kohya caption"
+    return files
+
+
+@pytest.fixture
+def project(tmp_path, dataset_files):
+    p = create_project(tmp_path / "root", "kat")
+    for name, data in dataset_files.items():
+        (p.dataset / name).write_bytes(data)
     return p
 
 
@@ -161,6 +177,13 @@ def test_unreadable_file_is_listed_not_fatal(project):
     assert plan.image_count == 11
 
 
+def test_missing_hash_package_is_one_clear_error_not_every_file_unreadable(project, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pywt" else real(name, *a))
+    with pytest.raises(UserError, match="whash needs the PyWavelets package"):
+        plan_dedupe(project, "whash")
+
+
 def test_process_pool_gives_the_same_hashes(project):
     paths = sorted(project.dataset.glob("*.*g"))
     single, pooled = hash_images(paths, workers=1), hash_images(paths, workers=2)
@@ -215,10 +238,17 @@ def test_cli_dry_run_then_apply_then_undo(project, capsys):
     assert tree(project.dataset) == before
 
 
+def test_cli_on_an_empty_dataset_finds_nothing(tmp_path, capsys):
+    create_project(tmp_path, "empty")
+    assert main(["dedupe", "empty", "--root", str(tmp_path), "--apply"]) == 0
+    assert "No near-duplicates among 0 images" in capsys.readouterr().out
+    assert list((tmp_path / "empty" / "_removed").iterdir()) == []
+
+
 def test_cli_reports_bad_keep_and_unreadable_files(project, capsys):
     root = str(project.root)
     assert main(["dedupe", "kat", "--root", root, "--keep", "a.png"]) == 2
-    assert "CLUSTER" not in capsys.readouterr().out
+    assert "should look like 3=photo_01.png" in capsys.readouterr().err
     (project.dataset / "broken.png").write_bytes(b"nope")
     assert main(["dedupe", "kat", "--root", root]) == 1
     assert "could not read broken.png" in capsys.readouterr().out

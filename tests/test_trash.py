@@ -6,6 +6,7 @@ import json
 import pytest
 
 from lorakit_ext.cli import main
+from lorakit_ext.dataset import trash
 from lorakit_ext.dataset.trash import list_batches, move_to_removed, undo
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import create_project
@@ -123,6 +124,22 @@ def test_undo_finishes_a_batch_that_was_interrupted_half_way(project):
     undo(project)
     assert (project.dataset / "a.png").read_bytes() == b"image a"
     assert (project.dataset / "b.png").read_bytes() == b"image b bytes"
+
+
+def test_failed_move_puts_everything_back(project, monkeypatch):
+    before = tree(project.path)
+    real_move = trash.move_no_clobber
+
+    def fail_on_b(src, dst):
+        if src.name == "b.png" and dst.parent.parent == project.removed:
+            raise OSError("disk full")
+        real_move(src, dst)
+
+    monkeypatch.setattr(trash, "move_no_clobber", fail_on_b)
+    with pytest.raises(OSError, match="disk full"):
+        move_to_removed(project, [project.dataset / "a.png", project.dataset / "b.png"], "x")
+    assert tree(project.path) == before
+    assert list(project.removed.iterdir()) == []
 
 
 def test_file_already_in_trash_or_missing_is_refused(project):

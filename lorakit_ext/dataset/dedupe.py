@@ -6,6 +6,7 @@ so every decision here can be undone.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -70,9 +71,17 @@ class HashResult:
     errors: list[tuple[Path, str]]
 
 
+# imagehash imports these only when a hash needs them; checked up front, or a missing package
+# would show up as every image failing to hash.
+_NEEDS = {"phash": ("scipy", "scipy"), "whash": ("pywt", "PyWavelets")}
+
+
 def _check_options(method: str, hash_size: int) -> None:
     if method not in METHODS:
         raise UserError(f"unknown hash method {method!r}; choose one of {', '.join(METHODS)}")
+    module, package = _NEEDS.get(method, (None, None))
+    if module and importlib.util.find_spec(module) is None:
+        raise UserError(f"{method} needs the {package} package, which is not installed: pip install {package}, or use another --method")
     if hash_size < 2 or (method == "whash" and hash_size & (hash_size - 1)):
         raise UserError(f"hash size {hash_size} does not work with {method}; use 8 (or 16)")
 
@@ -84,7 +93,7 @@ def _hash_file(job: tuple[str, str, int]):
         stat = os.stat(path)
         with Image.open(path) as img:
             width, height = img.size
-            # JPEG can decode at 1/2, 1/4 or 1/8 scale for almost no cost; twice the hasher's
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale about 4× faster than in full; twice the hasher's
             # working size leaves the final resize to filter properly.
             img.draft("L", (2 * side(hash_size),) * 2)
             bits = hasher(ImageOps.exif_transpose(img), hash_size, **kwargs(hash_size)).hash
@@ -95,11 +104,16 @@ def _hash_file(job: tuple[str, str, int]):
     return path, (width, height, stat.st_size, stat.st_mtime_ns), np.packbits(bits.ravel()).tobytes()
 
 
-def pool_context():
+def pool_map(fn, jobs: list, workers: int) -> list:
+    """``[fn(job) for job in jobs]``, spread over ``workers`` processes when that is more than one."""
+    if workers <= 1:
+        return [fn(job) for job in jobs]
     # Fork starts workers in milliseconds and never re-imports the host's main module (A1111's
     # launch.py would run again under spawn); the workers only touch Pillow and numpy.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    chunk = max(1, min(64, len(jobs) // (workers * 8)))
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(fn, jobs, chunksize=chunk))
 
 
 def default_workers() -> int:
@@ -116,12 +130,7 @@ def hash_images(paths, method: str = DEFAULT_METHOD, hash_size: int = HASH_SIZE,
     jobs = [(str(p), method, hash_size) for p in paths]
     if workers is None:
         workers = default_workers() if len(jobs) >= POOL_MIN_IMAGES else 1
-    if workers > 1:
-        chunk = max(1, min(64, len(jobs) // (workers * 8)))
-        with ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
-            results = list(pool.map(_hash_file, jobs, chunksize=chunk))
-    else:
-        results = [_hash_file(job) for job in jobs]
+    results = pool_map(_hash_file, jobs, workers)
     words = -(-hash_size * hash_size // 64)
     infos, rows, errors = [], [], []
     for path, meta, payload in results:
@@ -164,7 +173,9 @@ def find_pairs(hashes: np.ndarray, threshold: int, block: int = 64) -> np.ndarra
     Each block of rows is XORed against every later row at once; memory stays at
     ``block × n × words`` words whatever the number of images.
     """
-    hashes = np.asarray(hashes, dtype=np.uint64).reshape(len(hashes), -1)
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    if hashes.ndim == 1:
+        hashes = hashes[:, None]
     found = []
     for start in range(0, len(hashes), block):
         rows = hashes[start : start + block]
@@ -298,6 +309,12 @@ def apply_plan(project: Project, plan: DedupePlan, keep_overrides: dict[int, str
         for name in removed:
             image = project.dataset_file(name)
             moves += [image, *sidecars(image)]
-        record.append({"id": c.id, "keep": keep[c.id], "removed": removed, "distances": {m.name: m.distance for m in c.members}})
+        record.append({
+            "id": c.id,
+            "keep": keep[c.id],
+            "removed": removed,
+            "planned_keep": c.keep,
+            "distance_to_planned_keep": {m.name: m.distance for m in c.members},
+        })
     extra = {"kind": "dedupe", "method": plan.method, "threshold": plan.threshold, "clusters": record}
     return move_to_removed(project, moves, f"near-duplicate ({plan.method}, distance ≤ {plan.threshold})", extra)

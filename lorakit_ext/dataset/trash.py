@@ -99,19 +99,19 @@ def _original(project: Project, record: str, allowed_bases: tuple) -> Path:
         ) from None
 
 
-def _new_batch_folder(project: Project) -> tuple[str, Path]:
+def _new_batch_folder(project: Project) -> tuple[datetime, Path]:
     project.removed.mkdir(parents=True, exist_ok=True)
     removed = project.inside(project.removed)
     while True:
-        batch_id = datetime.now(timezone.utc).strftime(_ID_FORMAT)
-        folder = removed / batch_id
-        if (removed / (batch_id + RESTORED_SUFFIX)).exists():
+        now = datetime.now(timezone.utc)
+        folder = removed / now.strftime(_ID_FORMAT)
+        if folder.with_name(folder.name + RESTORED_SUFFIX).exists():
             continue
         try:
             folder.mkdir()
         except FileExistsError:
             continue
-        return batch_id, folder
+        return now, folder
 
 
 def move_to_removed(
@@ -127,22 +127,20 @@ def move_to_removed(
     of ``allowed_bases`` (e.g. A1111's Lora folder) and are recorded as absolute paths.
     """
     allowed_bases = tuple(Path(b) for b in allowed_bases)
-    sources: list[Path] = []
-    for path in paths:
-        resolved = _checked_source(project, path, allowed_bases)
-        if resolved not in sources:
-            sources.append(resolved)
+    sources = list(dict.fromkeys(_checked_source(project, path, allowed_bases) for path in paths))
     if not sources:
         raise UserError("nothing to remove")
-    batch_id, folder = _new_batch_folder(project)
+    # Read every file before the batch folder exists: an unreadable one stops here, leaving nothing behind.
+    digests = [(sha256_file(src), src.stat().st_size) for src in sources]
+    now, folder = _new_batch_folder(project)
     taken = {MANIFEST}
     entries = []
-    for src in sources:
+    for src, (digest, size) in zip(sources, digests):
         stored = free_name(folder, src.name, taken).name
         taken.add(stored)
-        entries.append(RemovedFile(_record_path(project, src), stored, sha256_file(src), src.stat().st_size, reason))
-    created = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-    batch = RemovalBatch(batch_id, folder, created, reason, entries, dict(extra or {}))
+        entries.append(RemovedFile(_record_path(project, src), stored, digest, size, reason))
+    created = now.isoformat().replace("+00:00", "Z")
+    batch = RemovalBatch(folder.name, folder, created, reason, entries, dict(extra or {}))
     _write_manifest(batch)
     moved: list[tuple[Path, Path]] = []
     try:

@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from lorakit_ext.models.ldm import clip_text_transformer
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.apply import apply_lora_file
 from lorakit_ext.export.collect import collect_peft_weights
@@ -99,7 +100,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def roots(model):
-    return {"unet": model.model.diffusion_model, "te": model.cond_stage_model.transformer}
+    return {"unet": model.model.diffusion_model, "te": clip_text_transformer(model.cond_stage_model.transformer)}
 
 
 def unet_out(model) -> torch.Tensor:
@@ -144,7 +145,7 @@ def sd15_meta_components():
             transformer_depth=1, context_dim=768, legacy=False,
         )
         te = CLIPTextModel(CLIPTextConfig(**clip_l_text_config_dict()))
-    return unet, te
+    return unet, clip_text_transformer(te)
 
 
 def tiny_sd2_components():
@@ -465,8 +466,8 @@ def test_apply_merges_exactly_like_merging_by_hand(tiny_sd15, tmp_path):
         ("unet", "input_blocks.1.1.transformer_blocks.0.attn1.to_q", 4, 2.0),  # Linear
         ("unet", "middle_block.1.proj_in", 4, 8.0),  # 1×1 conv in SD1
         ("unet", "output_blocks.3.0.in_layers.2", 2, 1.0),  # 3×3 conv (LoCon)
-        ("te", "text_model.encoder.layers.1.self_attn.v_proj", 4, 3.0),
-        ("te", "text_model.encoder.layers.2.mlp.fc1", 8, 4.0),
+        ("te", "encoder.layers.1.self_attn.v_proj", 4, 3.0),
+        ("te", "encoder.layers.2.mlp.fc1", 8, 4.0),
     ]
     modules = []
     multiplier = 0.7
@@ -559,7 +560,7 @@ def test_collect_refuses_a_scale_the_file_cannot_express(shared_tiny):
     from peft import LoraConfig, inject_adapter_in_model
 
     te = copy.deepcopy(roots(shared_tiny)["te"])
-    path = "text_model.encoder.layers.0.mlp.fc1"
+    path = "encoder.layers.0.mlp.fc1"
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, use_rslora=True, target_modules=[path]), te)
     with pytest.raises(ValueError, match="rsLoRA"):
         collect_peft_weights(te, "te", "sd1", lambda _path: 2.0)

@@ -179,15 +179,18 @@ def test_resume_continues_with_the_same_loss_sequence(sd_model, project, tmp_pat
 
 
 def test_v_parameterization_trains_against_velocity(sd_model, project, tmp_path):
+    from lorakit_ext.train.precision import Precision
+    from lorakit_ext.train.step import StepFunction
+
     sd_model.parameterization = "v"
     trainer = run(sd_model, make_job(project, tmp_path, max_train_epochs=1))
     schedule = NoiseSchedule("cpu")
-    trainer.schedule = schedule
+    step = StepFunction(trainer.model, schedule, trainer.config, Precision(None, False), [], None, train_te=False)
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([100, 900])
-    cond = trainer.model.encode_tokens(trainer.model.tokenize(["a", "b"]))
+    ids = trainer.model.tokenize(["a", "b"])
     with torch.no_grad():
-        got = trainer._loss(latents, cond, noise, t, train_te=False)
-        pred = trainer.model.predict(schedule.add_noise(latents, noise, t), t, cond)
+        got = step.loss(latents, ids, noise, t)
+        pred = trainer.model.predict(schedule.add_noise(latents, noise, t), t, trainer.model.encode_tokens(ids))
         v = schedule.sqrt_alpha[t].view(-1, 1, 1, 1) * noise - schedule.sqrt_one_minus_alpha[t].view(-1, 1, 1, 1) * latents
         snr = schedule.snr[t]
         expected = (((pred - v) ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / (snr + 1)).mean()

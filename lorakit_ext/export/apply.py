@@ -18,6 +18,7 @@ from torch import nn
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.kohya import ARCHS, PACKED_QKV, module_path_from_kohya
 from lorakit_ext.export.writer import read_lora_file
+from lorakit_ext.models.ldm import clip_text_transformer
 
 _LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
 _LISTED = 20
@@ -28,7 +29,7 @@ def component_roots(sd_model: nn.Module, arch: str) -> dict[str, nn.Module]:
     cond = sd_model.cond_stage_model
     # A1111 wraps ldm's embedder in its own class and keeps the original as `.wrapped`.
     embedder = getattr(cond, "wrapped", cond)
-    te = embedder.transformer if arch == "sd1" else embedder.model
+    te = clip_text_transformer(embedder.transformer) if arch == "sd1" else embedder.model
     return {"unet": sd_model.model.diffusion_model, "te": te}
 
 

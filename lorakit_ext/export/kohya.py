@@ -170,7 +170,7 @@ def _unet_from_kohya(name: str) -> str:
 # ---- text encoder -----------------------------------------------------------------------------
 def _te_to_kohya(path: str, arch: str) -> str:
     if arch == "sd1":
-        m = re.fullmatch(rf"text_model\.encoder\.layers\.{_N}\.(.+)", path)
+        m = re.fullmatch(rf"encoder\.layers\.{_N}\.(.+)", path)
         leaf = m[2] if m and m[2] in _TE_LEAVES else None
     else:
         m = re.fullmatch(rf"transformer\.resblocks\.{_N}\.(.+)", path)
@@ -186,7 +186,7 @@ def _te_from_kohya(name: str, arch: str) -> str:
         raise ValueError(f"{TE_PREFIX}{name} names no text-encoder module")
     leaf = _TE_LEAVES_BY_KOHYA[m[2]]
     if arch == "sd1":
-        return f"text_model.encoder.layers.{m[1]}.{leaf}"
+        return f"encoder.layers.{m[1]}.{leaf}"
     return f"transformer.resblocks.{m[1]}.{_TE_LEAVES[leaf]}"
 
 
@@ -194,7 +194,7 @@ def _te_from_kohya(name: str, arch: str) -> str:
 def kohya_name(component: str, module_path: str, arch: str) -> str:
     """The kohya module name (no ``.lora_down.weight`` suffix) of ``module_path`` in ``component``.
 
-    ``component`` "unet": path under ``diffusion_model``; "te": path under HF ``CLIPTextModel`` (SD1)
+    ``component`` "unet": path under ``diffusion_model``; "te": path under CLIP's text transformer (``models.ldm.clip_text_transformer``; SD1)
     or OpenCLIP's model (SD2). Raises ``ValueError`` for modules kohya does not name.
     """
     _check_arch(arch)

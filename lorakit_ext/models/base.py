@@ -17,7 +17,8 @@ class DiffusionModel(Protocol):
     parameterization: str  # "eps" | "v"
     sd_model: nn.Module  # the user's model object; the only thing restored after training
     unet: nn.Module
-    text_encoder: nn.Module  # the module text-encoder LoRA is injected into
+    text_encoder: nn.Module  # the text encoder as called
+    te_root: nn.Module  # the module text-encoder LoRA paths are relative to
     device: torch.device
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raw = raw["state_dict"]
     if not isinstance(raw, dict):
         raise UserError(f"{path} does not contain a state dict; choose a Stable Diffusion checkpoint.")
-    return {_renamed(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    return file_layout({k: v for k, v in raw.items() if isinstance(v, torch.Tensor)})
 
 
 def _read_file(path: Path):
@@ -105,6 +105,20 @@ def _renamed(key: str) -> str:
         if key.startswith(old):
             return new + key[len(old) :]
     return key
+
+
+def file_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as SD1 checkpoints and A1111 have them (with CLIP's ``text_model.`` level)."""
+    return {_renamed(k): v for k, v in state_dict.items()}
+
+
+def _model_layout(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Drops CLIP's ``text_model.`` level from the keys when the installed transformers (5.x) has
+    no such level in ``CLIPTextModel``."""
+    if any(k.startswith(_SD1_TEXT) for k in model.state_dict()):
+        return state_dict
+    flat = "cond_stage_model.transformer."
+    return {(flat + k[len(_SD1_TEXT) :] if k.startswith(_SD1_TEXT) else k): v for k, v in state_dict.items()}
 
 
 def detect_kind(state_dict: dict[str, torch.Tensor], path: Path) -> str:
@@ -213,7 +227,7 @@ def load_sd_checkpoint(
     if not from_file:
         _check_standard_widths(state_dict, kind, path)
     model = build_latent_diffusion(cfg, init_weights=False)
-    _load_weights(model, state_dict, path, kind)
+    _load_weights(model, _model_layout(state_dict, model), path, kind)
     del state_dict
     if kind == "sd2" and not from_file and _predicts_v(model.model.diffusion_model, SD2_WIDTHS.context_dim):
         model.parameterization = "v"

@@ -76,14 +76,15 @@ def build_clip_tokenizer_files(folder: Path, bpe_path: Path | None = None) -> Pa
         )
     with gzip.open(bpe_path, "rt", encoding="utf-8") as fh:
         lines = fh.read().split("\n")
-    header, merge_lines = lines[0], lines[1 : MERGE_COUNT + 1]
+    merge_lines = lines[1 : MERGE_COUNT + 1]
     vocab = clip_vocabulary(merge_lines)
     if len(vocab) != VOCAB_SIZE:
         raise UserError(f"{bpe_path} gives {len(vocab)} CLIP tokens instead of {VOCAB_SIZE}; the file is not CLIP's vocabulary")
     folder = Path(folder)
     atomic_write_text(folder / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    # transformers skips the first line of merges.txt, as open_clip skips the header.
-    atomic_write_text(folder / "merges.txt", "\n".join([header, *merge_lines]) + "\n")
+    # The slow tokenizer skips the first line whatever it says; the fast (Rust) one in transformers 5
+    # skips it only when it is the standard "#version" header, which open_clip's file does not use.
+    atomic_write_text(folder / "merges.txt", "\n".join(["#version: 0.2", *merge_lines]) + "\n")
     atomic_write_json(
         folder / "tokenizer_config.json",
         {

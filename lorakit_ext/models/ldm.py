@@ -17,6 +17,13 @@ from lorakit_ext.errors import UserError
 CHUNK = 75
 
 
+def clip_text_transformer(clip: nn.Module) -> nn.Module:
+    """The module holding CLIP's embeddings, encoder layers and final LayerNorm: ``text_model`` of a
+    transformers 4 ``CLIPTextModel``, the model itself in transformers 5 (which dropped that level).
+    LoRA paths are relative to it, so kohya names come out the same with either version."""
+    return getattr(clip, "text_model", clip)
+
+
 def _find_clip(cond_stage_model: nn.Module):
     """The HF ``CLIPTextModel`` and tokenizer inside ldm's ``FrozenCLIPEmbedder`` or A1111's wrapper."""
     for holder in (cond_stage_model, getattr(cond_stage_model, "wrapped", None)):
@@ -52,12 +59,14 @@ class LdmModel:
         if clip is not None:
             self.arch = "sd1"
             self.text_encoder, self._tokenizer = clip, tokenizer
+            self.te_root = clip_text_transformer(clip)
         else:
             embedder = _find_open_clip(sd_model.cond_stage_model)
             if embedder is None:
                 raise UserError(f"unsupported text encoder {type(sd_model.cond_stage_model).__name__}")
             self.arch = "sd2"
             self.text_encoder, self._embedder = embedder.model, embedder
+            self.te_root = embedder.model
             # OpenCLIP's tower is trained on single 77-token windows; SD2 keeps one chunk.
             self.chunks = 1
 
@@ -95,7 +104,7 @@ class LdmModel:
             states = self._embedder.encode_with_transformer(flat)
         elif self.clip_skip > 1:
             out = self.text_encoder(input_ids=flat, output_hidden_states=True)
-            states = self.text_encoder.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+            states = self.te_root.final_layer_norm(out.hidden_states[-self.clip_skip])
         else:
             states = self.text_encoder(input_ids=flat).last_hidden_state
         states = states.reshape(batch, chunks * width, -1)

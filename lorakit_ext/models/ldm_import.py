@@ -143,7 +143,10 @@ _RANDOM_INITS = (
 def _skip_random_init():
     """Leaves new weights uninitialised: they are all overwritten by the checkpoint, and random
     init of a full SD model on the CPU takes longer than loading it."""
-    from transformers.modeling_utils import no_init_weights
+    try:
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # transformers 5 moved it
+        from transformers.initialization import no_init_weights
 
     saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
     try:

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from ..fsutil import atomic_write_bytes, atomic_write_text
-from .checkpoint import place_model
+from .checkpoint import file_layout, place_model
 from .clip_tokenizer import build_clip_tokenizer_files
+from .ldm import clip_text_transformer
 from .ldm_import import build_latent_diffusion
 from .sd_configs import TINY_SD15_WIDTHS, sd15_config
 
@@ -45,15 +46,15 @@ def _make_non_degenerate(model: torch.nn.Module) -> None:
                 module.reset_parameters()
         # A fresh LayerNorm has bias 0, so text embeddings average ~0; A1111's emphasis
         # normalisation divides by that mean. Real CLIP's learned bias is far from 0.
-        model.cond_stage_model.transformer.text_model.final_layer_norm.bias.normal_(mean=0.5, std=0.5)
+        clip_text_transformer(model.cond_stage_model.transformer).final_layer_norm.bias.normal_(mean=0.5, std=0.5)
 
 
 def _fp16_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """fp16 weights like common SD1.5 files; the top-level noise schedule stays fp32."""
-    return {
+    return file_layout({
         k: (v.half() if v.is_floating_point() and "." in k else v).contiguous()
         for k, v in model.state_dict().items()
-    }
+    })
 
 
 def build_tiny_sd15(folder: Path, seed: int = 1234) -> Path:

@@ -3,8 +3,9 @@
 One :class:`Trainer` serves the CLI, the A1111 tab and the HTTP API. It reports through callbacks,
 checks ``should_stop`` before every step, saves resumable state after every epoch and on
 interrupt, and always leaves the model as it found it (see :mod:`lorakit_ext.train.network`).
-The training step is a function of tensors with no host-side decisions (:meth:`Trainer._loss`),
-so it can be captured in a CUDA graph.
+The training step is a function of tensors with no host-side decisions
+(:class:`~lorakit_ext.train.step.StepFunction`); on CUDA it is captured in graphs
+(:mod:`lorakit_ext.train.graphs`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ from lorakit_ext.train.buckets import bucket_plan_for
 from lorakit_ext.train.checkpointing import configure_checkpointing
 from lorakit_ext.train.data import EpochBatches, LatentCache, check_batch_size, load_train_items
 from lorakit_ext.train.events import Interrupted, Progress
-from lorakit_ext.train.loss import NoiseSchedule, diffusion_loss, draw_noise, draw_timesteps
+from lorakit_ext.models.sdpa import use_sdpa
+from lorakit_ext.models.timestep import use_device_timestep_embedding
+from lorakit_ext.train.graphs import GraphedStep
+from lorakit_ext.train.loss import NoiseSchedule
 from lorakit_ext.train.network import injected
-from lorakit_ext.train.optim import build_optimizer, build_scheduler
+from lorakit_ext.train.optim import DeviceLearningRates, build_optimizer, build_scheduler
 from lorakit_ext.train.plan import plan_for
 from lorakit_ext.train.precision import resolve_precision
 from lorakit_ext.train.record import RunRecord
 from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
+from lorakit_ext.train.step import StepFunction
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +118,6 @@ class Trainer:
         def progress(done, total):
             self.on_progress(Progress("caching", step=done, total_steps=total, message=f"caching latents {done}/{total}"))
 
-        # The VAE samples its posterior with torch's global RNG; fork and seed it so a run (and
-        # its resume) sees the same latents without disturbing the host application's RNG.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.config.seed)
-            return self._build_cache(items, buckets, progress)
-
-    def _build_cache(self, items, buckets, progress) -> LatentCache:
         return LatentCache.build(
             items,
             buckets,
@@ -131,34 +129,6 @@ class Trainer:
             should_stop=self.should_stop,
         )
 
-    # ---- the step -----------------------------------------------------------------------------
-    def _loss(self, latents, cond_input, noise, timesteps, train_te: bool):
-        cond = self.model.encode_tokens(cond_input) if train_te else cond_input
-        noisy = self.schedule.add_noise(latents, noise, timesteps)
-        pred = self.model.predict(noisy, timesteps, cond)
-        v = self.model.parameterization == "v"
-        target = self.schedule.velocity(latents, noise, timesteps) if v else noise
-        return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, v)
-
-    def _conditioning(self, captions: list[str], train_te: bool, cache: dict | None):
-        """Token ids when the text encoder trains; otherwise its output, cached per caption when
-        captions never change between steps."""
-        if train_te:
-            return self.model.tokenize(captions)
-        key = tuple(captions)
-        if cache is not None and key in cache:
-            return cache[key]
-        with torch.no_grad(), self._autocast():
-            cond = self.model.encode_tokens(self.model.tokenize(captions))
-        if cache is not None:
-            cache[key] = cond
-        return cond
-
-    def _autocast(self):
-        if self.precision.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision.autocast)
-
     # ---- the run ------------------------------------------------------------------------------
     def run(self, resume_state: dict | None = None) -> RunResult:
         config = self.config
@@ -168,37 +138,58 @@ class Trainer:
         self.schedule = NoiseSchedule(self.device)
         record = RunRecord(self.job.run_dir)
         record.start(config, estimate, schedule, buckets, self.precision.name, self.model, self.job)
-        self.on_progress(Progress("caching", message="\n".join(estimate.lines + [f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."])))
-        cache = self._cache_latents(items, buckets)
-        captions = [item.caption for item in items]
-        train_te = config.text_encoder_lr > 0
-        deterministic_captions = not config.shuffle_tags and not config.caption_dropout_rate
-        cond_cache = {} if not train_te and deterministic_captions else None
-        saver = EpochSaver(self.job, self.model, items, buckets, schedule)
-        with contextlib.ExitStack() as stack:
-            network = stack.enter_context(injected(self.model, config, config.seed))
-            stack.callback(configure_checkpointing(self.model.unet, config.gradient_checkpointing))
-            if self.job.patch_attention:
-                from lorakit_ext.models.sdpa import use_sdpa
+        real = f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."
+        self.on_progress(Progress("caching", message="\n".join(estimate.lines + [real])))
+        cuda = self.device.type == "cuda"
+        # All randomness (VAE sampling, noise, timesteps, dropout) comes from torch's generators,
+        # seeded here; forking them leaves the host application's random streams as they were.
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.manual_seed(config.seed)
+            cache = self._cache_latents(items, buckets)
+            saver = EpochSaver(self.job, self.model, items, buckets, schedule)
+            try:
+                position, losses = self._train(cache, [item.caption for item in items], buckets, schedule, saver, record, resume_state)
+            except Interrupted:
+                raise
+            except BaseException as exc:
+                record.fail(f"{type(exc).__name__}: {exc}")
+                raise
+        record.finish("finished", losses, saver.files)
+        return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir)
 
-                stack.callback(use_sdpa(self.model.unet))
-            optimizer, optimizer_name = build_optimizer(config, network.param_groups(), self.device)
-            saver.optimizer_name = optimizer_name
+    def _train(self, cache, captions, buckets, schedule, saver, record, resume_state):
+        config, model = self.config, self.model
+        channels_last = self.device.type == "cuda"
+        with contextlib.ExitStack() as stack:
+            if channels_last:
+                # Faster convolutions; undone (weights back to the standard layout) after the run.
+                model.unet.to(memory_format=torch.channels_last)
+                stack.callback(model.unet.to, memory_format=torch.contiguous_format)
+            network = stack.enter_context(injected(model, config, config.seed))
+            stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
+            if self.job.patch_attention:
+                stack.callback(use_sdpa(model.unet))
+            if self.device.type == "cuda":
+                stack.callback(use_device_timestep_embedding(self.device))
+            optimizer, saver.optimizer_name = build_optimizer(config, network.param_groups(), self.device)
             scheduler = build_scheduler(config, optimizer, schedule.total_steps, schedule.warmup_steps)
-            scaler = torch.cuda.amp.GradScaler() if self.precision.scaler else None
-            generator = torch.Generator(self.device).manual_seed(config.seed)
+            lrs = DeviceLearningRates(optimizer, self.device)
+            step_fn = StepFunction(model, self.schedule, config, self.precision, network.parameters(), optimizer, config.text_encoder_lr > 0)
+            graphed = GraphedStep(step_fn, on_fallback=lambda reason: self.on_progress(Progress("training", message=f"CUDA graphs off: {reason}")))
+            stack.callback(graphed.release)
             position, losses = Position(0, 0, 0), []
             if resume_state is not None:
-                position, losses = restore_state(resume_state, network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator)
+                position, losses = restore_state(resume_state, network=network, optimizer=optimizer, scheduler=scheduler, step=step_fn, device=self.device)
+                lrs.sync()
                 saver.files = [Path(p) for p in resume_state.get("files", [])]
 
-            def save(pos):
-                save_state(self.job.run_dir, network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                           position=pos, generator=generator, config=config.to_dict(), losses=losses, files=saver.files)
+            def save(pos: Position) -> None:
+                save_state(self.job.run_dir, network=network, optimizer=optimizer, scheduler=scheduler,
+                           scaler_state=step_fn.scaler_state(), position=pos, device=self.device,
+                           config=config.to_dict(), losses=losses, files=saver.files)
 
             pending: list[torch.Tensor] = []
             started, first_step = time.perf_counter(), position.global_step
-            params = network.parameters()
             for epoch in range(position.epoch, schedule.epochs):
                 batches = EpochBatches.from_config(config, cache, captions, buckets, epoch)
                 for step in range(position.step_in_epoch if epoch == position.epoch else 0, len(batches)):
@@ -210,27 +201,10 @@ class Trainer:
                         record.finish("interrupted", losses, saver.files)
                         raise Interrupted()
                     batch = batches[step]
-                    cond_input = self._conditioning(batch.captions, train_te, cond_cache)
-                    latents = batch.latents
-                    noise = draw_noise(latents, generator, config.noise_offset)
-                    timesteps = draw_timesteps(latents.shape[0], generator, self.device)
-                    with self._autocast():
-                        loss = self._loss(latents, cond_input, noise, timesteps, train_te)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    if config.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
+                    latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
+                    pending.append(graphed(latents, model.tokenize(batch.captions)))
                     scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    pending.append(loss.detach())
+                    lrs.sync()
                     position.global_step += 1
                     if len(pending) >= self.loss_read_every:
                         self._flush(pending, losses, position.global_step)
@@ -244,8 +218,7 @@ class Trainer:
                 record.update(losses, saver.files)
                 if position.global_step >= schedule.total_steps:
                     break
-        record.finish("finished", losses, saver.files)
-        return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir)
+        return position, losses
 
     def _flush(self, pending: list[torch.Tensor], losses: list[float], global_step: int) -> None:
         """Reads the losses accumulated on the device (one host sync) and stops on NaN/inf."""

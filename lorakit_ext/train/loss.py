@@ -33,7 +33,7 @@ class NoiseSchedule:
         return a * noise - s * latents
 
 
-def draw_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float) -> torch.Tensor:
+def draw_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float) -> torch.Tensor:
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
     if noise_offset:
         b, c = latents.shape[:2]
@@ -41,7 +41,7 @@ def draw_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: 
     return noise
 
 
-def draw_timesteps(batch: int, generator: torch.Generator, device) -> torch.Tensor:
+def draw_timesteps(batch: int, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.randint(0, NoiseSchedule.steps, (batch,), generator=generator, device=device)
 
 

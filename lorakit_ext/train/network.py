@@ -100,9 +100,9 @@ class LoraNetwork:
 
     def inject(self) -> None:
         c = self.config
-        te = self.model.text_encoder if self.train_text_encoder else None
+        te = self.model.te_root if self.train_text_encoder else None
         targets = target_modules(self.model.unet, te, c.network_type, self.model.arch)
-        roots = {"unet": self.model.unet, "te": self.model.text_encoder}
+        roots = {"unet": self.model.unet, "te": self.model.te_root}
         self._state = ModelState.capture(self.model.sd_model)
         for p in self.model.sd_model.parameters():
             p.requires_grad_(False)

@@ -43,8 +43,10 @@ def build_optimizer(config, groups: list[dict], device: torch.device) -> tuple[t
             log.info("%s; using torch AdamW instead (same update, 32-bit state)", exc)
             name = "AdamW"
     if name == "AdamW":
-        fused = device.type == "cuda"
-        return torch.optim.AdamW(groups, betas=betas, weight_decay=config.weight_decay, fused=fused), name
+        cuda = device.type == "cuda"
+        # Fused and capturable on CUDA: one kernel for all LoRA weights, and no host sync, so the
+        # step can live in a CUDA graph.
+        return torch.optim.AdamW(groups, betas=betas, weight_decay=config.weight_decay, fused=cuda, capturable=cuda), name
     if name == "Adafactor":
         from transformers.optimization import Adafactor
 
@@ -68,3 +70,25 @@ def build_scheduler(config, optimizer, total_steps: int, warmup_steps: int):
             optimizer, warmup_steps, total_steps, power=float(config.lr_scheduler_num_cycles)
         )
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+class DeviceLearningRates:
+    """Keeps each parameter group's learning rate in a device tensor that a captured optimiser step
+    reads, and copies the scheduler's value into it after every scheduler step (newer torch fills a
+    tensor lr in place itself; older torch writes a float, which a graph would never see)."""
+
+    def __init__(self, optimizer, device: torch.device):
+        self.optimizer = optimizer
+        self.tensors = []
+        if not all(group.get("capturable") for group in optimizer.param_groups):
+            return
+        for group in optimizer.param_groups:
+            tensor = torch.tensor(float(group["lr"]), device=device)
+            group["lr"] = tensor
+            self.tensors.append(tensor)
+
+    def sync(self) -> None:
+        for group, tensor in zip(self.optimizer.param_groups, self.tensors):
+            if group["lr"] is not tensor:
+                tensor.fill_(float(group["lr"]))
+                group["lr"] = tensor

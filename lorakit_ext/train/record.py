@@ -86,6 +86,11 @@ class RunRecord:
         self.info["steps_done"] = len(losses)
         atomic_write_json(self.run_dir / "run.json", self.info)
 
+    def fail(self, error: str) -> None:
+        """Marks the run failed; loss.csv keeps the losses of the last saved epoch."""
+        self.info.update(status="failed", error=error, finished_at=time.time())
+        atomic_write_json(self.run_dir / "run.json", self.info)
+
     def finish(self, status: str, losses: list[float], files: list[Path]) -> None:
         self.info["status"] = status
         self.info["finished_at"] = time.time()

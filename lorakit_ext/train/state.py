@@ -1,7 +1,7 @@
 """Resumable training state: saved after every epoch and on interrupt, loaded by ``--resume``.
 
 Everything that decides the remaining loss sequence is in it: LoRA weights, optimiser, scheduler,
-loss scaler, position (epoch, step), the device noise generator and the host RNGs.
+loss scaler, position (epoch, step) and the RNGs (the device one draws the noise and timesteps).
 """
 
 from __future__ import annotations
@@ -26,17 +26,29 @@ class Position:
     global_step: int
 
 
-def save_state(run_dir: Path, *, network, optimizer, scheduler, scaler, position: Position, generator: torch.Generator, config: dict, losses: list[float], files: list[Path]) -> Path:
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_state(run_dir: Path, *, network, optimizer, scheduler, scaler_state: dict | None, position: Position, device: torch.device, config: dict, losses: list[float], files: list[Path]) -> Path:
     state = {
         "format": 1,
         "network": network.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "scaler": scaler_state,
         "position": vars(position),
-        "generator": generator.get_state(),
-        "python_random": random.getstate(),
-        "torch_cpu_rng": torch.get_rng_state(),
+        "rng": _rng_state(device),
         "config": config,
         "losses": losses,
         "files": [str(f) for f in files],
@@ -62,13 +74,11 @@ def load_state(run_dir: Path) -> dict:
     return state
 
 
-def restore_state(state: dict, *, network, optimizer, scheduler, scaler, generator: torch.Generator) -> tuple[Position, list[float]]:
+def restore_state(state: dict, *, network, optimizer, scheduler, step, device: torch.device) -> tuple[Position, list[float]]:
+    """Puts a saved run back; ``step`` is the :class:`~lorakit_ext.train.step.StepFunction`."""
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    generator.set_state(state["generator"])
-    random.setstate(state["python_random"])
-    torch.set_rng_state(state["torch_cpu_rng"])
+    step.load_scaler_state(state["scaler"])
+    _set_rng_state(state["rng"], device)
     return Position(**state["position"]), list(state["losses"])

@@ -1,0 +1,109 @@
+"""Training steps captured in CUDA graphs: one graph per (batch, latent size, token layout).
+
+Small-batch LoRA training is bound by the CPU launching thousands of small kernels per step
+(shared/perf.md); replaying a captured step launches them all at once. A bucket's first batches
+run eagerly as warm-up (allocating gradients and optimiser state, choosing kernels), then the step
+is captured and replayed. All graphs share one memory pool. Whenever capture is impossible or
+fails, the trainer falls back to the eager step — the same function — and says why once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 3
+NOT_CUDA = "not a CUDA device"
+
+
+class _Graph:
+    def __init__(self, graph, latents, ids, loss):
+        self.graph, self.latents, self.ids, self.loss = graph, latents, ids, loss
+
+
+class GraphedStep:
+    def __init__(self, step, *, warmup: int = WARMUP_STEPS, on_fallback=None):
+        self.step = step
+        self.warmup = warmup
+        self.on_fallback = on_fallback or (lambda reason: None)
+        self.graphs: dict[tuple, _Graph] = {}
+        self.seen: Counter = Counter()
+        self.pool = None
+        self.disabled: str | None = None
+        reason = self._unsupported_reason()
+        if reason == NOT_CUDA:
+            self.disabled = reason  # nothing to report: graphs are a CUDA feature
+        elif reason:
+            self._fall_back(reason)
+
+    def _unsupported_reason(self) -> str | None:
+        device = self.step.model.device
+        if device.type != "cuda":
+            return NOT_CUDA
+        reason = self.step.host_sync_reason
+        if reason:
+            return reason
+        optimizer = self.step.optimizer
+        if not all(group.get("capturable") for group in optimizer.param_groups):
+            return f"{type(optimizer).__name__} is not capturable"
+        return None
+
+    def _fall_back(self, reason: str) -> None:
+        self.disabled = reason
+        log.info("CUDA graphs off, training eagerly: %s", reason)
+        self.on_fallback(reason)
+
+    def __call__(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.step(latents, ids)
+        key = (tuple(latents.shape), tuple(ids.shape))
+        graph = self.graphs.get(key)
+        if graph is None:
+            if self.seen[key] < self.warmup:
+                self.seen[key] += 1
+                return self._side_stream(latents, ids)
+            try:
+                graph = self._capture(key, latents, ids)
+            except Exception as exc:  # any capture failure: eager is always correct
+                torch.cuda.synchronize()
+                self._fall_back(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                return self.step(latents, ids)
+        graph.latents.copy_(latents)
+        graph.ids.copy_(ids, non_blocking=True)
+        graph.graph.replay()
+        return graph.loss.clone()
+
+    def _side_stream(self, latents, ids) -> torch.Tensor:
+        # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            loss = self.step(latents, ids.to(latents.device, non_blocking=True))
+        torch.cuda.current_stream().wait_stream(stream)
+        return loss
+
+    def _capture(self, key, latents, ids) -> _Graph:
+        static_latents = latents.clone()
+        static_ids = ids.to(latents.device).clone()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_loss = self.step(static_latents, static_ids)
+        if self.pool is None:
+            self.pool = graph.pool()
+        entry = _Graph(graph, static_latents, static_ids, static_loss)
+        self.graphs[key] = entry
+        log.info("captured the training step for batch shape %s", key[0])
+        return entry
+
+    def release(self) -> None:
+        """Frees the graphs and their memory pool (called when the run ends, whatever the outcome)."""
+        self.graphs.clear()
+        self.pool = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()

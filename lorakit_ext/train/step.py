@@ -1,0 +1,126 @@
+"""One training step as a function of tensors: ``(latents, token ids) → loss``.
+
+Everything inside is device work with no host synchronisation and no host-side decisions: noise
+and timesteps come from the device RNG, gradients are zeroed in place (static), fp16 loss scaling
+checks for inf/NaN on the device and the fused optimiser skips its update by itself. That is what
+lets :mod:`lorakit_ext.train.graphs` capture the step in a CUDA graph; the eager path runs the very
+same function, so both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lorakit_ext.train.loss import diffusion_loss, draw_noise, draw_timesteps
+
+# torch.cuda.amp.GradScaler's defaults, applied on the device.
+_INIT_SCALE, _GROWTH, _BACKOFF, _INTERVAL = 2.0**16, 2.0, 0.5, 2000
+
+
+class DeviceLossScale:
+    """fp16 loss scaling that never reads a value back to the host."""
+
+    def __init__(self, device: torch.device):
+        self.scale = torch.full((), _INIT_SCALE, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.found_inf = torch.zeros((), device=device)
+
+    def unscale(self, grads: list[torch.Tensor]) -> None:
+        self.found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.scale.reciprocal())
+
+    def update(self) -> None:
+        torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf, _GROWTH, _BACKOFF, _INTERVAL)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale.clone(), "growth_tracker": self.growth_tracker.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale.copy_(state["scale"])
+        self.growth_tracker.copy_(state["growth_tracker"])
+
+
+class StepFunction:
+    def __init__(self, model, schedule, config, precision, params, optimizer, train_te: bool):
+        self.model = model
+        self.schedule = schedule
+        self.config = config
+        self.precision = precision
+        self.params = params
+        self.optimizer = optimizer
+        self.train_te = train_te
+        self.v = model.parameterization == "v"
+        self.loss_scale = self.grad_scaler = None
+        if precision.scaler and is_fused_adamw(optimizer):
+            self.loss_scale = DeviceLossScale(model.device)
+            # The fused AdamW skips its update (and un-counts the step) when found_inf is non-zero.
+            optimizer.found_inf = self.loss_scale.found_inf
+        elif precision.scaler:
+            # Other optimisers cannot skip an update on the device: torch's scaler decides on the host.
+            self.grad_scaler = torch.amp.GradScaler(model.device.type)
+
+    @property
+    def host_sync_reason(self) -> str | None:
+        """Why this step cannot run without the host (and so cannot be captured), or None."""
+        if self.grad_scaler is not None:
+            return f"fp16 loss scaling with {type(self.optimizer).__name__} needs the host-side GradScaler"
+        return None
+
+    def _autocast(self):
+        if self.precision.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.precision.autocast)
+
+    def loss(self, latents, ids, noise, timesteps):
+        with self._autocast():
+            with contextlib.nullcontext() if self.train_te else torch.no_grad():
+                cond = self.model.encode_tokens(ids)
+            noisy = self.schedule.add_noise(latents, noise, timesteps)
+            pred = self.model.predict(noisy, timesteps, cond)
+        target = self.schedule.velocity(latents, noise, timesteps) if self.v else noise
+        return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, self.v)
+
+    def __call__(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+        noise = draw_noise(latents, None, self.config.noise_offset)
+        timesteps = draw_timesteps(latents.shape[0], None, latents.device)
+        loss = self.loss(latents, ids, noise, timesteps)
+        if self.grad_scaler is not None:
+            return self._host_scaled_step(loss)
+        if self.loss_scale is not None:
+            (loss * self.loss_scale.scale).backward()
+            self.loss_scale.unscale([p.grad for p in self.params if p.grad is not None])
+        else:
+            loss.backward()
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm, foreach=self.model.device.type == "cuda")
+        self.optimizer.step()
+        if self.loss_scale is not None:
+            self.loss_scale.update()
+        return loss.detach().float()
+
+    def _host_scaled_step(self, loss: torch.Tensor) -> torch.Tensor:
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        return loss.detach().float()
+
+    def scaler_state(self) -> dict | None:
+        scaler = self.loss_scale or self.grad_scaler
+        return scaler.state_dict() if scaler is not None else None
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        scaler = self.loss_scale or self.grad_scaler
+        if scaler is not None and state is not None:
+            scaler.load_state_dict(state)
+
+
+def is_fused_adamw(optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))

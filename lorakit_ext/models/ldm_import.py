@@ -29,7 +29,7 @@ _INSTALL_LDM = (
 _torchvision_placeholder_ops: torch.library.Library | None = None
 
 
-def _import_torchvision() -> None:
+def import_torchvision() -> None:
     """Imports torchvision, also where a CUDA torchvision wheel sits next to a CPU build of torch.
 
     There torchvision's C++ ops fail to load, and its fake-kernel registrations then raise
@@ -65,7 +65,7 @@ def import_ldm() -> ModuleType:
         # pytorch-lightning 1.9, pkg_resources, timm and ldm's "no xformers" print are noise to a user.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             _ignore_import_warnings()
-            _import_torchvision()
+            import_torchvision()
             # pytorch-lightning puts its own "show deprecations" filter in front of ours: override it.
             import pytorch_lightning  # noqa: F401
             _ignore_import_warnings()

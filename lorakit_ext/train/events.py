@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PHASES = ("caching", "training", "saving")
+PHASES = ("caching", "training", "saving", "captioning")
 
 
 class Interrupted(Exception):

@@ -1,0 +1,362 @@
+"""The one runner for LoRA Kit's GPU jobs, behind both the tab's button and the HTTP API.
+
+A job runs with A1111's ``queue_lock`` held, so generations queue behind it instead of colliding
+with it, and reports through ``shared.state`` so A1111's progress bar, ETA and Interrupt work.
+The button's handler already runs inside ``wrap_gradio_gpu_call`` (lock and state set up by
+A1111); API jobs run in a background thread that takes the lock and sets up the state itself.
+Never call A1111's HTTP API from inside a job: its handlers wait for the lock the job holds.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.project import open_project
+from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.train.events import Interrupted, Progress
+from lorakit_ext.webui import bridge, host
+from lorakit_ext.webui.job_progress import StateMirror
+from lorakit_ext.webui.settings import parse_seeds, setting
+
+log = logging.getLogger(__name__)
+
+KEEP_JOBS = 32
+
+
+class UnknownJob(UserError):
+    """No job with that id (or no job at all)."""
+
+
+class FeatureMissing(UserError):
+    """A part LoRA Kit needs is not installed in this WebUI."""
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # "train" | "grid"
+    project: str
+    status: str = "queued"  # queued | running | finished | interrupted | failed
+    phase: str = ""
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+    losses: list = field(default_factory=list)  # [[step, loss], …]
+    files: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    grid: str | None = None
+    error: str | None = None
+    run_dir: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    # The grid's cells, (column label, seed, weight) → PIL image: previews for promote, not JSON.
+    grid_cells: dict = field(default_factory=dict, repr=False)
+
+    def set(self, **changes) -> None:
+        with _lock:
+            for name, value in changes.items():
+                setattr(self, name, value)
+
+    def record(self, p: Progress) -> None:
+        with _lock:
+            self.phase, self.message = p.phase, p.message
+            if p.phase == "caching":
+                return
+            self.epoch, self.epochs, self.step, self.total_steps = p.epoch, p.epochs, p.step, p.total_steps
+            # "saving" reports carry no rates; keep the last ones seen.
+            if p.phase == "training":
+                self.loss, self.lr, self.it_per_s, self.eta_s = p.loss, p.lr, p.it_per_s, p.eta_s
+            # On a GPU the trainer reads losses back every 10 steps and reports the last one read
+            # in between, so a new value marks the step it belongs to; repeats are not points.
+            if p.loss is not None and (not self.losses or self.losses[-1][1] != p.loss):
+                self.losses.append([p.step, p.loss])
+
+    def to_dict(self) -> dict:
+        with _lock:
+            data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("cancel", "grid_cells")}
+            data["losses"] = [list(point) for point in self.losses]
+            data["files"], data["samples"] = list(self.files), list(self.samples)
+        return data
+
+
+_lock = threading.Lock()
+_jobs: dict[str, Job] = {}
+
+
+def _new_job(kind: str, project: str, job_id: str | None = None) -> Job:
+    job = Job(job_id or f"lorakit-{uuid.uuid4().hex[:12]}", kind, project)
+    with _lock:
+        _jobs[job.id] = job
+        done = [j for j in _jobs.values() if j.status not in ("queued", "running")]
+        for old in done[: max(0, len(_jobs) - KEEP_JOBS)]:
+            del _jobs[old.id]
+    return job
+
+
+def _find(job_id: str | None) -> Job:
+    with _lock:
+        if job_id is None:
+            if not _jobs:
+                raise UnknownJob("no LoRA Kit job has run since the WebUI started")
+            return next(reversed(_jobs.values()))
+        if job_id not in _jobs:
+            raise UnknownJob(f"no job {job_id!r} (only the last {KEEP_JOBS} jobs since the WebUI started are kept)")
+        return _jobs[job_id]
+
+
+def job_status(job_id: str | None = None) -> dict:
+    """The job's state as a JSON-ready dict (``None``: the latest job); :class:`UnknownJob` if none."""
+    return _find(job_id).to_dict()
+
+
+def grid_cells(job_id: str | None = None) -> dict:
+    """The cells of the job's grid, ``(column label, seed, weight)`` → PIL image; empty without one."""
+    job = _find(job_id)
+    with _lock:
+        return dict(job.grid_cells)
+
+
+def interrupt(job_id: str | None = None) -> bool:
+    """Stops a queued or running job (``None``: the latest); False when it had already ended. A
+    running training job saves its state and stops before its next step."""
+    from modules import shared
+
+    job = _find(job_id)
+    with _lock:
+        if job.status not in ("queued", "running"):
+            return False
+        job.cancel.set()
+        running = job.status == "running"
+    if running:
+        shared.state.interrupt()
+    return True
+
+
+# ---- running ----------------------------------------------------------------------------------
+def _execute(job: Job, work) -> None:
+    """Runs ``work`` and records how it ended; never raises (the caller holds the queue lock)."""
+    job.set(status="running", phase="starting")
+    try:
+        work()
+    except Interrupted:
+        job.set(status="interrupted", message="interrupted; the epochs saved so far are kept")
+    except torch.cuda.OutOfMemoryError:
+        job.set(status="failed", error="out of GPU memory: lower the batch size or resolution, or use the 'Low VRAM' preset (gradient checkpointing)")
+    except UserError as exc:
+        job.set(status="failed", error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - a job must end with a status, whatever broke
+        log.exception("LoRA Kit job %s failed", job.id)
+        job.set(status="failed", error=f"{type(exc).__name__}: {exc}")
+    else:
+        job.set(status="finished", phase="done")
+    finally:
+        with _lock:
+            job.files = [f for f in job.files if Path(f).is_file()]
+        bridge.free_memory()
+
+
+def _spawn(job: Job, work) -> None:
+    def main():
+        from modules import call_queue, shared
+
+        with call_queue.queue_lock:
+            if job.cancel.is_set():
+                job.set(status="interrupted", message="cancelled before it started")
+                return
+            shared.state.begin(job=f"lorakit-{job.kind}")
+            try:
+                _execute(job, work)
+            finally:
+                shared.state.end()
+                # What wrap_gradio_call resets after a button's job, so the next one starts clean.
+                shared.state.interrupted = shared.state.skipped = shared.state.stopping_generation = False
+                shared.state.job_count, shared.state.job = 0, ""
+
+    threading.Thread(target=main, name=job.id, daemon=True).start()
+
+
+def _checked(project: str, config: TrainConfig) -> TrainConfig:
+    open_project(host.projects_root(), project)
+    return config.validate()
+
+
+def _train(job: Job, config: TrainConfig) -> None:
+    from modules import shared
+
+    try:
+        from lorakit_ext.train.loop import Trainer, TrainJob
+    except ModuleNotFoundError as exc:
+        raise FeatureMissing(
+            f"training needs the Python package {exc.name!r}, which this WebUI's environment lacks; "
+            "restart the WebUI so LoRA Kit's install.py can add it"
+        ) from None
+    from lorakit_ext.train.record import new_run_dir
+
+    project = open_project(host.projects_root(), job.project)
+    lora_dir = host.lora_dir()
+    output_name = config.output_name or project.name
+    mirror = StateMirror(shared.state)
+
+    def on_progress(p: Progress) -> None:
+        mirror(p)
+        job.record(p)
+
+    def on_epoch_file(path: Path) -> None:
+        host.refresh_loras()
+        bridge.check_lora_file(path)
+        bridge.reset_cond_cache()
+        with _lock:
+            job.files.append(str(path))
+
+    def should_stop() -> bool:
+        return shared.state.interrupted or job.cancel.is_set()
+
+    with bridge.training_model(config) as model:
+        run_dir = new_run_dir(project, output_name)
+        job.set(run_dir=str(run_dir))
+        name, legacy_hash, sha256 = bridge.checkpoint_identity(model.sd_model)
+        spec = TrainJob(config, project, lora_dir, run_dir, base_model_name=name, base_model_hash=legacy_hash,
+                        base_model_sha256=sha256, extra_output_bases=(lora_dir,))
+        trainer = Trainer(model, spec, on_progress=on_progress, on_epoch_file=on_epoch_file, should_stop=should_stop)
+        # A1111 runs generations without autograd; this thread may inherit neither, but be sure.
+        with torch.enable_grad():
+            result = trainer.run()
+    job.set(files=[str(f) for f in result.files], losses=[[i + 1, loss] for i, loss in enumerate(result.losses)],
+            message=f"trained {result.steps} steps into {len(result.files)} file(s) in {lora_dir}")
+    if setting("lorakit_auto_grid") and result.files:
+        _auto_grid(job, [f.stem for f in result.files], trigger=config.trigger or output_name, output_name=output_name)
+
+
+def _auto_grid(job: Job, lora_names: list[str], **prompt_parts) -> None:
+    """The grid after training: if it fails, the trained files are still a success."""
+    try:
+        _grid(job, lora_names, **prompt_parts)
+    except Interrupted:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the epochs are saved; report the grid's failure beside them
+        log.exception("LoRA Kit grid after job %s failed", job.id)
+        _note(job, f"the grid failed: {exc}")
+
+
+def _note(job: Job, text: str) -> None:
+    with _lock:
+        job.message = f"{job.message}; {text}" if job.message else text
+
+
+def grid_prompt(template: str, trigger: str, output_name: str, first_lora: str) -> str:
+    """The test prompt with ``<trigger>`` and ``<name>`` filled in, naming ``first_lora`` in its
+    ``<lora:…>`` tag (the X axis replaces that name with each epoch's)."""
+    text = template.replace("<name>-01", first_lora).replace("<trigger>", trigger).replace("<name>", output_name)
+    if f"<lora:{first_lora}:" not in text:
+        text += f" <lora:{first_lora}:1>"
+    return text
+
+
+def _grid(job: Job, lora_names: list[str], *, trigger: str, output_name: str, prompt: str | None = None,
+          negative: str = "", seeds: list[int] | None = None, weights: list[float] | None = None,
+          baseline: bool = True, steps: int | None = None, width: int | None = None, height: int | None = None,
+          cfg_scale: float = 7.0) -> None:
+    from lorakit_ext.webui import xyz
+
+    size = int(setting("lorakit_grid_size"))
+    job.set(phase="grid")
+    result = xyz.run_epoch_grid(
+        lora_names,
+        prompt=grid_prompt(prompt or setting("lorakit_test_prompt"), trigger, output_name, lora_names[0]),
+        negative=negative,
+        seeds=seeds or parse_seeds(setting("lorakit_grid_seeds")),
+        weights=weights,
+        baseline=baseline,
+        steps=int(steps or setting("lorakit_grid_steps")),
+        width=int(width or size),
+        height=int(height or size),
+        cfg_scale=cfg_scale,
+    )
+    job.set(grid=str(result.path), grid_cells=dict(result.cells))
+    _note(job, f"grid saved to {result.path}")
+
+
+# ---- front doors -------------------------------------------------------------------------------
+def start_training(project: str, config: TrainConfig) -> str:
+    """Queues a training job in the background and returns its id at once; :class:`UserError` for
+    an unknown project or invalid settings, before anything is queued."""
+    config = _checked(project, config)
+    job = _new_job("train", project)
+    _spawn(job, lambda: _train(job, config))
+    return job.id
+
+
+def start_grid(project: str, lora_names: list[str], *, trigger: str = "", **options) -> str:
+    """Queues an epoch grid of ``lora_names`` (A1111 Lora names) and returns the job id. ``options``
+    are ``_grid``'s: prompt, negative, seeds, weights, baseline, steps, width, height, cfg_scale;
+    unset ones come from the settings."""
+    open_project(host.projects_root(), project)
+    if not lora_names:
+        raise UserError("name at least one LoRA for the grid")
+    output_name = lora_names[0].rsplit("-", 1)[0] if "-" in lora_names[0] else lora_names[0]
+    job = _new_job("grid", project)
+    _spawn(job, lambda: _grid(job, list(lora_names), trigger=trigger or output_name, output_name=output_name, **options))
+    return job.id
+
+
+def train_in_gradio(id_task: str, project: str, config_json: str) -> tuple:
+    """The body of the tab's Train button; wrap it with ``modules.call_queue.wrap_gradio_gpu_call``
+    (which holds the queue lock and sets up ``shared.state``; the job's id is ``id_task``, so
+    ``job_status(id_task)`` shows it while it runs).
+
+    Returns ``(losses, files, grid, status_html)``: ``[[step, loss], …]``, the epoch file paths,
+    the grid image path or None, and an HTML fragment saying how the job ended. The status comes
+    last because ``wrap_gradio_gpu_call`` appends its timing HTML to the last output and, when a
+    handler raises, returns ``extra_outputs + [error_html]``: pass ``extra_outputs=[[], [], None]``.
+    """
+    job = _new_job("train", project, job_id=id_task)
+    try:
+        config = _checked(project, TrainConfig.from_dict(_json_object(config_json)))
+    except UserError as exc:
+        job.set(status="failed", error=str(exc))
+    else:
+        _execute(job, lambda: _train(job, config))
+    data = job.to_dict()
+    return data["losses"], data["files"], data["grid"], status_html(data)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        values = json.loads(text or "{}")
+    except ValueError as exc:
+        raise UserError(f"the training settings are not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise UserError("the training settings must be a JSON object of option: value")
+    return values
+
+
+def status_html(data: dict) -> str:
+    """How a job ended (or stands), as an HTML fragment for the tab."""
+    head = f"<b>{data['status'].capitalize()}</b>"
+    if data["step"]:
+        head += f": {data['step']} steps, epoch {data['epoch']}/{data['epochs']}"
+        if data["loss"] is not None:
+            head += f", last loss {data['loss']:.4f}"
+    lines = [head]
+    if data["error"]:
+        lines.append(f"<span class='error'>{html.escape(data['error'])}</span>")
+    if data["message"]:
+        lines.append(html.escape(data["message"]))
+    lines += [html.escape(f) for f in data["files"]]
+    if data["run_dir"]:
+        lines.append(f"run record: {html.escape(data['run_dir'])}")
+    return "<p>" + "<br>".join(lines) + "</p>"

@@ -1,0 +1,74 @@
+"""The Train tab's plan box: kohya-colab's three lines, then the real count after bucketing.
+
+Pure apart from reading image headers. Sizes are cached by (path, size, mtime), so dragging the
+Repeats slider over a 200-image dataset re-reads nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit_ext.dataset.files import list_images
+from lorakit_ext.errors import UserError
+from lorakit_ext.train.buckets import bucket_plan_for
+from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.train.plan import plan_for
+
+# The fields the plan depends on: a change to any of them redraws the box.
+PLAN_FIELDS = (
+    "num_repeats",
+    "train_batch_size",
+    "max_train_epochs",
+    "max_train_steps",
+    "lr_warmup_ratio",
+    "resolution",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
+)
+
+_sizes: dict[tuple[str, int, int], tuple[int, int]] = {}
+
+
+def dataset_sizes(dataset: Path) -> list[tuple[int, int]]:
+    """Upright sizes of the dataset's images, as the trainer reads them."""
+    from lorakit_ext.train.data import image_size
+
+    sizes = []
+    for path in list_images(dataset):
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _sizes:
+            _sizes[key] = image_size(path)
+        sizes.append(_sizes[key])
+    return sizes
+
+
+def real_counts(config: TrainConfig, sizes: list[tuple[int, int]]) -> str:
+    """The trainer's own count (a batch never mixes buckets), in the run record's words."""
+    # The trainer's module pulls in peft; loaded on first use so the form builds without it.
+    from lorakit_ext.train.loop import real_schedule
+
+    buckets = bucket_plan_for(config, sizes)
+    schedule = real_schedule(config, buckets.steps_per_epoch(config.num_repeats, config.train_batch_size))
+    used = len(buckets.counts())
+    return (
+        f"After bucketing ({used} bucket{'' if used == 1 else 's'}): {schedule.steps_per_epoch} steps per epoch, "
+        f"{schedule.epochs} epochs, {schedule.total_steps} steps in total, {schedule.warmup_steps} warmup steps."
+    )
+
+
+def plan_text(config: TrainConfig, sizes: list[tuple[int, int]]) -> str:
+    problems = config.problems()
+    lines = [plan_for(config, len(sizes)).text]
+    if not sizes:
+        lines.append("The dataset has no images yet: import some in the Dataset tab.")
+    elif not problems:
+        try:
+            lines.append(real_counts(config, sizes))
+        except (UserError, ValueError) as exc:
+            lines.append(f"Bucketing fails: {exc}")
+    lines += [f"Problem: {p}" for p in problems]
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""The Train sub-tab: the form generated from ``TrainConfig``, presets, the plan, Start/Interrupt,
+and the run's loss curve, epoch files and samples.
+
+Start runs ``jobs.train_in_gradio`` under ``wrap_gradio_gpu_call``; the button's JS gives it a
+task id and A1111's ``requestProgress`` draws the progress bar. While it runs, the same JS presses
+"Show progress" every few seconds so the loss curve and the files grow during the run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.train.config import PRESETS
+from lorakit_ext.webui import ui_form, ui_plan, ui_results, ui_shared, ui_tables
+
+SPECS = ui_form.form_specs()
+
+
+def component(spec: ui_form.FieldSpec):
+    common = dict(label=spec.label, info=spec.info, value=ui_form.widget_value(spec, spec.default), elem_id=spec.elem_id)
+    if spec.kind == "checkbox":
+        return gr.Checkbox(**common)
+    if spec.kind == "dropdown":
+        return gr.Dropdown(choices=list(spec.choices), **common)
+    if spec.kind == "slider":
+        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, **common)
+    if spec.kind == "number":
+        return gr.Number(precision=spec.precision, **common)
+    return gr.Textbox(**common)
+
+
+def loss_plot(points):
+    columns = ui_results.loss_columns(points)
+    if columns is None:
+        return None
+    import pandas as pd
+
+    return pd.DataFrame(columns)
+
+
+def files_table(files) -> dict:
+    return ui_tables.table(ui_results.FILE_HEADERS, ui_results.file_rows(files))
+
+
+def _plan(project_name, *values) -> str:
+    """The plan box's text; a value that does not fit is a line of it (the box is plain text)."""
+    if not project_name:
+        return "Choose a project to see the plan."
+    try:
+        config = ui_form.config_from_values(SPECS, values)
+        sizes = ui_plan.dataset_sizes(ui_shared.current_project(project_name).dataset)
+    except UserError as exc:
+        return f"Problem: {exc}"
+    return ui_plan.plan_text(config, sizes)
+
+
+def _start(id_task, project_name, *values):
+    from lorakit_ext.webui import jobs
+
+    ui_shared.current_project(project_name)
+    config = ui_form.config_from_values(SPECS, values)
+    losses, files, grid, status = jobs.train_in_gradio(id_task, project_name, json.dumps(config.to_dict()))
+    samples = jobs.job_status(id_task)["samples"]
+    return loss_plot(losses), files_table(files), ui_results.sample_items(samples, grid), status
+
+
+def _show(task_id):
+    """The job ``task_id`` (or the latest one) as the run's outputs; also after a page reload."""
+    from lorakit_ext.webui import jobs
+
+    data = jobs.job_status(task_id or None)
+    return (
+        loss_plot(data["losses"]),
+        files_table(data["files"]),
+        ui_results.sample_items(data["samples"], data["grid"]),
+        jobs.status_html(data),
+    )
+
+
+def _interrupt(task_id):
+    from lorakit_ext.webui import jobs
+
+    stopped = jobs.interrupt(task_id or None)
+    return ui_shared.ok(
+        "Stopping before the next step; what was trained so far is saved." if stopped else "No training is running."
+    )
+
+
+def build(project):
+    """The sub-tab; returns (the Start event, the plan refresh spec)."""
+    from modules.ui_components import FormRow
+
+    task = ui_shared.task_id_box()
+    with gr.Row():
+        with gr.Column(scale=3, elem_id="lorakit_train_form"):
+            preset = gr.Dropdown(
+                label="Preset",
+                choices=list(PRESETS),
+                value=ui_form.DEFAULT_PRESET,
+                elem_id="lorakit_train_preset",
+                info="sets every training option (name, trigger and comment stay)",
+            )
+            fields = {}
+            for group, specs in ui_form.grouped(SPECS).items():
+                with gr.Accordion(group, open=group in ui_form.OPEN_GROUPS, elem_id=f"lorakit_train_group_{group.lower()}"):
+                    for spec in specs:
+                        fields[spec.name] = component(spec)
+        with gr.Column(scale=2, elem_id="lorakit_train_side"):
+            plan = gr.Textbox(label="Plan", lines=8, interactive=False, elem_id="lorakit_train_plan")
+            with FormRow():
+                start = gr.Button("Start training", variant="primary", elem_id="lorakit_train_start")
+                stop = gr.Button("Interrupt", elem_id="lorakit_train_interrupt")
+                show = gr.Button("Show progress", elem_id="lorakit_train_poll")
+            status = ui_shared.job_message("lorakit_train_progress")
+            chart = gr.LinePlot(
+                x="step",
+                y="loss",
+                label="Loss",
+                title="Loss per step",
+                tooltip=["step", "loss"],
+                height=240,
+                elem_id="lorakit_train_loss",
+            )
+            files = gr.Dataframe(headers=list(ui_results.FILE_HEADERS), interactive=False, elem_id="lorakit_train_files")
+            samples = gr.Gallery(label="Samples", columns=4, elem_id="lorakit_train_samples")
+
+    values = [fields[spec.name] for spec in SPECS]
+    planned = dict(fn=_plan, inputs=[project, *values], outputs=[plan], show_progress="hidden")
+    for name in ui_plan.PLAN_FIELDS:
+        fields[name].input(**planned)
+    project.change(**planned)
+    preset.input(
+        lambda name, *current: ui_form.preset_values(SPECS, name, current), inputs=[preset, *values], outputs=values
+    ).then(**planned)
+    results = [chart, files, samples, status]
+    started = ui_shared.job_button(start, _start, [task, project, *values], results, "lorakit_start_training")
+    show.click(
+        ui_shared.guarded(len(results))(_show),
+        inputs=[task],
+        outputs=results,
+        show_progress="hidden",
+        **ui_shared.js("lorakit_train_task"),
+    )
+    stop.click(ui_shared.guarded(1)(_interrupt), inputs=[task], outputs=[status], **ui_shared.js("lorakit_train_task"))
+    return started, planned

@@ -36,6 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--alpha", type=float, default=8.0)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (default both: the eager row is the same-run reference)")
     p.add_argument("--tiny", action="store_true", help="the tiny test model instead of full-size SD1.5 (a CPU smoke run)")
     p.add_argument("--device", default="auto")
 
@@ -62,7 +63,7 @@ def _model(tiny: bool, device: torch.device, dtype: torch.dtype, folder: Path):
     return build_random_sd15(device, dtype, full=True)
 
 
-def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device) -> dict:
+def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device, graphs: bool) -> dict:
     """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
     from lorakit_ext.models.ldm import LdmModel
     from lorakit_ext.train.config import TrainConfig
@@ -75,12 +76,15 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
         max_train_steps=total, network_dim=args.dim, network_alpha=args.alpha, optimizer="AdamW",
         text_encoder_lr=0.0 if unet_only else 1e-4, mixed_precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, keep_only_last_n_epochs=0, save_every_n_epochs=1000,
+        cuda_graphs=graphs,
     ).validate()
     model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
     marks: dict[str, float] = {}
 
     def on_progress(p) -> None:
-        if p.phase != "training":
+        if p.message.startswith("CUDA graphs off"):
+            marks.setdefault("messages", []).append(p.message)
+        if p.phase != "training" or p.message:
             return
         if p.step == 1:
             marks["first_step"] = time.perf_counter()
@@ -99,6 +103,8 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
     result = trainer.run()
     it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
     row = {
+        "mode": "graphs" if graphs and device.type == "cuda" and not marks.get("messages") else "eager",
+        "notes": marks.get("messages", []),
         "train": "UNet only" if unet_only else "TE + UNet",
         "batch": batch,
         "precision": trainer.precision.name,
@@ -133,6 +139,7 @@ def run_bench(args) -> dict:
     weights = _list(args.weights or ("fp16" if device.type == "cuda" else "fp32"), WEIGHTS)
     batches = [int(b) for b in _list(args.batch)]
     trains = _list(args.train, ("te", "unet"))
+    modes = _list(args.modes, ("graphs", "eager"))
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         tmp = Path(tmp)
@@ -145,8 +152,10 @@ def run_bench(args) -> dict:
             place_model(sd_model, device, WEIGHTS[w])
             for train in trains:
                 for batch in batches:
-                    row = _measure(sd_model, project, f"{w}-{train}-b{batch}", args, batch=batch, unet_only=train == "unet", device=device)
-                    rows.append({"weights": w, **row})
+                    for mode in modes:
+                        row = _measure(sd_model, project, f"{w}-{train}-b{batch}-{mode}", args, batch=batch,
+                                       unet_only=train == "unet", device=device, graphs=mode == "graphs")
+                        rows.append({"weights": w, **row})
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": "tiny SD1.5 layout" if args.tiny else "SD1.5 full size, random weights",
@@ -162,15 +171,22 @@ def run_cli(args):
         raise UserError("--steps and --warmup must be at least 1")
     f = run_bench(args)
     lines = [f"{f['model']} on {f['device']}, {f['resolution']}², {f['images']} images, LoRA dim {args.dim}/alpha {args.alpha}"]
-    header = f"{'weights':7} {'train':9} {'batch':>5} {'prec':4} {'it/s':>7} {'img/s':>7} {'first step':>10} {'peak GiB':>8} {'vs kohya':>8}"
+    header = f"{'weights':7} {'mode':6} {'train':9} {'batch':>5} {'prec':4} {'it/s':>7} {'img/s':>7} {'first step':>10} {'peak GiB':>8} {'vs kohya':>8}"
     lines.append(header)
     for r in f["rows"]:
         peak = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
         ratio = f"{r['ratio_vs_kohya_h200']:.2f}x" if "ratio_vs_kohya_h200" in r else "-"
         lines.append(
-            f"{r['weights']:7} {r['train']:9} {r['batch']:>5} {r['precision']:4} {r['it_per_s']:7.2f} {r['images_per_s']:7.1f} "
+            f"{r['weights']:7} {r['mode']:6} {r['train']:9} {r['batch']:>5} {r['precision']:4} {r['it_per_s']:7.2f} {r['images_per_s']:7.1f} "
             f"{r['start_to_first_step_s']:9.1f}s {peak:>8} {ratio:>8}"
         )
+    for r in f["rows"]:
+        lines += [f"note ({r['weights']} {r['mode']} {r['train']} b{r['batch']}): {n}" for n in r["notes"]]
+    graphs = {(r["weights"], r["train"], r["batch"]): r["it_per_s"] for r in f["rows"] if r["mode"] == "graphs"}
+    for r in f["rows"]:
+        key = (r["weights"], r["train"], r["batch"])
+        if r["mode"] == "eager" and key in graphs:
+            lines.append(f"graphs vs eager, same run ({r['weights']} {r['train']} b{r['batch']}): {graphs[key] / r['it_per_s']:.2f}x")
     lines.append("first step: seconds from Trainer.run() to the first optimizer step, model already in memory (latent caching included).")
     if any("ratio_vs_kohya_h200" in r for r in f["rows"]):
         lines.append("vs kohya: kohya sd-scripts on an H200 from shared/perf.md (recorded, not this run); peak GiB: torch reserved.")

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3
 NOT_CUDA = "not a CUDA device"
+OFF = "turned off (cuda_graphs = False)"
 
 
 class _Graph:
@@ -33,10 +34,11 @@ class GraphedStep:
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: Counter = Counter()
         self.pool = None
+        self._warmup_stream = None
         self.disabled: str | None = None
         reason = self._unsupported_reason()
-        if reason == NOT_CUDA:
-            self.disabled = reason  # nothing to report: graphs are a CUDA feature
+        if reason in (NOT_CUDA, OFF):
+            self.disabled = reason  # nothing to report: not available here, or the user's choice
         elif reason:
             self._fall_back(reason)
 
@@ -44,6 +46,8 @@ class GraphedStep:
         device = self.step.model.device
         if device.type != "cuda":
             return NOT_CUDA
+        if not self.step.config.cuda_graphs:
+            return OFF
         reason = self.step.host_sync_reason
         if reason:
             return reason
@@ -78,8 +82,12 @@ class GraphedStep:
         return graph.loss.clone()
 
     def _side_stream(self, latents, ids) -> torch.Tensor:
-        # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.
-        stream = torch.cuda.Stream()
+        # Warm-up on a side stream, as CUDA graph capture requires of the work it will record. One
+        # stream for all warm-ups: cached memory belongs to a stream, and a new stream per step
+        # would cache a fresh copy of the step's activations each time.
+        if self._warmup_stream is None:
+            self._warmup_stream = torch.cuda.Stream()
+        stream = self._warmup_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             loss = self.step(latents, ids.to(latents.device, non_blocking=True))
@@ -91,6 +99,9 @@ class GraphedStep:
         static_ids = ids.to(latents.device).clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
+        # The warm-up's activations sit cached in the side stream's blocks; hand them back so the
+        # graph's pool reuses that memory instead of adding to it.
+        torch.cuda.empty_cache()
         with torch.cuda.graph(graph, pool=self.pool):
             static_loss = self.step(static_latents, static_ids)
         if self.pool is None:

@@ -261,3 +261,31 @@ def test_kohya_token_layout_227_states_for_225_tokens(sd_model):
     assert (ids[:, :, 0] == 49406).all()
     assert model.encode_tokens(ids).shape == (1, 227, 32)
     assert LdmModel(sd_model, max_token_length=75).encode_tokens(ids[:, :1]).shape == (1, 77, 32)
+
+
+def test_locon_trains_the_resblock_convs_at_conv_dim(sd_model, project, tmp_path):
+    job = make_job(project, tmp_path, network_type="LoCon", conv_dim=2, conv_alpha=1.0, max_train_epochs=1)
+    result = run(sd_model, job).run()
+    with safe_open(str(result.files[0]), "pt") as f:
+        down = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")
+        alpha = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.alpha")
+        assert '"conv_dim": "2"' in f.metadata()["ss_network_args"]
+    assert down.shape == (2, 32, 3, 3) and float(alpha) == 1.0
+
+
+def test_train_command_end_to_end_and_its_errors(tiny_sd15_dir, project, capsys):
+    import json
+
+    from lorakit_ext.cli import main
+
+    ckpt = str(tiny_sd15_dir / "tiny-sd15.safetensors")
+    root = str(project.root)
+    small = [f"--set={k}={v}" for k, v in SMALL.items() if k not in ("max_train_epochs", "num_repeats", "train_batch_size")]
+    args = ["train", "kat", "--root", root, "--base-model", ckpt, "--epochs", "1", "--repeats", "1", "--batch-size", "2", *small]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "finished" and [p.rsplit("/", 1)[1] for p in out["files"]] == ["kat-01.safetensors"]
+    assert main(["train", "kat", "--root", root, "--base-model", str(project.root / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "kat", "--root", root, "--base-model", ckpt, "--resume", "nope"]) == 2
+    assert "no run 'nope'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from badimages import BLUE, OUTSIDE_SUFFIX, RED, encode, make_bad_corpus, make_odd_but_valid, noise
+from badimages import BLUE, OUTSIDE_SUFFIX, RED, encode, make_bad_corpus, make_odd_but_valid
 from lorakit_ext.cli import main
 from lorakit_ext.dataset.importer import import_files, import_folder, sanitize_filename
 from lorakit_ext.errors import UserError

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -82,7 +82,6 @@ class TrainJob:
     base_model_hash: str = ""
     base_model_sha256: str = ""
     patch_attention: bool = False  # headless: give stock ldm attention an SDPA forward
-    extra_output_bases: tuple = field(default_factory=tuple)
 
 
 class Trainer:

@@ -230,7 +230,7 @@ def _train(job: Job, config: TrainConfig) -> None:
         job.set(run_dir=str(run_dir))
         name, legacy_hash, sha256 = bridge.checkpoint_identity(model.sd_model)
         spec = TrainJob(config, project, lora_dir, run_dir, base_model_name=name, base_model_hash=legacy_hash,
-                        base_model_sha256=sha256, extra_output_bases=(lora_dir,))
+                        base_model_sha256=sha256)
         trainer = Trainer(model, spec, on_progress=on_progress, on_epoch_file=on_epoch_file, should_stop=should_stop)
         # A1111 runs generations without autograd; this thread may inherit neither, but be sure.
         with torch.enable_grad():

@@ -5,12 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+from lorakit_ext.train.events import clock
 
 
 class ProgressPrinter:
@@ -36,5 +31,5 @@ class ProgressPrinter:
             parts.append(f"lr {p.lr:.2e}")
         if p.it_per_s:
             parts.append(f"{p.it_per_s:.2f} it/s")
-        parts.append(f"ETA {_clock(p.eta_s)}")
+        parts.append(f"ETA {clock(p.eta_s) if p.eta_s is not None else '?'}")
         print("  ".join(parts), file=self.stream, flush=True)

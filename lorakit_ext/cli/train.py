@@ -44,6 +44,7 @@ def _device_and_dtype(device: str, weights: str):
 def run(args) -> Result:
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.ldm import LdmModel
+    from lorakit_ext.train.events import Interrupted
     from lorakit_ext.train.loop import Trainer, TrainJob
     from lorakit_ext.train.record import find_run_dir, new_run_dir
     from lorakit_ext.train.state import load_state
@@ -82,8 +83,6 @@ def run(args) -> Result:
         signal.signal(signal.SIGINT, previous)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    from lorakit_ext.train.events import Interrupted
-
     try:
         result = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=lambda: stop["asked"]).run(resume_state)
     except Interrupted:

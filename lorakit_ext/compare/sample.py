@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lorakit_ext.export.apply import apply_lora_file, component_roots
+from lorakit_ext.export.apply import apply_lora_file, component_roots, target_weight
 from lorakit_ext.export.kohya import module_path_from_kohya
 from lorakit_ext.export.writer import read_lora_file
 
@@ -22,10 +22,13 @@ def lora_merged(sd_model, path: Path | None, multiplier: float, arch: str):
         return
     tensors, _ = read_lora_file(path)
     roots = component_roots(sd_model, arch)
-    weights = []
+    weights = {}
     for name in {key.partition(".")[0] for key in tensors}:
         component, module_path = module_path_from_kohya(name, arch)
-        weights.append(roots[component].get_submodule(module_path).weight)
+        weight = target_weight(roots[component], module_path)[0]
+        # SD2's q, k and v share one packed weight: back it up once.
+        weights[id(weight)] = weight
+    weights = list(weights.values())
     backup = [w.detach().clone() for w in weights]
     try:
         apply_lora_file(sd_model, path, multiplier, arch)

@@ -33,7 +33,7 @@ def component_roots(sd_model: nn.Module, arch: str) -> dict[str, nn.Module]:
     return {"unet": sd_model.model.diffusion_model, "te": te}
 
 
-def _target(root: nn.Module, path: str) -> tuple[torch.Tensor, slice | None]:
+def target_weight(root: nn.Module, path: str) -> tuple[torch.Tensor, slice | None]:
     """The weight a module path names, with its rows for a packed q/k/v; ``LookupError`` if none."""
     try:
         module = root.get_submodule(path)
@@ -97,7 +97,7 @@ def apply_lora_file(sd_model: nn.Module, path: Path, multiplier: float = 1.0, ar
             continue
         try:
             component, module_path = module_path_from_kohya(name, arch)
-            weight, rows = _target(roots[component], module_path)
+            weight, rows = target_weight(roots[component], module_path)
         except (ValueError, LookupError):
             unknown.append(name)
             continue

@@ -11,6 +11,13 @@ from dataclasses import dataclass
 PHASES = ("caching", "training", "saving", "captioning")
 
 
+def clock(seconds: float) -> str:
+    """Seconds as ``m:ss`` or ``h:mm:ss``, for ETAs."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 class Interrupted(Exception):
     """The user asked to stop (A1111's Interrupt button, Ctrl-C, an API call). Raised at a safe
     point, between VAE batches or training steps, so the trainer can save what it has."""

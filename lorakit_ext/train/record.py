@@ -8,8 +8,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lorakit_ext.errors import UserError
 from lorakit_ext.export.kohya_toml import dataset_toml, training_toml
 from lorakit_ext.fsutil import atomic_write_json, atomic_write_text
+from lorakit_ext.project import confine
 
 
 def new_run_dir(project, output_name: str) -> Path:
@@ -25,9 +27,6 @@ def new_run_dir(project, output_name: str) -> Path:
 
 def find_run_dir(project, run: str) -> Path:
     """A run by id (folder name) or path, confined to the project's ``runs/``."""
-    from lorakit_ext.errors import UserError
-    from lorakit_ext.project import confine
-
     candidate = Path(run) if Path(run).is_absolute() or "/" in run else project.runs / run
     if not candidate.is_dir():
         known = sorted(p.name for p in project.runs.iterdir()) if project.runs.is_dir() else []

@@ -25,13 +25,13 @@ class EpochSaver:
         self.files: list[Path] = []
         # kohya names a dataset folder "<repeats>_<name>"; tools that read ss_tag_frequency expect it.
         self.dataset_dir = f"{self.config.num_repeats}_{job.project.name}"
+        self.tag_frequency = dict(Counter(tag for item in items for tag in dict.fromkeys(split_tags(item.caption))))
 
     def _due(self, epoch: int) -> bool:
         return epoch % self.config.save_every_n_epochs == 0 or epoch == self.schedule.epochs
 
     def metadata(self, epoch: int, steps: int) -> dict[str, str]:
         c = self.config
-        tag_counts = Counter(tag for item in self.items for tag in dict.fromkeys(split_tags(item.caption)))
         network_args = {"conv_dim": str(c.conv_dim), "conv_alpha": str(c.conv_alpha)} if c.network_type == "LoCon" else {}
         return training_metadata(
             # ss_optimizer names what ran (AdamW8bit falls back to AdamW without bitsandbytes).
@@ -44,7 +44,7 @@ class EpochSaver:
             steps=steps,
             num_train_images=len(self.items) * c.num_repeats,
             num_batches_per_epoch=self.schedule.steps_per_epoch,
-            tag_frequency={self.dataset_dir: dict(tag_counts)},
+            tag_frequency={self.dataset_dir: self.tag_frequency},
             dataset_dirs={self.dataset_dir: {"n_repeats": c.num_repeats, "img_count": len(self.items)}},
             bucket_info=self.buckets.bucket_info(c.num_repeats) if c.enable_bucket else None,
             base_model_name=self.job.base_model_name,

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import math
 
-from lorakit_ext.train.events import Progress
-
-
-def clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+from lorakit_ext.train.events import Progress, clock
 
 
 def textinfo(p: Progress) -> str:

@@ -76,6 +76,25 @@ def _config(targets, dim, alpha, conv_dim, conv_alpha, dropout) -> tuple[LoraCon
     return config, alphas
 
 
+def _lora_forward(layer: LoraLayer):
+    """The forward pass of one injected layer: ``base(x) + up(dropout(down(x))) * alpha / dim``.
+
+    peft's own forward casts every LoRA input to the LoRA weights' dtype (fp32 here). Under autocast
+    that is an fp32 copy and a half copy of each input, and the half copy is kept for backward:
+    an activation-sized tensor per module that kohya's network does not keep, and four extra
+    kernels per module. Here the input stays as it is and autocast casts the small LoRA weights.
+    Dropout acts on the rank-sized down output, as kohya's ``network_dropout`` does.
+    """
+    base = layer.get_base_layer()
+    down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    dropout, scale = layer.lora_dropout[ADAPTER], layer.scaling[ADAPTER]
+
+    def forward(x, *args, **kwargs):
+        return base(x, *args, **kwargs) + up(dropout(down(x))) * scale
+
+    return forward
+
+
 def _remove_lora_layers(root: nn.Module) -> None:
     for name, module in list(root.named_modules()):
         if isinstance(module, LoraLayer):
@@ -116,6 +135,9 @@ class LoraNetwork:
                 peft_config, alphas = _config(paths, c.network_dim, c.network_alpha, c.conv_dim, c.conv_alpha, c.network_dropout)
                 root = roots[name]
                 inject_adapter_in_model(peft_config, root, adapter_name=ADAPTER)
+                for module in root.modules():
+                    if isinstance(module, LoraLayer):
+                        module.forward = _lora_forward(module)
                 params = []
                 for pname, param in root.named_parameters():
                     if "lora_" in pname:

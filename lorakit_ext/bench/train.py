@@ -4,7 +4,8 @@ It runs the real :class:`~lorakit_ext.train.loop.Trainer` — the same code path
 A1111 tab — on a random-initialised full-size SD1.5 (no weights needed: throughput does not depend
 on weight values) and a synthetic dataset, at the kohya-colab settings by default (512², batch 2,
 dim 16 / alpha 8, TE + UNet). kohya sd-scripts' figures on an H200 (shared/perf.md) are printed
-beside ours; ``bench train --compare-kohya`` is the same-run comparison on the GPU machine.
+beside ours; ``bench train --compare-kohya run_device.sh`` runs kohya's rows on this machine first
+and compares in the same run (:mod:`lorakit_ext.bench.kohya`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lorakit_ext.bench.kohya import kohya_rows
+from lorakit_ext.bench.smi import SmiPeak
 from lorakit_ext.errors import UserError
 
 # kohya sd-scripts 48d368f on one H200, bf16, SDPA, cached latents (shared/perf.md), steady-state it/s.
@@ -39,6 +42,8 @@ def add_arguments(p) -> None:
     p.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (default both: the eager row is the same-run reference)")
     p.add_argument("--tiny", action="store_true", help="the tiny test model instead of full-size SD1.5 (a CPU smoke run)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--compare-kohya", metavar="RUN_DEVICE_SH", default=None,
+                   help="run kohya sd-scripts' matching rows first with shared/perf-anchor's run_device.sh (its carried inputs in place) and compare in the same run")
 
 
 def _dataset(project, images: int, resolution: int) -> None:
@@ -63,7 +68,7 @@ def _model(tiny: bool, device: torch.device, dtype: torch.dtype, folder: Path):
     return build_random_sd15(device, dtype, full=True)
 
 
-def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device, graphs: bool) -> dict:
+def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device, graphs: bool, kohya: dict | None) -> dict:
     """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
     from lorakit_ext.models.ldm import LdmModel
     from lorakit_ext.train.config import TrainConfig
@@ -100,7 +105,8 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
     job.run_dir.mkdir(parents=True)
     trainer = Trainer(model, job, on_progress=on_progress)
     started = time.perf_counter()
-    result = trainer.run()
+    with SmiPeak(device) as smi:
+        result = trainer.run()
     it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
     row = {
         "mode": "graphs" if graphs and device.type == "cuda" and not marks.get("messages") else "eager",
@@ -116,11 +122,25 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
     if device.type == "cuda":
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-    kohya = KOHYA_H200.get(("unet" if unet_only else "te", batch))
-    if kohya and not args.tiny:
-        row["kohya_h200_it_per_s"] = kohya
-        row["ratio_vs_kohya_h200"] = it_s / kohya
+        if smi.peak_mib is not None:
+            row["smi_peak_gib"] = smi.peak_mib / 1024
+    if kohya:
+        row["kohya_same_run"] = True
+        row["kohya_it_per_s"] = kohya["it_s"]
+        row["ratio_vs_kohya"] = it_s / kohya["it_s"]
+        if "smi_peak_mem_MiB" in kohya:
+            row["kohya_smi_peak_gib"] = kohya["smi_peak_mem_MiB"] / 1024
+        if "torch_max_memory_reserved_GiB" in kohya:
+            row["kohya_peak_reserved_gib"] = kohya["torch_max_memory_reserved_GiB"]
+    elif not args.tiny and (recorded := KOHYA_H200.get(("unet" if unet_only else "te", batch))):
+        row["kohya_same_run"] = False
+        row["kohya_it_per_s"] = recorded
+        row["ratio_vs_kohya"] = it_s / recorded
     return row
+
+
+def _gib(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "-"
 
 
 def _list(value: str, allowed=None) -> list[str]:
@@ -140,6 +160,12 @@ def run_bench(args) -> dict:
     batches = [int(b) for b in _list(args.batch)]
     trains = _list(args.train, ("te", "unet"))
     modes = _list(args.modes, ("graphs", "eager"))
+    if device.type != "cuda":
+        modes = ["eager"]  # CUDA graphs exist only on CUDA: a "graphs" row would repeat the eager one
+    kohya, notes = {}, []
+    if args.compare_kohya:
+        # Before this process touches the GPU: kohya's nvidia-smi peak must be kohya's alone.
+        kohya, notes = kohya_rows(args.compare_kohya, [(t, b) for t in trains for b in batches])
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         tmp = Path(tmp)
@@ -154,7 +180,8 @@ def run_bench(args) -> dict:
                 for batch in batches:
                     for mode in modes:
                         row = _measure(sd_model, project, f"{w}-{train}-b{batch}-{mode}", args, batch=batch,
-                                       unet_only=train == "unet", device=device, graphs=mode == "graphs")
+                                       unet_only=train == "unet", device=device, graphs=mode == "graphs",
+                                       kohya=kohya.get((train, batch)))
                         rows.append({"weights": w, **row})
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -163,6 +190,7 @@ def run_bench(args) -> dict:
         "images": args.images,
         "model_build_s": build_s,
         "rows": rows,
+        "kohya_notes": notes,
     }
 
 
@@ -171,25 +199,27 @@ def run_cli(args):
         raise UserError("--steps and --warmup must be at least 1")
     f = run_bench(args)
     lines = [f"{f['model']} on {f['device']}, {f['resolution']}², {f['images']} images, LoRA dim {args.dim}/alpha {args.alpha}"]
-    header = f"{'weights':7} {'mode':6} {'train':9} {'batch':>5} {'prec':4} {'it/s':>7} {'img/s':>7} {'first step':>10} {'peak GiB':>8} {'vs kohya':>8}"
-    lines.append(header)
+    lines.append(f"{'weights':7} {'mode':6} {'train':9} {'batch':>5} {'prec':4} {'it/s':>7} {'img/s':>7} {'first step':>10} "
+                 f"{'reserved':>8} {'smi peak':>8} {'kohya it/s':>10} {'ratio':>6} {'kohya smi':>9}")
     for r in f["rows"]:
-        peak = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
-        ratio = f"{r['ratio_vs_kohya_h200']:.2f}x" if "ratio_vs_kohya_h200" in r else "-"
+        kohya = f"{r['kohya_it_per_s']:.2f}" + ("" if r["kohya_same_run"] else "*") if "kohya_it_per_s" in r else "-"
         lines.append(
             f"{r['weights']:7} {r['mode']:6} {r['train']:9} {r['batch']:>5} {r['precision']:4} {r['it_per_s']:7.2f} {r['images_per_s']:7.1f} "
-            f"{r['start_to_first_step_s']:9.1f}s {peak:>8} {ratio:>8}"
+            f"{r['start_to_first_step_s']:9.1f}s {_gib(r, 'peak_reserved_gib'):>8} {_gib(r, 'smi_peak_gib'):>8} {kohya:>10} "
+            f"{(format(r['ratio_vs_kohya'], '.2f') + 'x') if 'ratio_vs_kohya' in r else '-':>6} {_gib(r, 'kohya_smi_peak_gib'):>9}"
         )
     for r in f["rows"]:
         lines += [f"note ({r['weights']} {r['mode']} {r['train']} b{r['batch']}): {n}" for n in r["notes"]]
+    lines += [f"note: {n}" for n in f["kohya_notes"]]
     graphs = {(r["weights"], r["train"], r["batch"]): r["it_per_s"] for r in f["rows"] if r["mode"] == "graphs"}
     for r in f["rows"]:
         key = (r["weights"], r["train"], r["batch"])
         if r["mode"] == "eager" and key in graphs:
             lines.append(f"graphs vs eager, same run ({r['weights']} {r['train']} b{r['batch']}): {graphs[key] / r['it_per_s']:.2f}x")
     lines.append("first step: seconds from Trainer.run() to the first optimizer step, model already in memory (latent caching included).")
-    if any("ratio_vs_kohya_h200" in r for r in f["rows"]):
-        lines.append("vs kohya: kohya sd-scripts on an H200 from shared/perf.md (recorded, not this run); peak GiB: torch reserved.")
+    lines.append("reserved: torch's peak reserved memory, GiB; smi peak: nvidia-smi memory.used peak, GiB (CUDA context included).")
+    if any(r.get("kohya_same_run") is False for r in f["rows"]):
+        lines.append("kohya it/s*: kohya sd-scripts on an H200 as recorded in shared/perf.md, not this run (--compare-kohya runs it here).")
     return f, "\n".join(lines)
 
 

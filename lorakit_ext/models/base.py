@@ -19,6 +19,7 @@ class DiffusionModel(Protocol):
     unet: nn.Module
     text_encoder: nn.Module  # the text encoder as called
     te_root: nn.Module  # the module text-encoder LoRA paths are relative to
+    vae: nn.Module  # the image autoencoder: only needed for caching latents
     device: torch.device
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

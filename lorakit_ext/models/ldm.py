@@ -52,6 +52,7 @@ class LdmModel:
             )
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
+        self.vae = sd_model.first_stage_model
         self.parameterization = getattr(sd_model, "parameterization", "eps")
         self.clip_skip = clip_skip
         self.chunks = max(1, max_token_length // CHUNK)
@@ -77,8 +78,7 @@ class LdmModel:
     # ---- images ---------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.sd_model.first_stage_model
-        dtype = next(vae.parameters()).dtype
+        dtype = next(self.vae.parameters()).dtype
         posterior = self.sd_model.encode_first_stage(pixels.to(self.device, dtype))
         return self.sd_model.get_first_stage_encoding(posterior).float()
 

@@ -30,6 +30,7 @@ from lorakit_ext.models.timestep import use_device_timestep_embedding
 from lorakit_ext.train.graphs import GraphedStep
 from lorakit_ext.train.loss import NoiseSchedule
 from lorakit_ext.train.network import injected
+from lorakit_ext.train.offload import park
 from lorakit_ext.train.optim import DeviceLearningRates, build_optimizer, build_scheduler
 from lorakit_ext.train.plan import plan_for
 from lorakit_ext.train.precision import resolve_precision
@@ -160,6 +161,7 @@ class Trainer:
         config, model = self.config, self.model
         channels_last = self.device.type == "cuda"
         with contextlib.ExitStack() as stack:
+            stack.callback(park(model.vae, self.device))
             if channels_last:
                 # Faster convolutions; undone (weights back to the standard layout) after the run.
                 model.unet.to(memory_format=torch.channels_last)

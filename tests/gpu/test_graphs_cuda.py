@@ -81,3 +81,32 @@ def test_fifty_captured_steps_match_eager(tmp_path, weights, precision, determin
     # tensor can differ more: an up weight starts at zero, so a different summation order of the
     # same sums shows most there; `worst` is printed for the record, not asserted.
     assert overall < 1e-3
+
+
+def test_run_leaves_the_model_in_place_and_gives_the_memory_back(tmp_path):
+    import gc
+
+    from lorakit_ext.models.tiny import build_random_sd15
+
+    sd_model = build_random_sd15("cuda", torch.float16, full=False)
+    before = {k: v.clone() for k, v in sd_model.state_dict().items()}
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    project = create_project(tmp_path, "p")
+    _dataset(project)
+    cfg = TrainConfig(resolution=256, num_repeats=2, max_train_epochs=1, max_train_steps=8, train_batch_size=2,
+                      optimizer="AdamW", keep_only_last_n_epochs=0).validate()
+    job = TrainJob(cfg, project, tmp_path / "out", project.runs / "r", patch_attention=True)
+    job.run_dir.mkdir(parents=True)
+    parked = []
+    model = LdmModel(sd_model, cfg.clip_skip, cfg.max_token_length)
+    trainer = Trainer(model, job, on_progress=lambda p: parked.append(next(model.vae.parameters()).device.type) if p.phase == "training" and not p.message else None)
+    trainer.run()
+    del trainer
+    gc.collect()
+    torch.cuda.synchronize()
+    assert set(parked) == {"cpu"}, "the VAE waits on the CPU while training from cached latents"
+    after = sd_model.state_dict()
+    assert all(after[k].device.type == "cuda" and torch.equal(after[k], v) for k, v in before.items())
+    # Graph pools, optimiser state and LoRA weights are gone: only the cached latents' few KiB may stay.
+    assert torch.cuda.memory_allocated() - allocated < 2**20

@@ -1,0 +1,122 @@
+"""Where a training run's GPU memory goes, step by step (a CUDA diagnostic, not part of the tests).
+
+Runs the real Trainer on a random full-size SD1.5 for a few steps with torch's allocation history
+recorded, then prints for every step: reserved memory, the peak of live tensors inside the step,
+and — at that peak — the live bytes grouped by the code that allocated them. The first steps are
+the eager warm-up, the next is the capture into the graph's pool, then replays; comparing the
+warm-up's peak set with the capture's shows what a graph keeps that eager does not.
+
+    python dev/graph_memory.py --batch 2 --train te [--weights bf16] [--no-graphs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorakit_ext.bench.train import WEIGHTS, _dataset
+from lorakit_ext.models.ldm import LdmModel
+from lorakit_ext.models.tiny import build_random_sd15
+from lorakit_ext.project import create_project
+from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.train.loop import Trainer, TrainJob
+
+GIB = 2**30
+OWN = ("lorakit_ext", "ldm/", "peft/", "transformers/")
+
+
+def _site(frames) -> str:
+    """The innermost frame in our code or a model library, plus the torch op that allocated."""
+    op = next((f["name"] for f in frames if "torch/" in f["filename"]), "?")
+    for f in frames:
+        if any(key in f["filename"] for key in OWN):
+            return f"{f['filename'].rsplit('/', 2)[-2]}/{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']} [{op}]"
+    return f"(torch) {op}"
+
+
+def _replay(trace, marks):
+    """Walks the allocation trace; per step: peak live bytes, and the live set at that peak."""
+    live: dict[int, tuple[int, str]] = {}
+    reserved = total = 0
+    rows = []
+    bounds = list(zip([0] + marks, marks + [len(trace)]))
+    for start, end in bounds:
+        peak, peak_set, peak_reserved = -1, {}, reserved
+        for entry in trace[start:end]:
+            action = entry["action"]
+            if action == "alloc":
+                live[entry["addr"]] = (entry["size"], _site(entry.get("frames", [])))
+                total += entry["size"]
+            elif action in ("free_requested", "free_completed") and entry["addr"] in live:
+                total -= live.pop(entry["addr"])[0]
+            elif action == "segment_alloc":
+                reserved += entry["size"]
+            elif action == "segment_free":
+                reserved -= entry["size"]
+            peak_reserved = max(peak_reserved, reserved)
+            if action == "alloc" and total > peak:
+                peak, peak_set = total, dict(live)
+        rows.append((peak, peak_reserved, peak_set))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--train", choices=("te", "unet"), default="te")
+    ap.add_argument("--weights", choices=tuple(WEIGHTS), default="bf16")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    sd_model = build_random_sd15(device, WEIGHTS[args.weights], full=True)
+    torch.cuda.synchronize()
+    print(f"weights: allocated {torch.cuda.memory_allocated() / GIB:.2f} GiB, reserved {torch.cuda.memory_reserved() / GIB:.2f} GiB")
+    with tempfile.TemporaryDirectory() as tmp:
+        project = create_project(Path(tmp), "probe")
+        _dataset(project, 16, 512)
+        config = TrainConfig(
+            train_batch_size=args.batch, max_train_steps=args.steps, max_train_epochs=1, num_repeats=4,
+            text_encoder_lr=1e-4 if args.train == "te" else 0.0, optimizer="AdamW", keep_only_last_n_epochs=0,
+            save_every_n_epochs=1000, cuda_graphs=not args.no_graphs,
+        ).validate()
+        model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+        job = TrainJob(config, project, project.path / "out", project.runs / "probe", patch_attention=True)
+        job.run_dir.mkdir(parents=True)
+        marks: list[int] = []
+        reserved_at: list[float] = []
+
+        def on_progress(p) -> None:
+            if p.phase == "training" and not p.message:
+                torch.cuda.synchronize()
+                marks.append(len(torch.cuda.memory._snapshot()["device_traces"][0]))
+                reserved_at.append(torch.cuda.memory_reserved() / GIB)
+
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+        Trainer(model, job, on_progress=on_progress).run()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+    print(f"peak allocated {torch.cuda.max_memory_allocated() / GIB:.2f} GiB, peak reserved {torch.cuda.max_memory_reserved() / GIB:.2f} GiB")
+    rows = _replay(snapshot["device_traces"][0], marks)
+    names = ["before step 1 (latents, injection)"] + [f"step {i}" for i in range(1, len(rows))]
+    for i, (name, (peak, peak_reserved, live)) in enumerate(zip(names, rows)):
+        after = f", reserved after {reserved_at[i - 1]:.2f} GiB" if 0 < i <= len(reserved_at) else ""
+        print(f"\n== {name}: live peak {peak / GIB:.2f} GiB (tracked since recording), segments peak {peak_reserved / GIB:.2f} GiB{after}")
+        if i == 0 or i > 5:
+            continue
+        by_site = collections.Counter()
+        for size, site in live.values():
+            by_site[site] += size
+        for site, size in by_site.most_common(args.top):
+            print(f"   {size / 2**20:9.1f} MiB  {site}")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import tempfile
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--top", type=int, default=14)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     device = torch.device("cuda")
     sd_model = build_random_sd15(device, WEIGHTS[args.weights], full=True)
     torch.cuda.synchronize()
@@ -103,7 +105,8 @@ def main() -> None:
         Trainer(model, job, on_progress=on_progress).run()
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-    print(f"peak allocated {torch.cuda.max_memory_allocated() / GIB:.2f} GiB, peak reserved {torch.cuda.max_memory_reserved() / GIB:.2f} GiB")
+    print(f"peak allocated {torch.cuda.max_memory_allocated() / GIB:.2f} GiB, peak reserved {torch.cuda.max_memory_reserved() / GIB:.2f} GiB; "
+          f"after the run: allocated {torch.cuda.memory_allocated() / GIB:.2f} GiB, reserved {torch.cuda.memory_reserved() / GIB:.2f} GiB")
     rows = _replay(snapshot["device_traces"][0], marks)
     names = ["before step 1 (latents, injection)"] + [f"step {i}" for i in range(1, len(rows))]
     for i, (name, (peak, peak_reserved, live)) in enumerate(zip(names, rows)):

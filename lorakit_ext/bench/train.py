@@ -10,6 +10,7 @@ and compares in the same run (:mod:`lorakit_ext.bench.kohya`).
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--alpha", type=float, default=8.0)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--channels-last", default="auto", help="auto, on, off or a list: UNet weights and latents in channels_last (default auto: on CUDA)")
     p.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (default both: the eager row is the same-run reference)")
     p.add_argument("--tiny", action="store_true", help="the tiny test model instead of full-size SD1.5 (a CPU smoke run)")
     p.add_argument("--device", default="auto")
@@ -68,7 +70,7 @@ def _model(tiny: bool, device: torch.device, dtype: torch.dtype, folder: Path):
     return build_random_sd15(device, dtype, full=True)
 
 
-def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device, graphs: bool, kohya: dict | None) -> dict:
+def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device, graphs: bool, layout: str, kohya: dict | None) -> dict:
     """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
     from lorakit_ext.models.ldm import LdmModel
     from lorakit_ext.train.config import TrainConfig
@@ -101,7 +103,8 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    job = TrainJob(config, project, project.path / "out", project.runs / run_name, patch_attention=True)
+    job = TrainJob(config, project, project.path / "out", project.runs / run_name, patch_attention=True,
+                   channels_last={"auto": None, "on": True, "off": False}[layout])
     job.run_dir.mkdir(parents=True)
     trainer = Trainer(model, job, on_progress=on_progress)
     started = time.perf_counter()
@@ -112,6 +115,7 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
         "mode": "graphs" if graphs and device.type == "cuda" and not marks.get("messages") else "eager",
         "notes": marks.get("messages", []),
         "train": "UNet only" if unet_only else "TE + UNet",
+        "channels_last": layout,
         "batch": batch,
         "precision": trainer.precision.name,
         "it_per_s": it_s,
@@ -160,6 +164,7 @@ def run_bench(args) -> dict:
     batches = [int(b) for b in _list(args.batch)]
     trains = _list(args.train, ("te", "unet"))
     modes = _list(args.modes, ("graphs", "eager"))
+    layouts = _list(args.channels_last, ("auto", "on", "off"))
     if device.type != "cuda":
         modes = ["eager"]  # CUDA graphs exist only on CUDA: a "graphs" row would repeat the eager one
     kohya, notes = {}, []
@@ -178,10 +183,10 @@ def run_bench(args) -> dict:
             place_model(sd_model, device, WEIGHTS[w])
             for train in trains:
                 for batch in batches:
-                    for mode in modes:
-                        row = _measure(sd_model, project, f"{w}-{train}-b{batch}-{mode}", args, batch=batch,
+                    for mode, layout in itertools.product(modes, layouts):
+                        row = _measure(sd_model, project, f"{w}-{train}-b{batch}-{mode}-{layout}", args, batch=batch,
                                        unet_only=train == "unet", device=device, graphs=mode == "graphs",
-                                       kohya=kohya.get((train, batch)))
+                                       layout=layout, kohya=kohya.get((train, batch)))
                         rows.append({"weights": w, **row})
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -199,12 +204,12 @@ def run_cli(args):
         raise UserError("--steps and --warmup must be at least 1")
     f = run_bench(args)
     lines = [f"{f['model']} on {f['device']}, {f['resolution']}², {f['images']} images, LoRA dim {args.dim}/alpha {args.alpha}"]
-    lines.append(f"{'weights':7} {'mode':6} {'train':9} {'batch':>5} {'prec':4} {'it/s':>7} {'img/s':>7} {'first step':>10} "
+    lines.append(f"{'weights':7} {'mode':6} {'chlast':6} {'train':9} {'batch':>5} {'prec':4} {'it/s':>7} {'img/s':>7} {'first step':>10} "
                  f"{'reserved':>8} {'smi peak':>8} {'kohya it/s':>10} {'ratio':>6} {'kohya smi':>9}")
     for r in f["rows"]:
         kohya = f"{r['kohya_it_per_s']:.2f}" + ("" if r["kohya_same_run"] else "*") if "kohya_it_per_s" in r else "-"
         lines.append(
-            f"{r['weights']:7} {r['mode']:6} {r['train']:9} {r['batch']:>5} {r['precision']:4} {r['it_per_s']:7.2f} {r['images_per_s']:7.1f} "
+            f"{r['weights']:7} {r['mode']:6} {r['channels_last']:6} {r['train']:9} {r['batch']:>5} {r['precision']:4} {r['it_per_s']:7.2f} {r['images_per_s']:7.1f} "
             f"{r['start_to_first_step_s']:9.1f}s {_gib(r, 'peak_reserved_gib'):>8} {_gib(r, 'smi_peak_gib'):>8} {kohya:>10} "
             f"{(format(r['ratio_vs_kohya'], '.2f') + 'x') if 'ratio_vs_kohya' in r else '-':>6} {_gib(r, 'kohya_smi_peak_gib'):>9}"
         )
@@ -217,6 +222,7 @@ def run_cli(args):
         if r["mode"] == "eager" and key in graphs:
             lines.append(f"graphs vs eager, same run ({r['weights']} {r['train']} b{r['batch']}): {graphs[key] / r['it_per_s']:.2f}x")
     lines.append("first step: seconds from Trainer.run() to the first optimizer step, model already in memory (latent caching included).")
+    lines.append("chlast: UNet weights and latents in channels_last (auto: on CUDA).")
     lines.append("reserved: torch's peak reserved memory, GiB; smi peak: nvidia-smi memory.used peak, GiB (CUDA context included).")
     if any(r.get("kohya_same_run") is False for r in f["rows"]):
         lines.append("kohya it/s*: kohya sd-scripts on an H200 as recorded in shared/perf.md, not this run (--compare-kohya runs it here).")

@@ -86,6 +86,9 @@ class GraphedStep:
         # stream for all warm-ups: cached memory belongs to a stream, and a new stream per step
         # would cache a fresh copy of the step's activations each time.
         if self._warmup_stream is None:
+            # Blocks cached by the setup (latent caching, injection) belong to the default stream
+            # and would sit beside the side stream's own: give them back first.
+            torch.cuda.empty_cache()
             self._warmup_stream = torch.cuda.Stream()
         stream = self._warmup_stream
         stream.wait_stream(torch.cuda.current_stream())
@@ -102,13 +105,15 @@ class GraphedStep:
         # The warm-up's activations sit cached in the side stream's blocks; hand them back so the
         # graph's pool reuses that memory instead of adding to it.
         torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved()
         with torch.cuda.graph(graph, pool=self.pool):
             static_loss = self.step(static_latents, static_ids)
         if self.pool is None:
             self.pool = graph.pool()
         entry = _Graph(graph, static_latents, static_ids, static_loss)
         self.graphs[key] = entry
-        log.info("captured the training step for batch shape %s", key[0])
+        log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)",
+                 key[0], (torch.cuda.memory_reserved() - reserved) / 2**30, torch.cuda.memory_reserved() / 2**30)
         return entry
 
     def release(self) -> None:
@@ -117,4 +122,7 @@ class GraphedStep:
         self.pool = None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            # cuBLAS keeps a workspace per stream it ran on (the warm-up and capture streams here)
+            # outside empty_cache's reach.
+            getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
             torch.cuda.empty_cache()

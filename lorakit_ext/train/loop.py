@@ -28,6 +28,7 @@ from lorakit_ext.train.events import Interrupted, Progress
 from lorakit_ext.models.sdpa import use_sdpa
 from lorakit_ext.models.timestep import use_device_timestep_embedding
 from lorakit_ext.train.graphs import GraphedStep
+from lorakit_ext.train.layout import relayout_module
 from lorakit_ext.train.loss import NoiseSchedule
 from lorakit_ext.train.network import injected
 from lorakit_ext.train.offload import park
@@ -83,6 +84,7 @@ class TrainJob:
     base_model_hash: str = ""
     base_model_sha256: str = ""
     patch_attention: bool = False  # headless: give stock ldm attention an SDPA forward
+    channels_last: bool | None = None  # None: on CUDA
 
 
 class Trainer:
@@ -159,13 +161,12 @@ class Trainer:
 
     def _train(self, cache, captions, buckets, schedule, saver, record, resume_state):
         config, model = self.config, self.model
-        channels_last = self.device.type == "cuda"
+        channels_last = self.device.type == "cuda" if self.job.channels_last is None else self.job.channels_last
         with contextlib.ExitStack() as stack:
             stack.callback(park(model.vae, self.device))
             if channels_last:
                 # Faster convolutions; undone (weights back to the standard layout) after the run.
-                model.unet.to(memory_format=torch.channels_last)
-                stack.callback(model.unet.to, memory_format=torch.contiguous_format)
+                stack.callback(relayout_module(model.unet, torch.channels_last))
             network = stack.enter_context(injected(model, config, config.seed))
             stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
             if self.job.patch_attention:

@@ -65,6 +65,27 @@ def _replay(trace, marks):
     return rows
 
 
+def _segments(title: str) -> None:
+    """Reserved memory by pool and stream, and the large segments that live blocks keep reserved."""
+    segments = torch.cuda.memory._snapshot()["segments"]
+    groups = collections.defaultdict(lambda: [0, 0, 0])
+    for seg in segments:
+        g = groups[(tuple(seg["segment_pool_id"]), seg["stream"], seg["segment_type"])]
+        g[0] += 1
+        g[1] += seg["total_size"]
+        g[2] += seg["allocated_size"]
+    print(f"\n-- {title}: reserved {torch.cuda.memory_reserved() / GIB:.2f} GiB, allocated {torch.cuda.memory_allocated() / GIB:.2f} GiB")
+    for (pool, stream, kind), (n, total, used) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        print(f"   pool {pool} stream {stream:#x} {kind:5}: {n:4} segments, {total / 2**20:8.1f} MiB reserved, {used / 2**20:8.1f} MiB in use")
+    pinned = [s for s in segments if s["segment_type"] == "large" and 0 < s["allocated_size"] < s["total_size"]]
+    for seg in sorted(pinned, key=lambda s: s["allocated_size"] - s["total_size"])[:12]:
+        live = [b for b in seg["blocks"] if b["state"] == "active_allocated"]
+        sites = collections.Counter(_site(b.get("frames", [])) for b in live)
+        print(f"   segment {seg['total_size'] / 2**20:7.1f} MiB held by {seg['allocated_size'] / 2**20:6.1f} MiB in {len(live)} blocks: "
+              + "; ".join(f"{n}x {site}" for site, n in sites.most_common(3))
+              + f" (requested bytes {[b.get('requested_size') for b in live][:4]})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=2)
@@ -99,6 +120,19 @@ def main() -> None:
                 marks.append(len(torch.cuda.memory._snapshot()["device_traces"][0]))
                 reserved_at.append(torch.cuda.memory_reserved() / GIB)
 
+        from lorakit_ext.train import graphs
+
+        capture = graphs.GraphedStep._capture
+
+        def reported_capture(self, key, latents, ids):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            _segments("before the capture, cache emptied")
+            entry = capture(self, key, latents, ids)
+            _segments("after the capture")
+            return entry
+
+        graphs.GraphedStep._capture = reported_capture
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.memory._record_memory_history(max_entries=2_000_000)

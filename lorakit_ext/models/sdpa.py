@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit_ext.models.patching import patch_forwards
+
 
 def _sdpa_forward(module: nn.Module):
     heads = module.heads
@@ -27,18 +29,8 @@ def _sdpa_forward(module: nn.Module):
 
     return forward
 
+
 def use_sdpa(unet: nn.Module):
     """Patches stock ldm CrossAttention modules; returns the function that removes the patch."""
-    patched = []
-    for module in unet.modules():
-        cls = type(module)
-        if cls.__name__ == "CrossAttention" and cls.forward.__module__.startswith("ldm.") and "forward" not in vars(module):
-            module.forward = _sdpa_forward(module)
-            patched.append(module)
-
-    def undo():
-        for module in patched:
-            del module.forward
-
-    return undo
-
+    stock = [m for m in unet.modules() if type(m).__name__ == "CrossAttention" and type(m).forward.__module__.startswith("ldm.")]
+    return patch_forwards(stock, _sdpa_forward)

@@ -81,16 +81,20 @@ class GraphedStep:
         graph.graph.replay()
         return graph.loss.clone()
 
-    def _side_stream(self, latents, ids) -> torch.Tensor:
-        # Warm-up on a side stream, as CUDA graph capture requires of the work it will record. One
-        # stream for all warm-ups: cached memory belongs to a stream, and a new stream per step
-        # would cache a fresh copy of the step's activations each time.
+    def _stream(self) -> torch.cuda.Stream:
+        # One side stream for every warm-up and capture: cached memory belongs to a stream (a new
+        # stream per step would cache a fresh copy of the step's activations each time), and
+        # cuBLAS keeps a 32 MiB workspace per thread and stream for the life of the process.
         if self._warmup_stream is None:
             # Blocks cached by the setup (latent caching, injection) belong to the default stream
             # and would sit beside the side stream's own: give them back first.
             torch.cuda.empty_cache()
             self._warmup_stream = torch.cuda.Stream()
-        stream = self._warmup_stream
+        return self._warmup_stream
+
+    def _side_stream(self, latents, ids) -> torch.Tensor:
+        # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.
+        stream = self._stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             loss = self.step(latents, ids.to(latents.device, non_blocking=True))
@@ -106,7 +110,7 @@ class GraphedStep:
         # graph's pool reuses that memory instead of adding to it.
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self._stream()):
             static_loss = self.step(static_latents, static_ids)
         if self.pool is None:
             self.pool = graph.pool()

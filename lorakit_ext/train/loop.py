@@ -25,13 +25,14 @@ from lorakit_ext.train.buckets import bucket_plan_for
 from lorakit_ext.train.checkpointing import configure_checkpointing
 from lorakit_ext.train.data import EpochBatches, LatentCache, check_batch_size, load_train_items
 from lorakit_ext.train.events import Interrupted, Progress
+from lorakit_ext.models.group_norm import use_half_saving_group_norm
 from lorakit_ext.models.sdpa import use_sdpa
 from lorakit_ext.models.timestep import use_device_timestep_embedding
 from lorakit_ext.train.graphs import GraphedStep
 from lorakit_ext.train.layout import relayout_module
 from lorakit_ext.train.loss import NoiseSchedule
 from lorakit_ext.train.network import injected
-from lorakit_ext.train.offload import park
+from lorakit_ext.train.gpu_memory import park, prime_workspaces
 from lorakit_ext.train.optim import DeviceLearningRates, build_optimizer, build_scheduler
 from lorakit_ext.train.plan import plan_for
 from lorakit_ext.train.precision import resolve_precision
@@ -145,6 +146,7 @@ class Trainer:
         cuda = self.device.type == "cuda"
         # All randomness (VAE sampling, noise, timesteps, dropout) comes from torch's generators,
         # seeded here; forking them leaves the host application's random streams as they were.
+        prime_workspaces(self.device)
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(config.seed)
             cache = self._cache_latents(items, buckets)
@@ -169,6 +171,7 @@ class Trainer:
                 stack.callback(relayout_module(model.unet, torch.channels_last))
             network = stack.enter_context(injected(model, config, config.seed))
             stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
+            stack.callback(use_half_saving_group_norm(model.unet))
             if self.job.patch_attention:
                 stack.callback(use_sdpa(model.unet))
             if self.device.type == "cuda":

@@ -1,0 +1,53 @@
+"""ldm's GroupNorm32 during training: stock numbers, no fp32 copy of the input kept for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ldm.modules.diffusionmodules.util import GroupNorm32
+
+from lorakit_ext.models.group_norm import use_half_saving_group_norm
+
+
+def _run(net, x, g):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    grads = torch.autograd.grad(out, [x, net[0].weight, net[0].bias], g)
+    return out, grads, saved
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_same_output_and_gradients_bit_for_bit_and_no_fp32_copy_kept(dtype, layout):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(GroupNorm32(32, 64))
+    with torch.no_grad():
+        net[0].weight.normal_()
+        net[0].bias.normal_()
+    x = torch.randn(2, 64, 8, 8, dtype=dtype).contiguous(memory_format=layout).requires_grad_(True)
+    g = torch.randn(2, 64, 8, 8, dtype=dtype)
+    stock_out, stock_grads, stock_saved = _run(net, x, g)
+    undo = use_half_saving_group_norm(net)
+    out, grads, saved = _run(net, x, g)
+    undo()
+    assert "forward" not in vars(net[0])
+    assert torch.equal(out, stock_out) and out.dtype == dtype and out.is_contiguous(memory_format=layout)
+    assert all(torch.equal(a, b) for a, b in zip(grads, stock_grads))
+    big = lambda tensors: [t for t in tensors if t.numel() == x.numel()]  # noqa: E731
+    assert [t.dtype for t in big(stock_saved)] == [torch.float32], "ldm keeps an fp32 copy of the input"
+    assert [t.dtype for t in big(saved)] == [dtype] and big(saved)[0].data_ptr() == x.data_ptr()
+
+
+def test_fp32_inputs_and_inference_use_the_stock_forward():
+    net = torch.nn.Sequential(GroupNorm32(32, 64))
+    use_half_saving_group_norm(net)
+    x = torch.randn(1, 64, 4, 4)
+    assert net(x).grad_fn.name() != "_GroupNormFromHalfBackward"
+    with torch.no_grad():
+        assert torch.equal(net(x.bfloat16()), GroupNorm32.forward(net[0], x.bfloat16()))

@@ -15,12 +15,18 @@ from torch import nn
 from lorakit_ext.models.patching import patch_forwards
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    # The CUDA kernels want their input dense in the layout it resembles, as group_norm ensures.
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 class _GroupNormFromHalf(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
         n, c = x.shape[:2]
         hw = x.numel() // max(n * c, 1)
-        out, mean, rstd = torch.ops.aten.native_group_norm(x.float(), weight.float(), bias.float(), n, c, hw, groups, eps)
+        xf = x.float().contiguous(memory_format=_layout(x))
+        out, mean, rstd = torch.ops.aten.native_group_norm(xf, weight.float(), bias.float(), n, c, hw, groups, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.shape = (n, c, hw, groups)
         ctx.param_dtypes = (weight.dtype, bias.dtype)
@@ -30,7 +36,7 @@ class _GroupNormFromHalf(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
         n, c, hw, groups = ctx.shape
-        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+        layout = _layout(x)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
             grad.float().contiguous(memory_format=layout), x.float().contiguous(memory_format=layout),

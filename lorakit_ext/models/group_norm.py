@@ -16,8 +16,11 @@ from lorakit_ext.models.patching import patch_forwards
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
-    # The CUDA kernels want their input dense in the layout it resembles, as group_norm ensures.
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    # As aten's group_norm: the CPU kernels take a channels_last input as it is, the CUDA kernels
+    # only the standard layout.
+    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class _GroupNormFromHalf(torch.autograd.Function):

@@ -129,6 +129,7 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
         if smi.peak_mib is not None:
             row["smi_peak_gib"] = smi.peak_mib / 1024
     if kohya:
+        row["kohya_record"] = kohya
         row["kohya_same_run"] = True
         row["kohya_it_per_s"] = kohya["it_s"]
         row["ratio_vs_kohya"] = it_s / kohya["it_s"]

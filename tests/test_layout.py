@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit_ext.train.layout import relayout_, relayout_module
+from lorakit_ext.models.layout import relayout_, relayout_module
 
 
 def test_unet_goes_channels_last_in_place_and_back(tiny_sd15):

@@ -12,15 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit_ext.models.layout import memory_format_of
 from lorakit_ext.models.patching import patch_forwards
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
     # As aten's group_norm: the CPU kernels take a channels_last input as it is, the CUDA kernels
     # only the standard layout.
-    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return memory_format_of(x) if x.device.type == "cpu" else torch.contiguous_format
 
 
 class _GroupNormFromHalf(torch.autograd.Function):

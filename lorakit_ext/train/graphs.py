@@ -34,7 +34,7 @@ class GraphedStep:
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: Counter = Counter()
         self.pool = None
-        self._warmup_stream = None
+        self._side = None
         self.disabled: str | None = None
         reason = self._unsupported_reason()
         if reason in (NOT_CUDA, OFF):
@@ -85,12 +85,12 @@ class GraphedStep:
         # One side stream for every warm-up and capture: cached memory belongs to a stream (a new
         # stream per step would cache a fresh copy of the step's activations each time), and
         # cuBLAS keeps a 32 MiB workspace per thread and stream for the life of the process.
-        if self._warmup_stream is None:
+        if self._side is None:
             # Blocks cached by the setup (latent caching, injection) belong to the default stream
             # and would sit beside the side stream's own: give them back first.
             torch.cuda.empty_cache()
-            self._warmup_stream = torch.cuda.Stream()
-        return self._warmup_stream
+            self._side = torch.cuda.Stream()
+        return self._side
 
     def _side_stream(self, latents, ids) -> torch.Tensor:
         # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.

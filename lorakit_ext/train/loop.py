@@ -26,13 +26,13 @@ from lorakit_ext.train.checkpointing import configure_checkpointing
 from lorakit_ext.train.data import EpochBatches, LatentCache, check_batch_size, load_train_items
 from lorakit_ext.train.events import Interrupted, Progress
 from lorakit_ext.models.group_norm import use_half_saving_group_norm
+from lorakit_ext.models.layout import relayout_module
 from lorakit_ext.models.sdpa import use_sdpa
 from lorakit_ext.models.timestep import use_device_timestep_embedding
+from lorakit_ext.train.gpu_memory import park, prime_workspaces
 from lorakit_ext.train.graphs import GraphedStep
-from lorakit_ext.train.layout import relayout_module
 from lorakit_ext.train.loss import NoiseSchedule
 from lorakit_ext.train.network import injected
-from lorakit_ext.train.gpu_memory import park, prime_workspaces
 from lorakit_ext.train.optim import DeviceLearningRates, build_optimizer, build_scheduler
 from lorakit_ext.train.plan import plan_for
 from lorakit_ext.train.precision import resolve_precision
@@ -144,9 +144,9 @@ class Trainer:
         real = f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."
         self.on_progress(Progress("caching", message="\n".join(estimate.lines + [real])))
         cuda = self.device.type == "cuda"
+        prime_workspaces(self.device)
         # All randomness (VAE sampling, noise, timesteps, dropout) comes from torch's generators,
         # seeded here; forking them leaves the host application's random streams as they were.
-        prime_workspaces(self.device)
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(config.seed)
             cache = self._cache_latents(items, buckets)

@@ -18,6 +18,7 @@ from torch import nn
 from lorakit_ext.export.collect import collect_peft_weights
 from lorakit_ext.export.kohya import target_modules
 from lorakit_ext.export.writer import ModuleWeights
+from lorakit_ext.models.patching import patch_forwards
 
 ADAPTER = "lorakit"
 
@@ -135,9 +136,8 @@ class LoraNetwork:
                 peft_config, alphas = _config(paths, c.network_dim, c.network_alpha, c.conv_dim, c.conv_alpha, c.network_dropout)
                 root = roots[name]
                 inject_adapter_in_model(peft_config, root, adapter_name=ADAPTER)
-                for module in root.modules():
-                    if isinstance(module, LoraLayer):
-                        module.forward = _lora_forward(module)
+                # No undo needed: the layers themselves go away in remove().
+                patch_forwards([m for m in root.modules() if isinstance(m, LoraLayer)], _lora_forward)
                 params = []
                 for pname, param in root.named_parameters():
                     if "lora_" in pname:

@@ -16,6 +16,13 @@ import torch
 from torch import nn
 
 
+def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
+    """channels_last for a tensor dense only in that layout, else the standard format."""
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _strides(shape: torch.Size, memory_format: torch.memory_format) -> tuple[int, ...]:
     return torch.empty(shape, device="meta").contiguous(memory_format=memory_format).stride()
 
@@ -36,7 +43,7 @@ def relayout_(tensor: torch.Tensor, memory_format: torch.memory_format) -> None:
 def relayout_module(module: nn.Module, memory_format: torch.memory_format) -> Callable[[], None]:
     """Puts every 4-D parameter and buffer of ``module`` in ``memory_format``; returns the undo."""
     tensors = [t for t in (*module.parameters(), *module.buffers()) if t.dim() == 4]
-    before = [torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format for t in tensors]
+    before = [memory_format_of(t) for t in tensors]
     for t in tensors:
         relayout_(t, memory_format)
 

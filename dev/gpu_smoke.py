@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from lorakit_ext.cli import main as cli_main
-from lorakit_ext.models.ldm import LdmModel
+from lorakit_ext.models.families import adapter_for
 from lorakit_ext.models.tiny import build_random_sd15
 from lorakit_ext.project import create_project
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.loop import Trainer, TrainJob
+from lorakit_ext.train_config import TrainConfig
 
 failures = []
 
@@ -64,7 +64,7 @@ def main() -> int:
     config = TrainConfig(num_repeats=1, max_train_epochs=2, train_batch_size=2, optimizer="AdamW").validate()
     job = TrainJob(config, project, tmp / "out", project.runs / "trainer", base_model_name="random-sd15", patch_attention=True)
     job.run_dir.mkdir(parents=True)
-    model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+    model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
     t0 = time.perf_counter()
     trainer = Trainer(model, job)
     result = trainer.run()

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from lorakit_ext.bench.train import WEIGHTS, _dataset
-from lorakit_ext.models.ldm import LdmModel
+from lorakit_ext.models.families import adapter_for
 from lorakit_ext.models.tiny import build_random_sd15
 from lorakit_ext.project import create_project
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.loop import Trainer, TrainJob
+from lorakit_ext.train_config import TrainConfig
 
 GIB = 2**30
 OWN = ("lorakit_ext", "ldm/", "peft/", "transformers/")
@@ -108,7 +108,7 @@ def main() -> None:
             text_encoder_lr=1e-4 if args.train == "te" else 0.0, optimizer="AdamW", keep_only_last_n_epochs=0,
             save_every_n_epochs=1000, cuda_graphs=not args.no_graphs,
         ).validate()
-        model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+        model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
         job = TrainJob(config, project, project.path / "out", project.runs / "probe", patch_attention=True)
         job.run_dir.mkdir(parents=True)
         marks: list[int] = []

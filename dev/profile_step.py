@@ -19,11 +19,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lorakit_ext.bench.train import WEIGHTS, _dataset
-from lorakit_ext.models.ldm import LdmModel
+from lorakit_ext.models.families import adapter_for
 from lorakit_ext.models.tiny import build_random_sd15
 from lorakit_ext.project import create_project
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.loop import Trainer, TrainJob
+from lorakit_ext.train_config import TrainConfig
 
 KINDS = [
     ("attention (SDPA/flash/cuDNN)", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdp)"),
@@ -52,7 +52,7 @@ def main() -> None:
             text_encoder_lr=1e-4 if args.train == "te" else 0.0, optimizer="AdamW", keep_only_last_n_epochs=0,
             save_every_n_epochs=1000, cuda_graphs=False,
         ).validate()
-        model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+        model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
         job = TrainJob(config, project, project.path / "out", project.runs / "p", patch_attention=True)
         job.run_dir.mkdir(parents=True)
         prof = profile(activities=[ProfilerActivity.CUDA])

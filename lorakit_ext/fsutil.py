@@ -8,11 +8,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
+TEMP_SUFFIX = ".tmp"
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+
+def atomic_write_bytes(path: Path, data: bytes, *, replace: bool = True) -> None:
+    """Writes ``data`` to ``path`` through a temp file, so readers see the old file or the new one.
+
+    ``replace=False`` refuses (``FileExistsError``) when ``path`` exists, also when another writer
+    creates it meanwhile: the file is published with a hard link, which never replaces.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The pid in the name lets a later start tell a dead writer's leftover from a live write.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         # mkstemp makes the file private (0600); A1111 or a web server running as another user
         # must still read LoRAs and cards, so keep the old file's mode or use the usual 0644.
@@ -21,11 +29,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _publish_new(Path(tmp), path)
     except BaseException:
         # The temp file is ours, not the user's: removing it loses nothing.
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"refusing to overwrite {path}") from None
+    except OSError:
+        # No hard links here (FAT, some network shares): check, then rename (a narrow race).
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(f"refusing to overwrite {path}") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,3 +89,43 @@ def move_no_clobber(src: Path, dst: Path) -> None:
         # No hard links here (other file system, FAT, some network shares): copy instead.
         shutil.copy2(src, dst)
     os.unlink(src)
+
+
+def _writer_pid(temp_name: str) -> int | None:
+    """The pid in ``.<name>.<pid>.<random>.tmp``, or None for a name atomic writes don't make."""
+    if not (temp_name.startswith(".") and temp_name.endswith(TEMP_SUFFIX)):
+        return None
+    parts = temp_name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def stale_temp_files(folder: Path, final_names=None) -> list[Path]:
+    """Temp files in ``folder`` (not below it) left by atomic writes of a process that is gone.
+
+    ``final_names``: a predicate on the final file name, so a shared folder (A1111's Lora folder)
+    only yields the leftovers of our own files. Only files whose writer pid no longer runs count.
+    """
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        pid = _writer_pid(entry.name)
+        if pid is None or not entry.is_file(follow_symlinks=False) or pid_alive(pid):
+            continue
+        final = entry.name[1:].rsplit(".", 3)[0]
+        if final_names is None or final_names(final):
+            found.append(Path(entry.path))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -41,13 +41,44 @@ def validate_name(name: str, what: str = "project name") -> str:
     return name
 
 
+def _within(path: Path, base: Path) -> bool:
+    return path == base or base in path.parents
+
+
+def _link_out_of(path: Path, base: Path) -> Path | None:
+    """The first symlink among ``path``'s components below ``base`` whose target lies outside
+    ``base``, or None. Only a path written under ``base`` (as given or resolved) has such components."""
+    real_base = base.resolve()
+    # abspath folds "..", which can only hide a link whose target the resolved path is checked against.
+    written = Path(os.path.abspath(path))
+    for start in dict.fromkeys((Path(os.path.abspath(base)), real_base)):
+        if not _within(written, start):
+            continue
+        current = start
+        for part in written.relative_to(start).parts:
+            current = current / part
+            if current.is_symlink() and not _within(current.resolve(), real_base):
+                return current
+    return None
+
+
 def confine(path: Path | str, *bases: Path) -> Path:
-    """Resolves ``path`` (following symlinks) and checks it lies inside one of ``bases``."""
+    """Resolves ``path`` (following symlinks) and checks it lies inside one of ``bases``, and that
+    no symlink on its way below a base leads out of that base.
+
+    The resolved path alone would pass a link from one base into another allowed one (a dataset
+    file linked into the Lora folder), or out of the base and back in.
+    """
     resolved = Path(path).resolve()
     for base in bases:
-        base = Path(base).resolve()
-        if resolved == base or base in resolved.parents:
-            return resolved
+        link = _link_out_of(Path(path), Path(base))
+        if link is not None:
+            raise UserError(
+                f"{path} goes through the symbolic link {link}, which points to {link.resolve()}, outside {base}; "
+                "refusing to follow it"
+            )
+    if any(_within(resolved, Path(base).resolve()) for base in bases):
+        return resolved
     allowed = ", ".join(str(b) for b in bases)
     raise UserError(f"{path} resolves to {resolved}, outside {allowed}; refusing to touch it")
 
@@ -74,6 +105,9 @@ class Project:
         return self.path / "runs"
 
     def inside(self, path: Path | str, *extra_bases: Path) -> Path:
+        # The project folder is the base below, so a symlink in its place would be followed
+        # unchecked: it must stay inside the root first.
+        confine(self.path, self.root)
         return confine(path, self.path, *extra_bases)
 
     def dataset_file(self, filename: str) -> Path:
@@ -90,8 +124,9 @@ def _root(root: Path | str) -> Path:
 def create_project(root: Path | str, name: str) -> Project:
     project = Project(_root(root), validate_name(name))
     for sub in (project.dataset, project.removed, project.runs):
-        sub.mkdir(parents=True, exist_ok=True)
+        # Checked before mkdir, which would otherwise create folders through a symlink's target.
         project.inside(sub)
+        sub.mkdir(parents=True, exist_ok=True)
     return project
 
 
@@ -110,9 +145,10 @@ def list_projects(root: Path | str) -> list[str]:
     names = []
     for entry in sorted(os.listdir(root)):
         try:
-            validate_name(entry)
+            project = Project(root, validate_name(entry))
+            if project.dataset.is_dir():
+                project.inside(project.dataset)
+                names.append(entry)
         except UserError:
             continue
-        if (root / entry / "dataset").is_dir():
-            names.append(entry)
     return names

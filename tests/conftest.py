@@ -1,4 +1,4 @@
-"""Shared test setup: no network, and one tiny SD1.5 model per test session."""
+"""Shared test setup: no network, and one tiny SD1.5 and one tiny SD2 model per test session."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def tiny_sd15_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd15")
     build_tiny_sd15(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    """``(checkpoint, yaml)`` of a tiny SD2-layout v-model, built once (``tests/tiny_sd2.py``)."""
+    from tiny_sd2 import build_tiny_sd2
+
+    path = build_tiny_sd2(tmp_path_factory.mktemp("tiny-sd2"))
+    return path, path.with_suffix(".yaml")
 
 
 @pytest.fixture

@@ -3,23 +3,62 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
+import pytest
+
+import lorakit_ext.bench.kohya as kohya_driver
 from lorakit_ext.cli import main
 
 TINY = ["bench", "train", "--tiny", "--images", "8", "--resolution", "64", "--steps", "2", "--warmup", "1", "--json"]
 
+# Stands in for sd-scripts' train_network.py, which needs its own packages and a full-size model:
+# it reads the TOML pair the driver wrote, reports what it was given, and takes real torch
+# optimizer steps (which the driver's step clock times) — or fails, when told to, on the UNet-only row.
+STAND_IN = '''
+import json, os, sys, time
+from pathlib import Path
+import torch
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+train = tomllib.loads(Path(sys.argv[sys.argv.index("--config_file") + 1]).read_text())["train"]
+dataset = tomllib.loads(Path(train["dataset_config"]).read_text())
+image_dir = Path(dataset["datasets"][0]["subsets"][0]["image_dir"])
+seen = {"train": train, "general": dataset["general"], "images": len(list(image_dir.glob("*.png"))),
+        "model_exists": Path(train["pretrained_model_name_or_path"]).is_file(),
+        "tokenizer": (Path(train["tokenizer_cache_dir"]) / "openai_clip-vit-large-patch14" / "vocab.json").is_file()}
+with open(os.environ["STAND_IN_REPORT"], "a") as fh:
+    fh.write(json.dumps(seen) + "\\n")
+print("stand-in for", train["output_name"])
+if train.get("network_train_unet_only") and os.environ.get("STAND_IN_FAIL_UNET"):
+    sys.exit("UNet-only row refused")
+weight = torch.nn.Parameter(torch.zeros(4))
+optimizer = torch.optim.AdamW([weight])
+for _ in range(train["max_train_steps"]):
+    weight.grad = torch.ones(4)
+    optimizer.step()
+    time.sleep(0.02)
+'''
 
-def _fake_run_device(tmp_path, it_s: float):
-    # Stands in for shared/perf-anchor's run_device.sh, which needs a GPU and kohya sd-scripts:
-    # the same interface (phases as arguments, records in $OUT/results.jsonl).
-    script = tmp_path / "run_device.sh"
-    record = {"kind": "kohya", "name": "te_unet_b2", "batch": 2, "it_s": it_s, "smi_peak_mem_MiB": 5724.0,
-              "torch_max_memory_reserved_GiB": 4.9}
-    script.write_text(
-        'mkdir -p "$OUT"; echo "phases: $*" > "$OUT/main.log"\n'
-        f"echo '{json.dumps(record)}' >> \"$OUT/results.jsonl\"\n"
-    )
-    return script
+
+@pytest.fixture
+def stand_in_sd_scripts(tmp_path, monkeypatch):
+    folder = tmp_path / "sd-scripts"
+    folder.mkdir()
+    (folder / "train_network.py").write_text(STAND_IN)
+    report = tmp_path / "seen.jsonl"
+    monkeypatch.setenv("STAND_IN_REPORT", str(report))
+
+    # The full-size checkpoint takes a minute to build; the stand-in only checks that it exists.
+    def small_checkpoint(path):
+        path.write_bytes(b"random SD1.5")
+        return path
+
+    monkeypatch.setattr(kohya_driver, "write_random_sd15", small_checkpoint)
+    return folder, report
 
 
 def test_bench_train_measures_the_trainer(capsys):
@@ -31,19 +70,54 @@ def test_bench_train_measures_the_trainer(capsys):
     assert "kohya_it_per_s" not in row, "recorded H200 kohya figures are not a reference for the tiny model"
 
 
-def test_compare_kohya_runs_the_matching_phases_and_reports_ratios(tmp_path, capsys):
-    script = _fake_run_device(tmp_path, it_s=0.5)
-    assert main(TINY + ["--train", "te,unet", "--compare-kohya", str(script)]) == 0
+def test_kohya_rows_run_train_network_at_our_settings_and_report_ratios(stand_in_sd_scripts, capsys):
+    folder, report = stand_in_sd_scripts
+    args = TINY + ["--train", "te,unet", "--kohya-sd-scripts", str(folder), "--kohya-python", sys.executable]
+    assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
     te, unet = data["rows"]
-    assert te["kohya_same_run"] and te["kohya_it_per_s"] == 0.5
-    assert abs(te["ratio_vs_kohya"] - te["it_per_s"] / 0.5) < 1e-9
-    assert te["kohya_smi_peak_gib"] == 5724.0 / 1024 and te["kohya_peak_reserved_gib"] == 4.9
-    # The script ran the UNet-only phase too, but it produced no record: said so, with its log.
-    assert "kohya_it_per_s" not in unet
-    assert any("kohya_unet_b2 gave no result" in n and "phases: setup kohya_te_b2 kohya_unet_b2" in n for n in data["kohya_notes"])
+    record = te["kohya_record"]
+    assert record["kind"] == "kohya" and record["name"] == "te_unet_b2" and record["batch"] == 2
+    assert record["steps"] == 3 and record["skip_steps"] == 1 and 0 < record["it_s"] < 50  # 20 ms sleeps
+    assert te["kohya_same_run"] and te["kohya_it_per_s"] == record["it_s"]
+    assert abs(te["ratio_vs_kohya"] - te["it_per_s"] / record["it_s"]) < 1e-9
+    seen_te, seen_unet = (json.loads(line) for line in report.read_text().splitlines())
+    assert seen_te["model_exists"] and seen_te["tokenizer"] and seen_te["images"] == 8  # our rows' dataset
+    train = seen_te["train"]
+    assert (train["network_dim"], train["network_alpha"], train["train_batch_size"]) == (16, 8.0, 2)
+    assert (train["mixed_precision"], train["sdpa"], train["cache_latents"], train["max_token_length"]) == ("no", True, True, 225)
+    assert train["max_train_steps"] == 3 and "network_train_unet_only" not in train
+    assert seen_te["general"]["resolution"] == 64
+    assert seen_unet["train"]["network_train_unet_only"] is True
+    assert unet["kohya_record"]["name"] == "unet_b2"
+    assert any(n.startswith("--tiny:") for n in data["kohya_notes"])
 
 
-def test_compare_kohya_needs_the_script(tmp_path, capsys):
-    assert main(TINY + ["--compare-kohya", str(tmp_path / "missing.sh")]) == 2
-    assert "expected perf-anchor's run_device.sh" in json.loads(capsys.readouterr().out)["error"]
+def test_a_failed_kohya_row_is_a_note_with_its_log(stand_in_sd_scripts, monkeypatch, capsys):
+    folder, _ = stand_in_sd_scripts
+    monkeypatch.setenv("STAND_IN_FAIL_UNET", "1")
+    # Both given relative to where bench runs, while kohya runs from its own folder.
+    monkeypatch.chdir(folder.parent)
+    python = os.path.relpath(sys.executable)
+    assert main(TINY + ["--train", "te,unet", "--kohya-sd-scripts", folder.name, "--kohya-python", python]) == 0
+    data = json.loads(capsys.readouterr().out)
+    te, unet = data["rows"]
+    assert te["kohya_same_run"] and "kohya_it_per_s" not in unet
+    (note,) = [n for n in data["kohya_notes"] if n.startswith("kohya ")]
+    assert "kohya unet_b2 gave no result (exit 1, 0 steps)" in note and "UNet-only row refused" in note
+
+
+def test_kohya_needs_an_sd_scripts_checkout(tmp_path, capsys):
+    assert main(TINY + ["--kohya-sd-scripts", str(tmp_path)]) == 2
+    assert "has no train_network.py" in json.loads(capsys.readouterr().out)["error"]
+
+
+@pytest.mark.skipif(not os.environ.get("LORAKIT_SD_SCRIPTS"), reason="LORAKIT_SD_SCRIPTS (an sd-scripts checkout) not set")
+def test_real_sd_scripts_trains_a_few_steps(capsys):
+    """kohya's own train_network.py on the driver's random SD1.5, dataset and TOML pair (minutes on a CPU)."""
+    python = os.environ.get("LORAKIT_SD_SCRIPTS_PYTHON", sys.executable)
+    args = TINY + ["--steps", "3", "--warmup", "2", "--kohya-sd-scripts", os.environ["LORAKIT_SD_SCRIPTS"], "--kohya-python", python]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    (row,) = data["rows"]
+    assert row["kohya_record"]["steps"] == 5 and row["kohya_it_per_s"] > 0, data["kohya_notes"]

@@ -18,7 +18,6 @@ from lorakit_ext.train.buckets import (
     steps_per_epoch,
 )
 from lorakit_ext.train.captions_step import process_caption
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.data import (
     EpochBatches,
     LatentCache,
@@ -29,6 +28,7 @@ from lorakit_ext.train.data import (
 )
 from lorakit_ext.train.events import Interrupted, Progress
 from lorakit_ext.train.plan import make_plan
+from lorakit_ext.train_config import TrainConfig
 
 SD15 = make_buckets(512, 256, 1024, 64)
 

@@ -237,3 +237,28 @@ def test_cli_tags_counts_and_search_replace(project, capsys):
     assert caption_bytes(project, "b.txt") == b"hat, smile"
     code, _, err = cli(capsys, project, "tags", "demo", "--replace", "x")
     assert code == 2 and "without search tags" in err
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        (["captions", "demo", "set", "--json", "--root", "ROOT"], ["a.png", "kat, smile"]),
+        (["captions", "demo", "--json", "set", "--root", "ROOT", "a.png"], ["kat, smile"]),
+        (["captions", "--root", "ROOT", "demo", "set", "a.png", "--json"], ["kat, smile"]),
+        (["captions", "demo", "set", "a.png", "kat, smile"], ["--root", "ROOT", "--json"]),
+    ],
+)
+def test_cli_common_options_work_anywhere_in_set(project, capsys, before, after):
+    argv = [str(project.root) if arg == "ROOT" else arg for arg in before + after]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] and data["caption"] == "kat, smile"
+    assert caption_bytes(project, "a.txt") == b"kat, smile"
+
+
+@pytest.mark.parametrize("action", [["show"], ["lint", "--trigger", "kat"]])
+def test_cli_common_options_work_after_show_and_lint(project, capsys, action):
+    write_caption(project.dataset / "a.png", "kat, smile")
+    main(["captions", "demo", action[0], "--json", "--root", str(project.root), *action[1:]])
+    data = json.loads(capsys.readouterr().out)
+    assert data["captions"] == ({"a.png": "kat, smile", "b.png": "", "c.jpg": ""} if action == ["show"] else 3)

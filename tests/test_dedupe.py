@@ -9,6 +9,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
 from lorakit_ext.bench.dedupe import calibrate
+from lorakit_ext.bench.dedupe_photos import evaluate_photos, photos_available
 from lorakit_ext.cli import main
 from lorakit_ext.dataset.dedupe import (
     DEFAULT_THRESHOLDS,
@@ -19,6 +20,7 @@ from lorakit_ext.dataset.dedupe import (
     find_pairs,
     hash_images,
     plan_dedupe,
+    popcount,
 )
 from lorakit_ext.dataset.trash import undo
 from lorakit_ext.errors import UserError
@@ -113,6 +115,60 @@ def test_keep_policy_prefers_pixels_then_file_size(project):
     # b.png and b_q60.jpg have the same pixel count; the PNG is the larger file.
     assert (project.dataset / "b.png").stat().st_size > (project.dataset / "b_q60.jpg").stat().st_size
     assert plan.clusters[1].keep == "b.png"
+
+
+def dataset_of(tmp_path, files: dict[str, bytes]):
+    p = create_project(tmp_path / "root", "kat")
+    for name, data in files.items():
+        (p.dataset / name).write_bytes(data)
+    return p
+
+
+def with_sky(img: Image.Image) -> Image.Image:
+    """``img`` with a bright band on top, as a photo with sky or a lit wall has."""
+    pixels = np.asarray(img, np.int16).copy()
+    pixels[:140] = pixels[:140] // 5 + 200
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def test_the_original_is_kept_over_a_brightened_copy_with_a_bigger_file(tmp_path):
+    original = with_sky(picture(4))
+    brighter = ImageEnhance.Brightness(original).enhance(1.12)
+    files = {"photo.png": encoded(original, "PNG"), "photo_edit.png": encoded(brighter, "PNG", compress_level=0)}
+    assert len(files["photo_edit.png"]) > len(files["photo.png"])
+    [found] = plan_dedupe(dataset_of(tmp_path, files), workers=1).clusters
+    assert {m.name for m in found.members} == set(files)
+    assert found.keep == "photo.png" and found.remove == ["photo_edit.png"]
+
+
+def test_a_lossless_original_is_kept_over_a_larger_jpeg_of_it(tmp_path):
+    flat = Image.new("RGB", (640, 480), (40, 90, 160))
+    draw = ImageDraw.Draw(flat)
+    for n, colour in enumerate([(250, 200, 30), (20, 160, 60), (200, 40, 90)]):
+        draw.ellipse((60 + 170 * n, 100 + 40 * n, 260 + 170 * n, 280 + 40 * n), fill=colour)
+    files = {"art.png": encoded(flat, "PNG"), "art.jpg": encoded(flat, "JPEG", quality=95)}
+    assert len(files["art.jpg"]) > len(files["art.png"])
+    [found] = plan_dedupe(dataset_of(tmp_path, files), workers=1).clusters
+    assert found.keep == "art.png" and found.remove == ["art.jpg"]
+
+
+def test_a_crop_from_one_corner_is_found_though_its_hash_is_far(tmp_path):
+    a = picture(1)
+    w, h = a.size
+    files = {"a.png": encoded(a, "PNG"), "a_corner.png": encoded(a.crop((0, 0, w - 32, h - 24)), "PNG")}
+    project = dataset_of(tmp_path, files)
+    hashes = hash_images(sorted(project.dataset.iterdir()), workers=1).hashes
+    assert int(popcount(hashes[0] ^ hashes[1])) > DEFAULT_THRESHOLDS["phash"]
+    [found] = plan_dedupe(project, workers=1).clusters
+    assert found.keep == "a.png" and found.remove == ["a_corner.png"]
+
+
+@pytest.mark.skipif(not photos_available(), reason="scikit-image (its sample photographs) is not installed")
+def test_default_dedupe_on_real_photographs_finds_copies_and_keeps_look_alikes_apart():
+    report = evaluate_photos(seed=0, workers=1)
+    assert report["recall"] >= 0.95, report["missed"]
+    assert report["precision"] >= 0.98, report["merged"]
+    assert report["originals_kept"] == report["planted"], report["kept_copies"]
 
 
 def test_keep_policy_breaks_full_ties_by_name(tmp_path):
@@ -259,6 +315,7 @@ def test_bench_caches_generated_images(tmp_path, capsys):
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["generated"] == 20 and first["unreadable"] == 0 and first["clusters_found"] == 2
+    assert "recall" in first["photos"] or "scikit-image" in first["photos"]["skipped"]
     assert len(list(tmp_path.rglob("*.jpg"))) == 20
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["generated"] == 0

@@ -12,11 +12,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from lorakit_ext.models.ldm import clip_text_transformer
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.apply import apply_lora_file
 from lorakit_ext.export.collect import collect_peft_weights
-from lorakit_ext.export.kohya import dim_and_alpha, kohya_name, module_path_from_kohya, target_modules
 from lorakit_ext.export.metadata import training_metadata
 from lorakit_ext.export.writer import (
     ModuleWeights,
@@ -27,7 +25,10 @@ from lorakit_ext.export.writer import (
     remove_old_epochs,
     write_lora_file,
 )
-from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.models.checkpoint import load_sd_checkpoint
+from lorakit_ext.models.families.sd1 import SD1, clip_text_transformer
+from lorakit_ext.models.families.sd2 import SD2
+from lorakit_ext.train_config import TrainConfig
 
 
 # ---- A1111's name rule, re-implemented from how extensions-builtin/Lora/networks.py states it ----
@@ -100,7 +101,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def roots(model):
-    return {"unet": model.model.diffusion_model, "te": clip_text_transformer(model.cond_stage_model.transformer)}
+    return SD1.component_roots(model)
 
 
 def unet_out(model) -> torch.Tensor:
@@ -148,35 +149,11 @@ def sd15_meta_components():
     return unet, clip_text_transformer(te)
 
 
-def tiny_sd2_components():
-    """A tiny SD2-layout UNet (Linear proj_in/out) and an OpenCLIP text tower, as ldm holds them."""
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    from lorakit_ext.models.ldm_import import import_ldm
-
-    import_ldm()
-    from open_clip.transformer import Transformer
-
-    torch.manual_seed(3)
-    unet = UNetModel(
-        image_size=32, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[4, 2, 1],
-        num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_head_channels=8, use_spatial_transformer=True,
-        use_linear_in_transformer=True, transformer_depth=1, context_dim=32, legacy=False,
-    )
-    open_clip_model = nn.Module()
-    open_clip_model.transformer = Transformer(width=32, layers=2, heads=4)
-    return unet, open_clip_model
-
-
-class FakeSD2(nn.Module):
-    """Just the attributes A1111 and apply_lora_file read: `model.diffusion_model`, `cond_stage_model.model`."""
-
-    def __init__(self, unet, open_clip_model):
-        super().__init__()
-        self.model = nn.Module()
-        self.model.diffusion_model = unet
-        self.cond_stage_model = nn.Module()
-        self.cond_stage_model.model = open_clip_model
+@pytest.fixture
+def tiny_sd2_model(tiny_sd2):
+    """A fresh tiny SD2 ``LatentDiffusion`` (Linear proj_in/out, OpenCLIP text tower of 2 layers)."""
+    model, _ = load_sd_checkpoint(tiny_sd2[0])
+    return model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,7 +168,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def shared_tiny(tiny_sd15_dir):
     """One tiny SD1.5 model for the tests that only read it (loading takes seconds on a busy CPU)."""
-    from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.tiny import TINY_NAME
 
     model, _ = load_sd_checkpoint(tiny_sd15_dir / f"{TINY_NAME}.safetensors", device="cpu", dtype=torch.float32)
@@ -203,16 +179,16 @@ def shared_tiny(tiny_sd15_dir):
 def test_every_tiny_target_round_trips_and_a1111_finds_the_same_module(shared_tiny, network_type, unet_count, conv3x3):
     model = shared_tiny
     r = roots(model)
-    targets = target_modules(r["unet"], r["te"], network_type, "sd1")
+    targets = SD1.target_modules(r, network_type)
     assert len(targets["unet"]) == unet_count and len(targets["te"]) == 4 * 6
     assert sum(kind == "conv3x3" for _, kind in targets["unet"]) == conv3x3
     mapping = a1111_layer_mapping(model.cond_stage_model, model.model)
     names = set()
     for component, entries in targets.items():
         for path, kind in entries:
-            name = kohya_name(component, path, "sd1")
+            name = SD1.kohya_name(component, path)
             names.add(name)
-            assert module_path_from_kohya(name, "sd1") == (component, path)
+            assert SD1.module_path_from_kohya(name) == (component, path)
             module = r[component].get_submodule(path)
             assert a1111_module(mapping, name, is_sd2=False) is module, name
             assert kind == ("linear" if isinstance(module, nn.Linear) else f"conv{module.kernel_size[0]}x{module.kernel_size[1]}")
@@ -228,32 +204,31 @@ def test_every_tiny_target_round_trips_and_a1111_finds_the_same_module(shared_ti
 
 def test_full_sd15_target_counts_match_kohya():
     unet, te = sd15_meta_components()
-    lora = target_modules(unet, te, "LoRA", "sd1")
+    lora = SD1.target_modules({"unet": unet, "te": te}, "LoRA")
     assert (len(lora["unet"]), len(lora["te"])) == (192, 72)
     # LoCon adds 22 ResBlocks × (conv1, conv2, time_emb_proj), 14 1×1 shortcuts, 3 down- and 3 upsamplers.
-    locon = target_modules(unet, te, "LoCon", "sd1")
+    locon = SD1.target_modules({"unet": unet, "te": te}, "LoCon")
     assert (len(locon["unet"]), len(locon["te"])) == (192 + 22 * 3 + 14 + 6, 72)
 
 
-def test_sd2_names_round_trip_and_a1111_finds_them():
-    unet, open_clip_model = tiny_sd2_components()
-    sd = FakeSD2(unet, open_clip_model)
-    targets = target_modules(unet, open_clip_model, "LoCon", "sd2")
+def test_sd2_names_round_trip_and_a1111_finds_them(tiny_sd2_model):
+    sd = tiny_sd2_model
+    r = SD2.component_roots(sd)
+    targets = SD2.target_modules(r, "LoCon")
     # Linear proj_in/proj_out in SD2; OpenCLIP's packed q/k/v are not modules, so 3 per layer.
     assert len(targets["unet"]) == 278 and len(targets["te"]) == 2 * 3
-    assert sum(kind == "conv1x1" for _, kind in target_modules(unet, None, "LoRA", "sd2")["unet"]) == 0
+    assert sum(kind == "conv1x1" for _, kind in SD2.target_modules({"unet": r["unet"]}, "LoRA")["unet"]) == 0
     mapping = a1111_layer_mapping(sd.cond_stage_model, sd.model)
-    r = {"unet": unet, "te": open_clip_model}
     for component, entries in targets.items():
         for path, _ in entries:
-            name = kohya_name(component, path, "sd2")
-            assert module_path_from_kohya(name, "sd2") == (component, path)
+            name = SD2.kohya_name(component, path)
+            assert SD2.module_path_from_kohya(name) == (component, path)
             assert a1111_module(mapping, name, is_sd2=True) is r[component].get_submodule(path), name
-    assert kohya_name("te", "transformer.resblocks.1.mlp.c_fc", "sd2") == "lora_te_text_model_encoder_layers_1_mlp_fc1"
-    assert kohya_name("te", "transformer.resblocks.0.attn.out_proj", "sd2") == "lora_te_text_model_encoder_layers_0_self_attn_out_proj"
+    assert SD2.kohya_name("te", "transformer.resblocks.1.mlp.c_fc") == "lora_te_text_model_encoder_layers_1_mlp_fc1"
+    assert SD2.kohya_name("te", "transformer.resblocks.0.attn.out_proj") == "lora_te_text_model_encoder_layers_0_self_attn_out_proj"
     q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-    assert module_path_from_kohya(q, "sd2") == ("te", "transformer.resblocks.0.attn.q_proj")
-    assert a1111_module(mapping, q, is_sd2=True) is open_clip_model.transformer.resblocks[0].attn
+    assert SD2.module_path_from_kohya(q) == ("te", "transformer.resblocks.0.attn.q_proj")
+    assert a1111_module(mapping, q, is_sd2=True) is r["te"].transformer.resblocks[0].attn
 
 
 @pytest.mark.parametrize(
@@ -269,13 +244,7 @@ def test_sd2_names_round_trip_and_a1111_finds_them():
 )
 def test_names_outside_the_mapping_are_refused(name):
     with pytest.raises(ValueError):
-        module_path_from_kohya(name, "sd1")
-
-
-def test_dim_and_alpha_give_3x3_convs_the_conv_pair():
-    assert dim_and_alpha("conv3x3", 16, 8.0, 8, 4.0) == (8, 4.0)
-    assert dim_and_alpha("conv1x1", 16, 8.0, 8, 4.0) == (16, 8.0)
-    assert dim_and_alpha("linear", 16, 8.0, 8, 4.0) == (16, 8.0)
+        SD1.module_path_from_kohya(name)
 
 
 # ---- metadata -------------------------------------------------------------------------------------
@@ -288,10 +257,10 @@ modelspec.architecture modelspec.implementation modelspec.title modelspec.resolu
 modelspec.prediction_type modelspec.trigger_phrase""".split()
 
 
-def make_metadata(arch="sd1", v=False, **overrides):
+def make_metadata(family=SD1, v=False, **overrides):
     config = TrainConfig(trigger="kat3r1na", training_comment="first try", network_type="LoCon")
     args = dict(
-        arch=arch, v_parameterization=v, output_name="kat-03", epoch=3, num_epochs=10, steps=1890,
+        family=family, v_parameterization=v, output_name="kat-03", epoch=3, num_epochs=10, steps=1890,
         num_train_images=1260, num_batches_per_epoch=630,
         tag_frequency={"10_kat": {"kat3r1na": 126, "smile": 40}},
         dataset_dirs={"10_kat": {"n_repeats": 10, "img_count": 126}},
@@ -299,7 +268,7 @@ def make_metadata(arch="sd1", v=False, **overrides):
         base_model_name="v1-5-pruned-emaonly.safetensors", base_model_hash="6ce0161689",
         base_model_sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
         started_at=1_700_000_000.25, finished_at=1_700_000_600.5,
-        network_args={"conv_dim": 8, "conv_alpha": 4.0}, resolution=512,
+        network_args={"conv_dim": 8, "conv_alpha": 4.0}, resolution=512, mixed_precision="bf16",
     )
     args.update(overrides)
     return training_metadata(config, **args)
@@ -332,10 +301,17 @@ def test_metadata_has_every_kohya_key_as_strings_in_kohya_formats():
     "v, arch_id, prediction", [(False, "stable-diffusion-v2-512/lora", "epsilon"), (True, "stable-diffusion-v2-768-v/lora", "v")]
 )
 def test_sd2_metadata_is_recognised_as_sd2(v, arch_id, prediction):
-    md = make_metadata(arch="sd2", v=v, resolution=(768, 640), bucket_info=None)
+    md = make_metadata(family=SD2, v=v, resolution=(768, 640), bucket_info=None)
     assert md["ss_v2"] == "True" and md["ss_base_model_version"] == "sd_v2"  # A1111 checks ss_v2 == "True"
     assert md["modelspec.architecture"] == arch_id and md["modelspec.prediction_type"] == prediction
     assert md["modelspec.resolution"] == "768x640" and md["ss_bucket_info"] == "null"
+
+
+@pytest.mark.parametrize("used", ["bf16", "fp16", "no"])
+def test_mixed_precision_is_the_one_the_run_used_not_the_option(used):
+    # The option defaults to "auto"; kohya's readers expect what autocast really ran in.
+    assert TrainConfig().mixed_precision == "auto"
+    assert make_metadata(mixed_precision=used)["ss_mixed_precision"] == used
 
 
 def test_unknown_model_hashes_are_left_out():
@@ -473,7 +449,7 @@ def test_apply_merges_exactly_like_merging_by_hand(tiny_sd15, tmp_path):
     multiplier = 0.7
     for seed, (component, path, rank, alpha) in enumerate(chosen):
         down, up = random_lora(r[component].get_submodule(path), rank, seed)
-        modules.append(ModuleWeights(kohya_name(component, path, "sd1"), down, up, alpha))
+        modules.append(ModuleWeights(SD1.kohya_name(component, path), down, up, alpha))
         target = hand[component].get_submodule(path)
         if down.ndim == 4 and down.shape[2:] != (1, 1):
             # kohya's merge of a 3×3 LoRA: the 1×1 up conv applied to the down kernel.
@@ -484,7 +460,7 @@ def test_apply_merges_exactly_like_merging_by_hand(tiny_sd15, tmp_path):
             target.weight += multiplier * alpha / rank * delta
     path = tmp_path / "hand.safetensors"
     write_lora_file(path, modules, {})
-    assert apply_lora_file(model, path, multiplier=multiplier, arch="sd1") == len(chosen)
+    assert apply_lora_file(model, path, SD1, multiplier=multiplier) == len(chosen)
     merged_unet, merged_te = unet_out(model), te_out(model)
     assert rel(merged_unet, unet_out(by_hand)) < 1e-5 and rel(merged_te, te_out(by_hand)) < 1e-5
     assert rel(merged_unet, base_unet) > 1e-3 and rel(merged_te, base_te) > 1e-3
@@ -501,16 +477,15 @@ def test_apply_refuses_unknown_keys_and_changes_nothing(tiny_sd15, tmp_path):
     path = tmp_path / "bogus.safetensors"
     write_lora_file(path, [good, *bogus], {})
     with pytest.raises(UserError) as exc:
-        apply_lora_file(model, path)
+        apply_lora_file(model, path, SD1)
     assert "lora_te_text_model_encoder_layers_7_mlp_fc1" in str(exc.value)
     assert "attn9_to_q" in str(exc.value) and "self_attn_q_proj" not in str(exc.value)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_apply_sd2_packed_qkv_goes_into_the_right_third_of_in_proj(tmp_path):
-    unet, open_clip_model = tiny_sd2_components()
-    sd = FakeSD2(unet, open_clip_model)
-    attn = open_clip_model.transformer.resblocks[1].attn
+def test_apply_sd2_packed_qkv_goes_into_the_right_third_of_in_proj(tiny_sd2_model, tmp_path):
+    sd = tiny_sd2_model
+    attn = sd.cond_stage_model.model.transformer.resblocks[1].attn
     before = attn.in_proj_weight.detach().clone()
     modules, expected = [], before.clone()
     for i, which in enumerate("qkv"):
@@ -519,7 +494,7 @@ def test_apply_sd2_packed_qkv_goes_into_the_right_third_of_in_proj(tmp_path):
         expected[32 * i : 32 * (i + 1)] += 0.5 * (up @ down)
     path = tmp_path / "sd2.safetensors"
     write_lora_file(path, modules, {})
-    assert apply_lora_file(sd, path, arch="sd2") == 3
+    assert apply_lora_file(sd, path, SD2) == 3
     assert torch.allclose(attn.in_proj_weight, expected, atol=1e-6)
     assert not torch.equal(attn.in_proj_weight, before)
 
@@ -533,7 +508,7 @@ def test_export_proof_peft_model_and_merged_file_agree(tiny_sd15, tmp_path):
     fresh = copy.deepcopy(trained)
     base_unet, base_te = unet_out(trained), te_out(trained)
     r = roots(trained)
-    targets = target_modules(r["unet"], r["te"], "LoCon", "sd1")
+    targets = SD1.target_modules(r, "LoCon")
     g = torch.Generator().manual_seed(11)
     for component, entries in targets.items():
         config = LoraConfig(r=4, lora_alpha=2, target_modules=[p for p, _ in entries])
@@ -544,12 +519,12 @@ def test_export_proof_peft_model_and_merged_file_agree(tiny_sd15, tmp_path):
                     for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
                         # fp16-representable, so the fp16 file holds exactly what peft computes with.
                         weight.copy_((torch.randn(weight.shape, generator=g) * 0.05).half().float())
-    modules = [m for c in ("unet", "te") for m in collect_peft_weights(r[c], c, "sd1", lambda _path: 2.0)]
+    modules = [m for c in ("unet", "te") for m in collect_peft_weights(r[c], c, SD1, lambda _path: 2.0)]
     assert len(modules) == 278 + 24
     path = tmp_path / "proof-01.safetensors"
     write_lora_file(path, modules, make_metadata(output_name="proof-01"))
 
-    apply_lora_file(fresh, path, arch="sd1")
+    apply_lora_file(fresh, path, SD1)
     expected_unet, expected_te = unet_out(trained), te_out(trained)
     assert rel(expected_unet, base_unet) > 1e-2 and rel(expected_te, base_te) > 1e-2
     assert rel(unet_out(fresh), expected_unet) < 1e-4
@@ -563,4 +538,4 @@ def test_collect_refuses_a_scale_the_file_cannot_express(shared_tiny):
     path = "encoder.layers.0.mlp.fc1"
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, use_rslora=True, target_modules=[path]), te)
     with pytest.raises(ValueError, match="rsLoRA"):
-        collect_peft_weights(te, "te", "sd1", lambda _path: 2.0)
+        collect_peft_weights(te, "te", SD1, lambda _path: 2.0)

@@ -41,8 +41,12 @@ def dataset_files(project) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in project.dataset.iterdir()}
 
 
-def write_image(path: Path, colour=RED, fmt="PNG", size=(8, 8)) -> bytes:
+def write_image(path: Path, colour=None, fmt="PNG", size=(8, 8)) -> bytes:
+    """An image file; without ``colour``, one picked from the path, so two test images never have
+    the same content by accident (the importer skips content the dataset already holds)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if colour is None:
+        colour = tuple(hashlib.sha256(str(path).encode()).digest()[:3])
     data = encode(Image.new("RGB", size, colour), fmt)
     path.write_bytes(data)
     return data
@@ -90,6 +94,10 @@ def test_odd_but_valid_images_are_normalised(project, tmp_path):
     before = snapshot(src)
 
     report = import_folder(project, src)
+    # The CMYK red square converts to the very PNG that the GIF's red first frame became.
+    [duplicate] = report.skipped
+    assert (Path(duplicate.source).name, duplicate.duplicate_of) == ("cmyk.jpg", "animated.png")
+    report.imported += import_files(create_project(tmp_path / "other", "cmyk"), [src / "cmyk.jpg"]).imported
 
     assert not report.rejected
     imported = by_name(report)
@@ -224,7 +232,9 @@ def test_subfolders_only_with_recursive_and_hidden_folders_skipped(project, tmp_
 
     assert [f.dest.name for f in import_folder(project, src).imported] == ["top.png"]
     recursive = import_folder(project, src, recursive=True)
-    assert sorted(f.dest.name for f in recursive.imported) == ["deep.png", "top_1.png"]
+    assert [f.dest.name for f in recursive.imported] == ["deep.png"]
+    assert [(Path(k.source).name, k.duplicate_of) for k in recursive.skipped] == [("top.png", "top.png")]
+    assert sorted(dataset_files(project)) == ["deep.png", "top.png"]
 
 
 @pytest.mark.parametrize(
@@ -327,13 +337,15 @@ def test_cli_import_happy_path_and_json(project, tmp_path, capsys):
     assert out[2] == f"saved to {project.dataset}"
     assert f"converted {src / 'two.bmp'} -> two.png: BMP stored as PNG" in out
 
-    assert main(["import", "kat", str(src / "one.png"), "--root", root, "--json"]) == 0
+    write_image(src / "three.png")
+    assert main(["import", "kat", str(src / "one.png"), str(src / "three.png"), "--root", root, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True and data["rejected"] == []
     [entry] = data["imported"]
-    assert entry["dest"] == str(project.dataset / "one_1.png")
-    assert entry["renamed_from"] == "one.png"
-    assert entry["captions"] == [str(project.dataset / "one_1.txt")]
+    assert entry["dest"] == str(project.dataset / "three.png") and entry["renamed_from"] is None
+    assert data["skipped"] == [
+        {"source": str(src / "one.png"), "reason": "already in the dataset as one.png (same content)", "duplicate_of": "one.png"}
+    ]
 
 
 def test_cli_errors_are_one_line(project, tmp_path, capsys):
@@ -356,3 +368,86 @@ def test_cli_errors_are_one_line(project, tmp_path, capsys):
     assert main(["import", "kat", str(src), "--root", root, "--max-megapixels", "0"]) == 2
     assert "--max-megapixels must be a positive number" in capsys.readouterr().err
     assert dataset_files(project) == {}
+
+
+def test_importing_a_folder_again_skips_every_file_already_there(project, tmp_path, capsys):
+    src = tmp_path / "src"
+    write_image(src / "a.png")
+    (src / "a.txt").write_bytes(b"kat, smile")
+    write_image(src / "b.jpg", fmt="JPEG")
+    write_image(src / "c.bmp", fmt="BMP")
+    root = str(project.root)
+    assert main(["import", "kat", str(src), "--root", root]) == 0
+    capsys.readouterr()
+    after_first = dataset_files(project)
+    (src / "a.txt").write_bytes(b"kat, smile, edited in the source")
+    write_image(src / "d.png")
+
+    assert main(["import", "kat", str(src), "--root", root]) == 0
+
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "imported 1, rejected 0, skipped 3 (0 converted to PNG, 0 renamed, 0 caption files)"
+    assert f"skipped {src / 'b.jpg'}: already in the dataset as b.jpg (same content)" in out
+    assert f"skipped {src / 'c.bmp'}: already in the dataset as c.png (same content)" in out
+    assert (
+        f"skipped {src / 'a.png'}: already in the dataset as a.png (same content); "
+        "its caption a.txt differs from a.txt there and was not copied"
+    ) in out
+    assert dataset_files(project) == {**after_first, "d.png": (src / "d.png").read_bytes()}
+
+    assert main(["import", "kat", str(src), "--root", root, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["imported"] == [] and data["rejected"] == []
+    assert sorted(k["duplicate_of"] for k in data["skipped"]) == ["a.png", "b.jpg", "c.png", "d.png"]
+
+
+def test_identical_files_in_one_import_come_in_once(project, tmp_path):
+    src = tmp_path / "src"
+    data = write_image(src / "one" / "x.png", RED)
+    write_image(src / "two" / "y.png", RED)
+
+    report = import_folder(project, src, recursive=True)
+
+    assert dataset_files(project) == {"x.png": data}
+    [skipped] = report.skipped
+    assert skipped.source == str(src / "two" / "y.png") and skipped.reason.startswith("already in the dataset as x.png")
+
+
+def test_a_symlinked_subfolder_is_not_followed_and_the_report_says_so(project, tmp_path, capsys):
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    write_image(src / "sub" / "inside.png")
+    write_image(elsewhere / "outside.png")
+    os.symlink(elsewhere, src / "linked")
+    os.symlink(src, src / "sub" / "loop")
+
+    report = import_folder(project, src, recursive=True)
+
+    assert sorted(dataset_files(project)) == ["inside.png"]
+    reasons = {Path(k.source).name: k.reason for k in report.skipped}
+    assert set(reasons) == {"linked", "loop"}
+    assert reasons["linked"].startswith(f"a symbolic link to the folder {elsewhere.resolve()}, not followed")
+    assert report.to_dict()["skipped"][0]["source"] == str(src / "linked")
+
+    assert main(["import", "kat", str(src), "--recursive", "--root", str(project.root)]) == 0
+    assert f"skipped {src / 'linked'}: a symbolic link to the folder {elsewhere.resolve()}" in capsys.readouterr().out
+
+
+def test_only_linked_subfolders_is_an_error_that_names_them(project, tmp_path):
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    write_image(elsewhere / "outside.png")
+    src.mkdir()
+    os.symlink(elsewhere, src / "linked")
+    with pytest.raises(UserError, match=f"no images .* found in {src}; {src / 'linked'}: a symbolic link"):
+        import_folder(project, src, recursive=True)
+
+
+def test_same_stem_without_a_caption_imports_both_under_distinct_stems(project, tmp_path):
+    src = tmp_path / "src"
+    jpg = write_image(src / "x.jpg", fmt="JPEG")
+    png = write_image(src / "x.png")
+
+    report = import_folder(project, src)
+
+    assert report.rejected == []
+    assert dataset_files(project) == {"x.jpg": jpg, "x_1.png": png}
+    assert by_name(report)["x.png"].renamed_from == "x.png"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 import subprocess
 import sys
@@ -15,16 +14,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from tiny_sd2 import TINY_SD2_WIDTHS, tiny_sd2_config
+
 from lorakit_ext.errors import UserError
-from lorakit_ext.fsutil import atomic_write_bytes, atomic_write_text
-from lorakit_ext.models import checkpoint
-from lorakit_ext.models.checkpoint import detect_kind, load_sd_checkpoint, read_state_dict
-from lorakit_ext.models.ldm_import import build_latent_diffusion, import_ldm
-from lorakit_ext.models.sd_configs import Widths, sd2_config
+from lorakit_ext.fsutil import atomic_write_bytes
+from lorakit_ext.models.checkpoint import load_sd_checkpoint, read_state_dict
+from lorakit_ext.models.families import detect_family
+from lorakit_ext.models.families.sd1 import SD1
+from lorakit_ext.models.families.sd2 import SD2
+from lorakit_ext.models.ldm_import import import_ldm
 from lorakit_ext.models.tiny import TINY_NAME, build_random_sd15, build_tiny_sd15
 
 PROMPT = "a photo of a cat"
-TINY_OPENCLIP = "lorakit-test-tiny-openclip"
 
 
 def _sha256(path) -> str:
@@ -129,7 +130,7 @@ def test_lora_target_counts_match_sd15(tiny_sd15):
         if isinstance(m, torch.nn.Linear)
     ]
     assert len(te_targets) == 4 * 6
-    assert (info.kind, info.v_parameterization, info.resolution) == ("sd1", False, 512)
+    assert (info.family, info.v_parameterization, info.resolution) == (SD1, False, 512)
 
 
 def test_vae_latents_have_sd_shape(tiny_sd15):
@@ -197,7 +198,7 @@ def test_ckpt_round_trip(tiny_sd15, tiny_ckpt, tmp_path):
     model, info = load_sd_checkpoint(ckpt)
     key = "model.diffusion_model.out.2.weight"
     assert torch.equal(model.state_dict()[key], reference.state_dict()[key])
-    assert info.kind == "sd1"
+    assert info.family is SD1
 
 
 @pytest.mark.parametrize(
@@ -274,43 +275,12 @@ def test_config_for_another_model_is_reported(tiny_ckpt, tiny_sd2, tmp_path):
 # ---- SD2 ---------------------------------------------------------------------------------------
 
 
-TINY_SD2_WIDTHS = Widths(model_channels=32, context_dim=32, vae_channels=32, num_head_channels=8)
-
-
-def _tiny_sd2_config(v: bool) -> dict:
-    return sd2_config(v, TINY_SD2_WIDTHS, TINY_OPENCLIP)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd2(tmp_path_factory):
-    """A tiny SD2-layout v-model (OpenCLIP text tower 32 wide) and its yaml, written beside it."""
-    from omegaconf import OmegaConf
-
-    import_ldm()  # makes torchvision, which open_clip imports, importable on this machine
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("tiny-sd2")
-    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
-    vision_cfg = {"image_size": 32, "layers": 1, "width": 32, "head_width": 8, "patch_size": 16}
-    atomic_write_text(
-        folder / f"{TINY_OPENCLIP}.json", json.dumps({"embed_dim": 32, "vision_cfg": vision_cfg, "text_cfg": text_cfg})
-    )
-    open_clip.add_model_config(folder / f"{TINY_OPENCLIP}.json")
-    config = _tiny_sd2_config(v=True)
-    torch.manual_seed(0)
-    model = build_latent_diffusion(config)
-    path = folder / "tiny-sd2.safetensors"
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
-    atomic_write_text(path.with_suffix(".yaml"), OmegaConf.to_yaml(OmegaConf.create(config)))
-    return path, path.with_suffix(".yaml")
-
-
 def test_sd2_checkpoint_loads_as_sd2_v(tiny_sd2):
     from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
 
     path, _ = tiny_sd2
     model, info = load_sd_checkpoint(path)
-    assert (info.kind, info.v_parameterization, info.resolution) == ("sd2", True, 768)
+    assert (info.family, info.v_parameterization, info.resolution) == (SD2, True, 768)
     assert isinstance(model.cond_stage_model, FrozenOpenCLIPEmbedder)
     assert model.parameterization == "v"
     assert model.model.diffusion_model.middle_block[1].proj_in.weight.dim() == 2  # SD2's Linear proj
@@ -318,10 +288,10 @@ def test_sd2_checkpoint_loads_as_sd2_v(tiny_sd2):
         assert model.cond_stage_model([PROMPT]).shape == (1, 77, 32)
 
 
-def test_kind_is_detected_from_keys(tiny_sd2, tiny_ckpt, tmp_path):
+def test_family_is_detected_from_keys(tiny_sd2, tiny_ckpt, tmp_path):
     sd2_path, _ = tiny_sd2
-    assert detect_kind(read_state_dict(sd2_path), sd2_path) == "sd2"
-    assert detect_kind(read_state_dict(tiny_ckpt), tiny_ckpt) == "sd1"
+    assert detect_family(read_state_dict(sd2_path), sd2_path) is SD2
+    assert detect_family(read_state_dict(tiny_ckpt), tiny_ckpt) is SD1
     bare = tmp_path / "bare-sd2.safetensors"
     shutil.copy(sd2_path, bare)
     # Without a yaml the loader picks SD2's full-size config from the keys, and says these widths differ.
@@ -339,9 +309,8 @@ def test_sd2_without_yaml_gets_v_from_a1111s_test(tiny_sd2, tmp_path, monkeypatc
     tensors["model.diffusion_model.out.2.bias"].fill_(out_bias)
     bare = tmp_path / "bare-sd2.safetensors"
     atomic_write_bytes(bare, save(tensors))
-    monkeypatch.setattr(checkpoint, "sd2_config", lambda v: _tiny_sd2_config(v))
-    monkeypatch.setattr(checkpoint, "SD2_WIDTHS", TINY_SD2_WIDTHS)
-    monkeypatch.setattr(checkpoint, "_check_standard_widths", lambda *args: None)
+    monkeypatch.setattr(SD2, "ldm_config", lambda: tiny_sd2_config(v=False))
+    monkeypatch.setattr(SD2, "widths", TINY_SD2_WIDTHS)
     model, info = load_sd_checkpoint(bare)
-    assert (info.kind, info.v_parameterization, info.resolution) == ("sd2", v, 768 if v else 512)
+    assert (info.family, info.v_parameterization, info.resolution) == (SD2, v, 768 if v else 512)
     assert model.parameterization == ("v" if v else "eps")

@@ -8,8 +8,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lorakit_ext.models.ldm import LdmModel
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.network import ADAPTER, injected
+from lorakit_ext.train_config import TrainConfig
 
 CONFIG = dict(network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=2.0, network_type="LoCon", text_encoder_lr=1e-4)
 

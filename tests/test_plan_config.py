@@ -4,8 +4,9 @@ import pytest
 
 from lorakit_ext.cli import main
 from lorakit_ext.errors import UserError
-from lorakit_ext.train.config import PRESETS, TrainConfig, preset
+from lorakit_ext.models.families import PRESETS, preset
 from lorakit_ext.train.plan import make_plan
+from lorakit_ext.train_config import TrainConfig
 
 
 def test_plan_has_kohya_colab_lines_exactly():

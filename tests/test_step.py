@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.optim import DeviceLearningRates, build_scheduler
 from lorakit_ext.train.step import DeviceLossScale
+from lorakit_ext.train_config import TrainConfig
 
 
 def test_loss_scale_unscales_finite_gradients_and_grows_nothing_yet():

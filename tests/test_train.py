@@ -9,16 +9,17 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
+from tiny_datasets import fill_dataset
 from lorakit_ext.errors import UserError
 from lorakit_ext.models.checkpoint import load_sd_checkpoint
 from lorakit_ext.models.ldm import LdmModel
 from lorakit_ext.project import create_project
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.events import Interrupted
 from lorakit_ext.train.loop import Trainer, TrainJob
 from lorakit_ext.train.loss import NoiseSchedule, diffusion_loss
 from lorakit_ext.train.network import injected
 from lorakit_ext.train.state import load_state
+from lorakit_ext.train_config import TrainConfig
 
 SMALL = dict(
     resolution=64, min_bucket_reso=64, max_bucket_reso=128, num_repeats=1, train_batch_size=2,
@@ -51,13 +52,7 @@ def sd_model(tiny_sd15_dir):
 @pytest.fixture
 def project(tmp_path):
     project = create_project(tmp_path / "projects", "kat")
-    colours = [(200, 40, 30), (40, 70, 190), (30, 150, 60), (230, 200, 60)]
-    for i, colour in enumerate(colours):
-        size = (64, 64) if i < 2 else (64, 128)
-        img = Image.new("RGB", size, colour)
-        ImageDraw.Draw(img).ellipse([8, 8, 40, 40 + i * 8], fill=(250, 215, 180))
-        img.save(project.dataset / f"img{i}.png")
-        (project.dataset / f"img{i}.txt").write_text(f"kat, red hair, colour {i}, smile")
+    fill_dataset(project.dataset)
     return project
 
 
@@ -259,8 +254,8 @@ def test_kohya_token_layout_227_states_for_225_tokens(sd_model):
     ids = model.tokenize(["kat, " * 100])
     assert ids.shape == (1, 3, 77)
     assert (ids[:, :, 0] == 49406).all()
-    assert model.encode_tokens(ids).shape == (1, 227, 32)
-    assert LdmModel(sd_model, max_token_length=75).encode_tokens(ids[:, :1]).shape == (1, 77, 32)
+    assert model.encode_tokens(ids)["crossattn"].shape == (1, 227, 32)
+    assert LdmModel(sd_model, max_token_length=75).encode_tokens(ids[:, :1])["crossattn"].shape == (1, 77, 32)
 
 
 def test_locon_trains_the_resblock_convs_at_conv_dim(sd_model, project, tmp_path):

@@ -18,10 +18,11 @@ from lorakit_ext.dataset.importer import import_files
 from lorakit_ext.dataset.tags import TagOps, lint_captions
 from lorakit_ext.dataset.trash import list_batches, move_to_removed
 from lorakit_ext.errors import UserError
+from lorakit_ext.models.families import PRESETS
 from lorakit_ext.project import create_project
 from lorakit_ext.train.buckets import bucket_plan_for
-from lorakit_ext.train.config import PRESETS, TrainConfig
-from lorakit_ext.train.loop import real_schedule
+from lorakit_ext.train.preflight import real_schedule
+from lorakit_ext.train_config import TrainConfig
 from lorakit_ext.webui import ui_form, ui_images, ui_inputs, ui_plan, ui_results, ui_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,6 +194,14 @@ def test_cluster_captions_mark_the_kept_image():
     )
 
 
+def test_sizes_read_as_bytes_kib_or_mib_and_small_files_are_not_zero():
+    assert [ui_tables.file_size(n) for n in (0, 700, 1024, 1536, 300_000, 2**20, 5 * 2**20 + 2**19)] == [
+        "0 B", "700 B", "1.0 KiB", "1.5 KiB", "293.0 KiB", "1.0 MiB", "5.5 MiB"
+    ]
+    tiny = Member("dot.png", 8, 8, 94, 1, 0)
+    assert ui_tables.member_caption(tiny, "a.png") == "dot.png · 8×8 · 94 B"
+
+
 def test_dedupe_summary_counts_moves_picks_and_errors():
     plan = _plan()
     text = ui_tables.dedupe_summary(plan, {})
@@ -251,7 +260,7 @@ def test_file_and_sample_rows(tmp_path):
     lora = tmp_path / "kat-01.safetensors"
     lora.write_bytes(b"x" * 2**20)
     assert ui_results.file_rows([lora, tmp_path / "kat-02.safetensors"]) == [
-        ["kat-01.safetensors", "1.0"],
+        ["kat-01.safetensors", "1.0 MiB"],
         ["kat-02.safetensors", "gone"],
     ]
     sample = save(tmp_path / "kat-01-sample.png")
@@ -335,6 +344,20 @@ def test_captioner_options_only_pass_the_models_of_the_chosen_captioner():
 
     captioner = build_captioner(SimpleNamespace(captioner="both", **both))
     assert captioner.name == "blip:Salesforce/blip + wd:SmilingWolf/wd"
+
+
+def test_the_tab_opens_the_project_last_used_not_the_first(tmp_path):
+    root = tmp_path / "projects"
+    names = [create_project(root, name).name for name in ("anna", "kat3r1na", "zoe")]
+    assert ui_inputs.last_project(root, names) == "anna"
+    ui_inputs.remember_project(root, "zoe")
+    assert ui_inputs.last_project(root, names) == "zoe"
+    assert ui_inputs.last_project(root, ["anna", "kat3r1na"]) == "anna"  # zoe was deleted
+    assert ui_inputs.last_project(root, []) is None
+    (root / ui_inputs.TAB_MEMORY).write_text("{not json", encoding="utf-8")
+    assert ui_inputs.last_project(root, names) == "anna"
+    ui_inputs.remember_project(tmp_path / "no-root-yet", "kat3r1na")
+    assert not (tmp_path / "no-root-yet").exists()
 
 
 def test_neighbour_wraps_and_recovers():

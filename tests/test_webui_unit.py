@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tiny_datasets import fill_dataset
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import create_project
-from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.train_config import TrainConfig
 from lorakit_ext.train.events import Interrupted, Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def a1111(monkeypatch, tmp_path):
         return mod
 
     cmd_opts = SimpleNamespace(lora_dir=str(tmp_path / "models" / "Lora"), disable_extension_access=False, lowvram=False, api_auth=None)
-    shared = module("shared", opts=SimpleNamespace(data={}), cmd_opts=cmd_opts, state=FakeState(), sd_model=None, loaded_hypernetworks=[1])
+    shared = module("shared", opts=SimpleNamespace(data={}, img_max_size_mp=200), cmd_opts=cmd_opts, state=FakeState(), sd_model=None, loaded_hypernetworks=[1])
     gc_calls = []
     module("devices", device=torch.device("cpu"), cpu=torch.device("cpu"), fp8=False, torch_gc=lambda: gc_calls.append(1))
     module("processing", StableDiffusionProcessing=type("P", (), {"cached_c": [1, 2], "cached_uc": [3, 4]}))
@@ -150,13 +151,18 @@ def test_lora_folder_and_projects_root_follow_the_settings(a1111, tmp_path):
 
 
 # ---- progress → shared.state --------------------------------------------------------------------
-def a1111_progress(state) -> float:
-    """A1111's own formula (modules/progress.py)."""
-    return state.job_no / state.job_count + state.sampling_step / state.sampling_steps / state.job_count
+def a1111_eta(state, now: float) -> float:
+    """A1111's own ETA (modules/progress.py): elapsed since time_start, scaled by the progress."""
+    from lorakit_ext.webui.job_progress import a1111_progress
+
+    progress = a1111_progress(state)
+    elapsed = now - state.time_start
+    return elapsed / progress - elapsed
 
 
 def test_progress_drives_a1111s_progress_bar_and_text(a1111):
-    from lorakit_ext.webui.job_progress import StateMirror, clock, textinfo
+    from lorakit_ext.train.events import clock
+    from lorakit_ext.webui.job_progress import StateMirror, a1111_progress, textinfo
 
     state = FakeState()
     mirror = StateMirror(state)
@@ -166,10 +172,53 @@ def test_progress_drives_a1111s_progress_bar_and_text(a1111):
         mirror(Progress("training", epoch=(step - 1) // 4 + 1, epochs=3, step=step, total_steps=12, loss=0.5))
         assert a1111_progress(state) == pytest.approx(step / 12)
         assert state.job_count == 3 and state.job_no == (step - 1) // 4
+    mirror(Progress("training", message="CUDA graphs off: no CUDA"))  # a note, not a position
+    assert (state.job_no, state.sampling_step) == (2, 4) and state.textinfo.startswith("epoch 3/3")
     p = Progress("training", epoch=3, epochs=10, step=120, total_steps=630, loss=0.12345, it_per_s=2.1, eta_s=296)
-    assert textinfo(p) == "epoch 3/10 · step 120/630 · loss 0.1235 · 2.1 it/s · ETA 4:56"
+    assert textinfo(p) == "epoch 3/10 · step 120/630 · loss 0.1235 · 2.1 it/s"
     assert textinfo(Progress("saving", epoch=1, epochs=2, step=2, total_steps=4)) == "epoch 1/2 · step 2/4 · saving"
     assert clock(3723) == "1:02:03"
+
+
+def test_one_eta_ours_in_a1111s_bar_and_the_grid_restarts_it(a1111):
+    """The text carries no ETA; A1111's bar computes the trainer's from the time_start we set, also
+    after a long latent caching; a grid then starts A1111's counts and clock afresh."""
+    from lorakit_ext.webui.job_progress import StateMirror, grid_cell, grid_started
+
+    state = FakeState()
+    state.time_start = time.time() - 600  # ten minutes of caching latents before the first step
+    mirror = StateMirror(state)
+    for step, eta in ((1, 95.0), (5, 70.0), (20, 0.0)):
+        mirror(Progress("training", epoch=(step - 1) // 10 + 1, epochs=2, step=step, total_steps=20, loss=0.5, it_per_s=0.2, eta_s=eta))
+        assert "ETA" not in state.textinfo
+        if step < 20:
+            assert a1111_eta(state, time.time()) == pytest.approx(eta, abs=0.5)
+    mirror(Progress("saving", epoch=2, epochs=2, step=20, total_steps=20))
+    assert state.textinfo == "epoch 2/2 · step 20/20 · saving"
+    before = time.time()
+    grid_started(state, 6)
+    assert (state.job_count, state.job_no, state.sampling_step) == (6, 0, 0) and state.time_start >= before
+    assert state.textinfo == "epoch grid · 6 cells"
+    grid_cell(state, 2, 6)
+    assert state.textinfo == "epoch grid · cell 2/6"
+
+
+def test_each_grid_cell_the_xyz_script_renders_is_announced(a1111):
+    """The script copies ``p`` per cell and process_images calls ``init`` once per copy."""
+    import copy
+
+    from lorakit_ext.webui import xyz
+
+    class Txt2Img:
+        def init(self, all_prompts, all_seeds, all_subseeds):
+            self.initialised = True
+
+    state = FakeState()
+    p = xyz._announcing_cells(Txt2Img, 3, state)()
+    for number in (1, 2, 3):
+        cell = copy.copy(p)
+        cell.init([], [], [])
+        assert cell.initialised and state.textinfo == f"epoch grid · cell {number}/3"
 
 
 # ---- bridge -----------------------------------------------------------------------------------
@@ -212,7 +261,7 @@ def test_bridge_unmerges_loras_and_catches_a_changed_model(a1111, monkeypatch):
     linear.network_current_names = (("merged", 1.0, 1.0, None),)
     restore = lambda m: m.weight.copy_(m.network_weights_backup)  # noqa: E731
     monkeypatch.setitem(sys.modules, "networks", SimpleNamespace(loaded_networks=["net"], network_restore_weights_from_backup=restore))
-    monkeypatch.setattr("lorakit_ext.models.ldm.LdmModel", lambda sd_model, **kw: SimpleNamespace(sd_model=sd_model, **kw))
+    monkeypatch.setattr("lorakit_ext.models.families.adapter_for", lambda sd_model, **kw: SimpleNamespace(sd_model=sd_model, **kw))
     a1111.shared.sd_model = sd
     with bridge.training_model(TrainConfig()) as model:
         assert model.sd_model is sd and model.clip_skip == 2
@@ -291,7 +340,7 @@ def wait_for(job_id, timeout=10.0):
 
 @pytest.fixture
 def project(a1111):
-    create_project(a1111.projects, "kat")
+    fill_dataset(create_project(a1111.projects, "kat").dataset)
     return "kat"
 
 
@@ -415,7 +464,7 @@ def client(a1111):
 
 
 def test_api_maps_errors_to_http_statuses(a1111, client, project, monkeypatch, tmp_path):
-    from lorakit_ext.webui import jobs
+    from lorakit_ext.webui import host, jobs
 
     v1 = "/lorakit/v1"
     assert client.get(f"{v1}/projects").json()["projects"] == ["kat"]
@@ -430,9 +479,27 @@ def test_api_maps_errors_to_http_statuses(a1111, client, project, monkeypatch, t
     answer = client.post(f"{v1}/projects/kat/train", json={"config": {"max_train_epochs": 1}})
     assert answer.status_code == 202 and wait_for(answer.json()["job_id"])["status"] == "finished"
     assert client.get(f"{v1}/jobs/latest").json()["id"] == answer.json()["job_id"]
-    monkeypatch.setattr(jobs, "start_grid", lambda *a, **k: (_ for _ in ()).throw(jobs.FeatureMissing("no xyz")))
+    monkeypatch.setattr(jobs, "start_grid", lambda *a, **k: (_ for _ in ()).throw(host.FeatureMissing("no xyz")))
     assert client.post(f"{v1}/projects/kat/grid", json={"lora_names": ["kat-01"]}).status_code == 501
     a1111.shared.cmd_opts.api_auth = "ann:s3cret:x,bob:pw"
     assert client.get(f"{v1}/projects").status_code == 401
     assert client.get(f"{v1}/projects", auth=("ann", "wrong")).status_code == 401
     assert client.get(f"{v1}/projects", auth=("ann", "s3cret:x")).status_code == 200
+
+
+# ---- the model adapter ------------------------------------------------------------------------
+def test_clip_skip_beyond_the_text_encoders_depth_is_refused_before_training(a1111, tiny_sd15):
+    """The tiny text encoder has 4 layers: clip_skip 5 used to pass and end as an IndexError."""
+    from lorakit_ext.models.ldm import LdmModel
+    from lorakit_ext.webui import bridge
+
+    sd_model = tiny_sd15[0]
+    assert LdmModel(sd_model, clip_skip=4).clip_skip == 4
+    with pytest.raises(UserError, match=r"clip_skip 5 .* 4 layers; use a clip_skip from 1 to 4"):
+        LdmModel(sd_model, clip_skip=5)
+    a1111.shared.sd_model = sd_model
+    before = {k: v.clone() for k, v in sd_model.state_dict().items()}
+    with pytest.raises(UserError, match="from 1 to 4"):
+        with bridge.training_model(TrainConfig(clip_skip=12)):
+            pytest.fail("no training may start")
+    assert all(torch.equal(before[k], v) for k, v in sd_model.state_dict().items())

@@ -1,50 +1,130 @@
-"""``bench train --compare-kohya``: kohya sd-scripts' rows, run on this machine just before ours.
+"""``bench train --kohya-sd-scripts DIR``: kohya sd-scripts' own ``train_network.py`` run on this
+machine at the settings of our rows, just before them, so one report compares both.
 
-The kohya side is ``run_device.sh`` from ``shared/perf-anchor`` (kohya's ``train_network.py``
-unchanged, on a random SD1.5 checkpoint, same settings as our rows; see the README's "Speed"
-section for the carried inputs). It runs first, in its own processes, so that our process has not
-touched the GPU yet and each side's nvidia-smi peak is its own.
+For each (train, batch) row kohya trains, unchanged, on
+- a random-initialised full-size SD1.5 checkpoint in the ldm/A1111 layout, built by LoRA Kit's own
+  model builder (throughput does not depend on weight values), with SD1's real CLIP tokenizer built
+  offline in the folder sd-scripts looks in first;
+- the very dataset files our rows train on;
+- our row's ``TrainConfig`` exported by :mod:`lorakit_ext.export.kohya_toml`, the same TOML pair
+  every LoRA Kit run leaves in its run folder, plus the benchmark's tokenizer and loader options.
+
+It runs in its own process, with the Python that has sd-scripts' packages (``--kohya-python``),
+while this process has not touched the GPU yet, so the nvidia-smi peak is kohya's alone.
+:mod:`lorakit_ext.bench.kohya_clock` records when each of kohya's steps ended; the steady-state
+rate skips the same warm-up steps as ours.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from lorakit_ext.bench.smi import SmiPeak
 from lorakit_ext.errors import UserError
+from lorakit_ext.export.kohya_toml import dataset_toml, render_train_table, training_args
+from lorakit_ext.models.clip_tokenizer import build_clip_tokenizer_files
 
-# (train, batch) → the run_device.sh phase and the name its results carry.
-PHASES = {("te", 2): ("kohya_te_b2", "te_unet_b2"), ("unet", 2): ("kohya_unet_b2", "unet_b2"), ("unet", 8): ("kohya_unet_b8", "unet_b8")}
+CLOCK = Path(__file__).with_name("kohya_clock.py")
+# sd-scripts loads SD1's tokenizer from <tokenizer_cache_dir>/<hub id with "/" → "_"> when present.
+TOKENIZER_FOLDER = "openai_clip-vit-large-patch14"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def kohya_rows(script: str, combos: list[tuple[str, int]]) -> tuple[dict[tuple[str, int], dict], list[str]]:
-    """Runs the kohya phases matching ``combos``; returns their records and notes for the others."""
-    path = Path(script)
-    if not path.is_file():
-        raise UserError(f"--compare-kohya: {script} is not a file (expected perf-anchor's run_device.sh)")
-    wanted = [c for c in combos if c in PHASES]
-    notes = [f"no kohya row for {train} b{batch} in run_device.sh" for train, batch in combos if (train, batch) not in PHASES]
-    if not wanted:
-        return {}, notes
+def row_name(train: str, batch: int) -> str:
+    return f"{'te_unet' if train == 'te' else 'unet'}_b{batch}"
+
+
+def write_random_sd15(path: Path) -> Path:
+    """A full-size SD1.5 checkpoint with random weights, fp16, in the layout sd-scripts loads. Built
+    on the CPU: a CUDA context of ours would count in kohya's nvidia-smi peak."""
+    import safetensors.torch
+
+    from lorakit_ext.models.tiny import fp16_checkpoint, build_random_sd15
+
+    model = build_random_sd15("cpu", torch.float32, full=True)
+    safetensors.torch.save_file(fp16_checkpoint(model), str(path), metadata={"format": "pt"})
+    return path
+
+
+def _check_inputs(sd_scripts: str, python: str) -> tuple[Path, str]:
+    folder = Path(sd_scripts).resolve()
+    if not (folder / "train_network.py").is_file():
+        raise UserError(f"--kohya-sd-scripts: {sd_scripts} has no train_network.py (expected a kohya-ss/sd-scripts checkout)")
+    exe = shutil.which(python)
+    if exe is None:
+        raise UserError(f"--kohya-python: {python} is not an executable Python")
+    # Absolute, as it runs from sd-scripts' folder; not resolved, or a venv's python link would
+    # start the base interpreter without the venv's packages.
+    return folder, os.path.abspath(exe)
+
+
+def _kohya_config(config, work: Path, dataset_dir: Path, checkpoint: Path, tokenizers: Path, precision: str) -> Path:
+    total = config.max_train_steps
+    (work / "dataset.toml").write_text(dataset_toml(config, dataset_dir), encoding="utf-8")
+    args = training_args(
+        config, base_model_path=str(checkpoint), dataset_config=str(work / "dataset.toml"), output_dir=str(work / "out"),
+        output_name=work.name, total_steps=total, warmup_steps=int(total * config.lr_warmup_ratio),
+        v_parameterization=False, v2=False, mixed_precision=precision, optimizer=config.optimizer,
+    )
+    # A few persistent workers: with cached latents a worker only hands out tensors, and workers
+    # respawned mid-run would count as training time.
+    args.update(tokenizer_cache_dir=str(tokenizers), max_data_loader_n_workers=2, persistent_data_loader_workers=True)
+    path = work / "config.toml"
+    path.write_text(render_train_table(args), encoding="utf-8")
+    return path
+
+
+def _record(name: str, batch: int, clock: dict, skip: int, smi_peak_mib: float | None) -> dict:
+    ends = clock["step_end_s"]
+    record = {
+        "kind": "kohya", "name": name, "batch": batch, "steps": len(ends), "skip_steps": skip,
+        "it_s": (len(ends) - skip) / (ends[-1] - ends[skip - 1]),
+        "first_step_s": ends[0],  # from the start of kohya's process: imports, model load, latent caching
+    }
+    record["img_s"] = record["it_s"] * batch
+    for key in ("max_memory_allocated_GiB", "max_memory_reserved_GiB"):
+        if key in clock:
+            record[f"torch_{key}"] = clock[key]
+    if smi_peak_mib is not None:
+        record["smi_peak_mem_MiB"] = smi_peak_mib
+    return record
+
+
+def kohya_rows(sd_scripts: str, python: str, configs: dict, dataset_dir: Path, *, precision: str, warmup: int) -> tuple[dict, list[str]]:
+    """Runs ``train_network.py`` once per ``(train, batch): TrainConfig`` of ``configs`` (each with
+    ``max_train_steps`` set) on the images in ``dataset_dir``; returns their records and notes on
+    the rows that gave none."""
+    folder, exe = _check_inputs(sd_scripts, python)
+    rows, notes = {}, []
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="lorakit-kohya-") as tmp:
-        env = {**os.environ, "OUT": f"{tmp}/out", "W": f"{tmp}/work", "BUDGET_S": os.environ.get("BUDGET_S", "100000")}
-        phases = [PHASES[c][0] for c in wanted]
-        print(f"kohya sd-scripts: bash {script} setup {' '.join(phases)}", file=sys.stderr, flush=True)
-        done = subprocess.run(["bash", str(path), "setup", *phases], env=env, capture_output=True, text=True)
-        log = Path(tmp, "out", "main.log")
-        main_log = log.read_text() if log.exists() else done.stdout + done.stderr
-        results = Path(tmp, "out", "results.jsonl")
-        records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    by_name = {r["name"]: r for r in records if r.get("kind") == "kohya" and "it_s" in r}
-    rows = {}
-    for combo in wanted:
-        record = by_name.get(PHASES[combo][1])
-        if record is None:
-            notes.append(f"kohya {PHASES[combo][0]} gave no result; its log:\n{main_log[-3000:]}")
-        else:
-            rows[combo] = record
+        tmp = Path(tmp)
+        print("kohya sd-scripts: writing a random-weight SD1.5 checkpoint", file=sys.stderr, flush=True)
+        checkpoint = write_random_sd15(tmp / "sd15-random.safetensors")
+        tokenizers = tmp / "tokenizers"
+        build_clip_tokenizer_files(tokenizers / TOKENIZER_FOLDER)
+        for (train, batch), config in configs.items():
+            name = row_name(train, batch)
+            work = tmp / name
+            work.mkdir()
+            clock, log = work / "clock.json", work / "kohya.log"
+            kohya_config = _kohya_config(config, work, dataset_dir, checkpoint, tokenizers, precision)
+            command = [exe, str(CLOCK), str(folder), str(clock), "--config_file", str(kohya_config)]
+            print(f"kohya sd-scripts: {name}, {config.max_train_steps} steps", file=sys.stderr, flush=True)
+            with open(log, "w", encoding="utf-8") as out, SmiPeak(device) as smi:
+                done = subprocess.run(command, cwd=folder, env={**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT)
+            steps = json.loads(clock.read_text(encoding="utf-8")) if clock.exists() else {"step_end_s": []}
+            if done.returncode == 0 and len(steps["step_end_s"]) > warmup:
+                rows[(train, batch)] = _record(name, batch, steps, warmup, smi.peak_mib)
+            else:
+                tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+                notes.append(f"kohya {name} gave no result (exit {done.returncode}, {len(steps['step_end_s'])} steps); its log ends:\n{tail}")
     return rows, notes

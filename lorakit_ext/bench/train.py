@@ -3,14 +3,15 @@
 It runs the real :class:`~lorakit_ext.train.loop.Trainer` — the same code path as the CLI and the
 A1111 tab — on a random-initialised full-size SD1.5 (no weights needed: throughput does not depend
 on weight values) and a synthetic dataset, at the kohya-colab settings by default (512², batch 2,
-dim 16 / alpha 8, TE + UNet). kohya sd-scripts' figures on an H200 (shared/perf.md) are printed
-beside ours; ``bench train --compare-kohya run_device.sh`` runs kohya's rows on this machine first
-and compares in the same run (:mod:`lorakit_ext.bench.kohya`).
+dim 16 / alpha 8, TE + UNet). kohya sd-scripts' figures recorded on one H200 are printed beside
+ours; ``bench train --kohya-sd-scripts DIR`` runs kohya's matching rows on this machine first and
+compares in the same run (:mod:`lorakit_ext.bench.kohya`).
 """
 
 from __future__ import annotations
 
 import itertools
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ from PIL import Image
 from lorakit_ext.bench.kohya import kohya_rows
 from lorakit_ext.bench.smi import SmiPeak
 from lorakit_ext.errors import UserError
+from lorakit_ext.train.precision import resolve_precision
 
-# kohya sd-scripts 48d368f on one H200, bf16, SDPA, cached latents (shared/perf.md), steady-state it/s.
+# kohya sd-scripts 48d368f alone on one H200 (bf16, SDPA, cached latents, 300 steps), steady-state it/s.
 KOHYA_H200 = {("te", 2): 3.46, ("unet", 2): 4.38, ("unet", 8): 4.91}
 WEIGHTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,8 +46,10 @@ def add_arguments(p) -> None:
     p.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (default both: the eager row is the same-run reference)")
     p.add_argument("--tiny", action="store_true", help="the tiny test model instead of full-size SD1.5 (a CPU smoke run)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compare-kohya", metavar="RUN_DEVICE_SH", default=None,
-                   help="run kohya sd-scripts' matching rows first with shared/perf-anchor's run_device.sh (its carried inputs in place) and compare in the same run")
+    p.add_argument("--kohya-sd-scripts", metavar="DIR", default=None,
+                   help="a kohya-ss/sd-scripts checkout: run its train_network.py on the matching rows first, at the same settings, and compare in the same run")
+    p.add_argument("--kohya-python", metavar="PYTHON", default=sys.executable,
+                   help="the Python whose packages run sd-scripts (default: this one)")
 
 
 def _dataset(project, images: int, resolution: int) -> None:
@@ -70,14 +74,12 @@ def _model(tiny: bool, device: torch.device, dtype: torch.dtype, folder: Path):
     return build_random_sd15(device, dtype, full=True)
 
 
-def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device, graphs: bool, layout: str, kohya: dict | None) -> dict:
-    """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
-    from lorakit_ext.models.ldm import LdmModel
-    from lorakit_ext.train.config import TrainConfig
-    from lorakit_ext.train.loop import Trainer, TrainJob
+def bench_config(args, *, batch: int, unet_only: bool, graphs: bool = True):
+    """The settings of one row; kohya's row runs the same ones."""
+    from lorakit_ext.train_config import TrainConfig
 
     total = args.warmup + args.steps
-    config = TrainConfig(
+    return TrainConfig(
         resolution=args.resolution, min_bucket_reso=min(256, args.resolution), max_bucket_reso=max(1024, args.resolution),
         num_repeats=max(1, -(-total * batch // args.images)), train_batch_size=batch, max_train_epochs=1,
         max_train_steps=total, network_dim=args.dim, network_alpha=args.alpha, optimizer="AdamW",
@@ -85,7 +87,16 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
         gradient_checkpointing=args.gradient_checkpointing, keep_only_last_n_epochs=0, save_every_n_epochs=1000,
         cuda_graphs=graphs,
     ).validate()
-    model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+
+
+def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device, graphs: bool, layout: str, kohya: dict | None) -> dict:
+    """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
+    from lorakit_ext.models.families import adapter_for
+    from lorakit_ext.train.loop import Trainer, TrainJob
+
+    total = args.warmup + args.steps
+    config = bench_config(args, batch=batch, unet_only=unet_only, graphs=graphs)
+    model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
     marks: dict[str, float] = {}
 
     def on_progress(p) -> None:
@@ -103,7 +114,8 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    job = TrainJob(config, project, project.path / "out", project.runs / run_name, patch_attention=True,
+    # A folder per row: LoRA Kit never replaces an epoch file another run wrote.
+    job = TrainJob(config, project, project.path / "out" / run_name, project.runs / run_name, patch_attention=True,
                    channels_last={"auto": None, "on": True, "off": False}[layout])
     job.run_dir.mkdir(parents=True)
     trainer = Trainer(model, job, on_progress=on_progress)
@@ -169,14 +181,19 @@ def run_bench(args) -> dict:
     if device.type != "cuda":
         modes = ["eager"]  # CUDA graphs exist only on CUDA: a "graphs" row would repeat the eager one
     kohya, notes = {}, []
-    if args.compare_kohya:
-        # Before this process touches the GPU: kohya's nvidia-smi peak must be kohya's alone.
-        kohya, notes = kohya_rows(args.compare_kohya, [(t, b) for t in trains for b in batches])
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         tmp = Path(tmp)
         project = create_project(tmp, "bench")
         _dataset(project, args.images, args.resolution)
+        if args.kohya_sd_scripts:
+            # Before this process touches the GPU: kohya's nvidia-smi peak must be kohya's alone.
+            configs = {(t, b): bench_config(args, batch=b, unet_only=t == "unet") for t in trains for b in batches}
+            precision = resolve_precision(args.precision, device, WEIGHTS[weights[0]]).name
+            kohya, notes = kohya_rows(args.kohya_sd_scripts, args.kohya_python, configs, project.dataset,
+                                      precision=precision, warmup=args.warmup)
+            if args.tiny:
+                notes.append("--tiny: our rows ran the tiny model, kohya's the full-size SD1.5 it can load; the ratios compare different models")
         t0 = time.perf_counter()
         sd_model = _model(args.tiny, device, WEIGHTS[weights[0]], tmp)
         build_s = time.perf_counter() - t0
@@ -226,7 +243,7 @@ def run_cli(args):
     lines.append("chlast: UNet weights and latents in channels_last (auto: on CUDA).")
     lines.append("reserved: torch's peak reserved memory, GiB; smi peak: nvidia-smi memory.used peak, GiB (CUDA context included).")
     if any(r.get("kohya_same_run") is False for r in f["rows"]):
-        lines.append("kohya it/s*: kohya sd-scripts on an H200 as recorded in shared/perf.md, not this run (--compare-kohya runs it here).")
+        lines.append("kohya it/s*: kohya sd-scripts 48d368f as recorded on one H200, not this run (--kohya-sd-scripts runs it here).")
     return f, "\n".join(lines)
 
 

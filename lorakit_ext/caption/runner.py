@@ -30,6 +30,7 @@ from lorakit_ext.dataset.tags import dedupe_tags, join_tags, split_tags, tag_key
 from lorakit_ext.errors import UserError
 from lorakit_ext.fsutil import atomic_write_json
 from lorakit_ext.project import Project
+from lorakit_ext.project_lock import holding_lock
 from lorakit_ext.train.events import Interrupted, Progress
 
 MODES = ("missing", "overwrite", "prepend", "append")
@@ -172,6 +173,7 @@ def _read_batch(paths: list, report: CaptionReport) -> list:
     return loaded
 
 
+@holding_lock("captioning")
 def caption_project(
     project: Project,
     captioner: Captioner,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 from lorakit_ext.cli.output import Result
 from lorakit_ext.dataset.captions import read_captions, write_caption
 from lorakit_ext.dataset.files import is_image_name
@@ -14,7 +15,8 @@ ACTIONS = ("show", "set", "lint")
 
 
 def register(sub, common) -> None:
-    # One flat parser rather than nested sub-commands, so --json/--root work in any position.
+    # One flat parser rather than nested sub-commands: a nested parser re-applies the defaults of
+    # --root/--json over values given before it.
     p = sub.add_parser(
         "captions",
         parents=[common],
@@ -28,6 +30,7 @@ def register(sub, common) -> None:
     p.add_argument("values", nargs="*", metavar="NAME TEXT", help="for set: the image file name and its caption")
     p.add_argument("--trigger", default="", help="for lint: the activation tag(s) every caption should start with")
     p.set_defaults(handler=run)
+    # add_parser builds every command with one parser class; only this one has optional positionals.
 
 
 def _show(project: Project) -> Result:

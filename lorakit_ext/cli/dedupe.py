@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lorakit_ext.cli.output import Result
 from lorakit_ext.dataset.dedupe import DEFAULT_METHOD, DEFAULT_THRESHOLDS, METHODS, DedupePlan, apply_plan, plan_dedupe, resolve_keep
+from lorakit_ext.dataset.similar import MAX_CROP
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import open_project
 
@@ -16,7 +17,8 @@ def register(sub, common) -> None:
         "--threshold",
         type=int,
         default=None,
-        help="largest Hamming distance called a duplicate (default: "
+        help="largest Hamming distance that puts a pair forward as a possible copy; every pair is then "
+        "confirmed by aligning the two images (default: "
         + ", ".join(f"{m} {t}" for m, t in DEFAULT_THRESHOLDS.items())
         + ")",
     )
@@ -41,13 +43,11 @@ def _size(n: int) -> str:
 
 
 def plan_text(plan: DedupePlan, keep: dict[int, str]) -> list[str]:
+    how = f"{plan.method} ≤ {plan.threshold} bits or crops up to {MAX_CROP:.0%}, confirmed by alignment"
     if not plan.clusters:
-        lines = [f"No near-duplicates among {plan.image_count} images ({plan.method}, threshold {plan.threshold})."]
+        lines = [f"No near-duplicates among {plan.image_count} images ({how})."]
     else:
-        lines = [
-            f"{len(plan.clusters)} clusters of near-duplicates among {plan.image_count} images "
-            f"({plan.method}, threshold {plan.threshold}); * = kept:"
-        ]
+        lines = [f"{len(plan.clusters)} clusters of near-duplicates among {plan.image_count} images ({how}); * = kept:"]
     for c in plan.clusters:
         kept = keep[c.id]
         lines.append(f"cluster {c.id}:")

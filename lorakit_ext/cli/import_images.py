@@ -20,7 +20,8 @@ def register(sub, common) -> None:
         parents=[common],
         help="validate images and copy them into a project's dataset",
         description="Copies images (and same-stem .txt/.caption files) into PROJECT/dataset. "
-        "Corrupt, truncated, oversized and ambiguous files are rejected with a reason; "
+        "Corrupt, truncated, oversized and ambiguous files are rejected with a reason; files the "
+        "dataset already holds and symlinked sub-folders are skipped and listed; "
         "nothing is overwritten and the sources are never modified.",
     )
     p.add_argument("project", metavar="PROJECT", help="an existing project (create it with: project create NAME)")
@@ -49,9 +50,10 @@ def _collect(project: Project, sources: list[str], recursive: bool) -> list:
     return candidates + (collect_files(project, files) if files else [])
 
 
-def _all_rejected(report: ImportReport) -> str:
-    quoted = "; ".join(f"{r.source}: {r.reason}" for r in report.rejected[:QUOTED_REASONS])
-    more = len(report.rejected) - QUOTED_REASONS
+def _nothing_imported(report: ImportReport) -> str:
+    problems = [*report.rejected, *report.skipped]
+    quoted = "; ".join(f"{r.source}: {r.reason}" for r in problems[:QUOTED_REASONS])
+    more = len(problems) - QUOTED_REASONS
     return f"none of the {len(report.rejected)} files could be imported: {quoted}" + (
         f"; and {more} more" if more > 0 else ""
     )
@@ -61,11 +63,13 @@ def _text(report: ImportReport, dataset: Path) -> str:
     converted = [f for f in report.imported if f.converted_reason]
     renamed = [f for f in report.imported if f.renamed_from]
     captions = sum(len(f.captions) for f in report.imported)
+    skipped = f", skipped {len(report.skipped)}" if report.skipped else ""
     lines = [
-        f"imported {len(report.imported)}, rejected {len(report.rejected)} "
+        f"imported {len(report.imported)}, rejected {len(report.rejected)}{skipped} "
         f"({len(converted)} converted to PNG, {len(renamed)} renamed, {captions} caption files)"
     ]
     lines += [f"rejected {r.source}: {r.reason}" for r in report.rejected]
+    lines += [f"skipped {k.source}: {k.reason}" for k in report.skipped]
     lines.append(f"saved to {dataset}")
     lines += [f"converted {f.source} -> {f.dest.name}: {f.converted_reason}" for f in converted]
     lines += [f"renamed {f.source} -> {f.dest.name}" for f in renamed]
@@ -78,7 +82,8 @@ def run(args) -> Result:
     project = open_project(args.root, args.project)
     candidates = _collect(project, args.sources, args.recursive)
     report = import_candidates(project, candidates, int(args.max_megapixels * 1e6))
-    if not report.imported:
-        raise UserError(_all_rejected(report))
+    # Importing a folder again adds nothing and is no error: its images are all there already.
+    if not report.imported and not any(k.duplicate_of for k in report.skipped):
+        raise UserError(_nothing_imported(report))
     data = {"project": project.name, "dataset": str(project.dataset), **report.to_dict()}
     return Result(data, _text(report, project.dataset))

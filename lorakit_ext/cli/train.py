@@ -1,29 +1,38 @@
-"""``train PROJECT --base-model CKPT``: headless LoRA training, same trainer as the A1111 tab."""
+"""``train PROJECT --base-model CKPT``: headless LoRA training, same trainer as the A1111 tab.
+
+``train PROJECT --resume RUN`` continues an interrupted run with everything it started with (the
+run record holds base model, output folder, device options and settings); options that would
+change the run are refused.
+"""
 
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 from lorakit_ext.cli.output import Result
 from lorakit_ext.cli.progress import ProgressPrinter
-from lorakit_ext.cli.train_options import add_train_options, config_from_args
+from lorakit_ext.cli.train_options import add_train_options, config_from_args, given_train_options
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import open_project
-from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.project_lock import ProjectLock
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# The options a resume takes from the run record; given again, they must say the same.
+_RECORDED = {"base_model": "--base-model", "model_config": "--model-config", "out": "--out", "device": "--device", "weights": "--weights"}
 
 
 def register(sub, common) -> None:
     p = sub.add_parser("train", parents=[common], help="train a LoRA on a project's dataset")
     p.add_argument("project")
-    p.add_argument("--base-model", required=True, help="SD1.x/SD2.x checkpoint (.safetensors or .ckpt; a .yaml beside it is used)")
+    p.add_argument("--base-model", help="SD1/SD2 checkpoint (.safetensors or .ckpt; a .yaml beside it is used)")
     p.add_argument("--model-config", help="ldm .yaml for the checkpoint (default: beside it, or detected)")
     p.add_argument("--out", help="folder for the epoch files (default: <project>/output)")
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its id in <project>/runs/)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--weights", choices=DTYPES, default="auto", help="dtype of the base weights (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its id in <project>/runs/) with its own settings")
+    p.add_argument("--force", action="store_true", help="with --resume: continue although the dataset or base model changed")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--weights", choices=DTYPES, help="dtype of the base weights (default: fp16 on CUDA, fp32 on CPU)")
     add_train_options(p)
     p.set_defaults(handler=run)
 
@@ -33,7 +42,10 @@ def _device_and_dtype(device: str, weights: str):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device torch knows; use cuda, cuda:N or cpu") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA GPU")
     if weights == "auto":
@@ -41,59 +53,110 @@ def _device_and_dtype(device: str, weights: str):
     return dev, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[weights]
 
 
+def _resolved(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else None
+
+
+def _options(args, project) -> dict:
+    return {
+        "base_model": _resolved(args.base_model),
+        "model_config": _resolved(args.model_config),
+        "out": _resolved(args.out) or str(project.path / "output"),
+        "device": args.device or "auto",
+        "weights": args.weights or "auto",
+    }
+
+
+def _resume_options(args, point) -> dict:
+    recorded = {"out": str(point.output_dir), "device": "auto", "weights": "auto", "model_config": None,
+                **(point.record.get("options") or {})}
+    if not recorded.get("base_model"):
+        # Started in A1111 on its loaded model: the file is whatever the user names; its hash is
+        # checked against the record once loaded.
+        if not args.base_model:
+            raise UserError(f"run {point.run_dir.name} was trained on A1111's loaded model; resume it in the tab, "
+                            "or give --base-model with that checkpoint file")
+        recorded["base_model"] = _resolved(args.base_model)
+    changed = [f"{flag} (the run has {recorded.get(key)!r})" for key, flag in _RECORDED.items()
+               if getattr(args, key) is not None and _resolved_option(key, getattr(args, key)) != recorded.get(key)]
+    changed += given_train_options(args)
+    if changed:
+        raise UserError(
+            f"--resume continues run {point.run_dir.name} with the settings it started with; leave out "
+            + ", ".join(changed) + ". To change them, start a new run"
+        )
+    return recorded
+
+
+def _resolved_option(key: str, value: str) -> str:
+    return _resolved(value) if key in ("base_model", "model_config", "out") else value
+
+
 def run(args) -> Result:
-    from lorakit_ext.models.checkpoint import load_sd_checkpoint
-    from lorakit_ext.models.ldm import LdmModel
-    from lorakit_ext.train.events import Interrupted
-    from lorakit_ext.train.loop import Trainer, TrainJob
-    from lorakit_ext.train.record import find_run_dir, new_run_dir
-    from lorakit_ext.train.state import load_state
+    from lorakit_ext.train.preflight import preflight
+    from lorakit_ext.train.resume import check_unchanged, resume_point
 
     project = open_project(args.root, args.project)
-    resume_state = None
-    if args.resume:
-        run_dir = find_run_dir(project, args.resume)
-        resume_state = load_state(run_dir)
-        # A resumed run keeps its own settings: changing them midway would not reproduce anything.
-        config = TrainConfig.from_dict(resume_state["config"]).validate()
-    else:
-        config = config_from_args(args)
-    output_name = config.output_name or project.name
-    out = Path(args.out).expanduser().resolve() if args.out else project.path / "output"
-    device, dtype = _device_and_dtype(args.device, args.weights)
-    sd_model, info = load_sd_checkpoint(args.base_model, args.model_config, device=device, dtype=dtype)
-    model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
-    if not args.resume:
-        run_dir = new_run_dir(project, output_name)
-    job = TrainJob(
-        config,
-        project,
-        out,
-        run_dir,
-        base_model_name=Path(args.base_model).name,
-        base_model_hash=info.legacy_hash,
-        base_model_sha256=info.sha256,
-        patch_attention=True,
-    )
+    if args.force and not args.resume:
+        raise UserError("--force only goes with --resume")
+    if not args.resume and not args.base_model:
+        raise UserError("--base-model is required to start a run (give the checkpoint to train on)")
+    with ProjectLock(project.path, "training (CLI)"):
+        if args.resume:
+            point = resume_point(project, args.resume)
+            options, config = _resume_options(args, point), point.config
+            pre = preflight(project, config, Path(options["out"]), output_stem=point.output_stem)
+            check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=None, force=args.force)
+        else:
+            point, options, config = None, _options(args, project), config_from_args(args)
+            pre = preflight(project, config, Path(options["out"]))
+        return _train(args, project, config, options, pre, point)
+
+
+def _train(args, project, config, options, pre, point) -> Result:
+    from lorakit_ext.models.checkpoint import load_sd_checkpoint
+    from lorakit_ext.models.families import adapter_for
+    from lorakit_ext.train.events import Interrupted
+    from lorakit_ext.train.launch import BaseModel, open_run
+    from lorakit_ext.train.loop import Trainer
+    from lorakit_ext.train.resume import check_unchanged
+
+    device, dtype = _device_and_dtype(options["device"], options["weights"])
+    sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype)
+    if point is not None:
+        check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=info.sha256, force=args.force)
+    model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+    base = BaseModel(Path(options["base_model"]).name, options["base_model"], info.legacy_hash, info.sha256)
+    job = open_run(project, config, Path(options["out"]), pre, base, options=options, resume=point, patch_attention=True)
     stop = {"asked": False}
 
     def on_sigint(signum, frame):
         stop["asked"] = True
-        print("stopping after this step (Ctrl-C again to abort without saving)…", flush=True)
+        print("stopping after this step (Ctrl-C again to abort without saving)…", file=sys.stderr, flush=True)
         signal.signal(signal.SIGINT, previous)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=lambda: stop["asked"]).run(resume_state)
-    except Interrupted:
-        resume = f"python -m lorakit_ext train {project.name} --base-model {args.base_model} --resume {run_dir.name}"
-        return Result({"status": "interrupted", "run": run_dir.name, "resume": resume}, f"interrupted; state saved in {run_dir}\nresume with: {resume}", ok=False)
+        result = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=lambda: stop["asked"]).run(point.state if point else None)
+    except Interrupted as exc:
+        return _interrupted(project, job.run_dir, str(exc))
     finally:
         signal.signal(signal.SIGINT, previous)
     files = [str(f) for f in result.files]
     text = "\n".join(
         [f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else f"trained {result.steps} steps"]
         + [f"  {f}" for f in files]
-        + [f"run record: {run_dir}"]
+        + [f"run record: {job.run_dir}"]
     )
-    return Result({"status": result.status, "files": files, "steps": result.steps, "run": run_dir.name, "run_dir": str(run_dir)}, text)
+    return Result({"status": result.status, "files": files, "steps": result.steps, "run": job.run_dir.name, "run_dir": str(job.run_dir)}, text)
+
+
+def _interrupted(project, run_dir: Path, reason: str) -> Result:
+    from lorakit_ext.train.record import read_run
+
+    data = {"status": "interrupted", "run": run_dir.name, "run_dir": str(run_dir)}
+    if not read_run(run_dir).get("resumable"):
+        text = f"interrupted before the first step ({reason}); nothing was trained, start the run again"
+        return Result(data, text, ok=False, exit_code=130)
+    resume = f"python -m lorakit_ext train {project.name} --root {project.root} --resume {run_dir.name}"
+    return Result({**data, "resume": resume}, f"interrupted; state saved in {run_dir}\nresume with: {resume}", ok=False, exit_code=130)

@@ -4,7 +4,8 @@ and a few common flags, all turned into one validated :class:`TrainConfig`."""
 from __future__ import annotations
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.train.config import PRESETS, TrainConfig, load_config_file
+from lorakit_ext.models.families import PRESETS
+from lorakit_ext.train_config import TrainConfig, load_config_file
 
 # The options people change most often get their own flags; everything else is --set key=value.
 _FLAGS = {
@@ -41,3 +42,11 @@ def config_from_args(args) -> TrainConfig:
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
     return TrainConfig.from_dict(values).validate()
+
+
+def given_train_options(args) -> list[str]:
+    """The training options given on the command line, as their flags (for refusing them)."""
+    given = [f"--{name}" for name in ("config", "preset") if getattr(args, name)]
+    given += [f"--{flag.replace('_', '-')}" for flag in _FLAGS if getattr(args, flag) is not None]
+    given += [f"--set {item}" for item in args.set]
+    return given

@@ -43,7 +43,7 @@ def render_epoch_grid(model, plan: GridPlan, prompt: str, *, negative: str = "",
 
     cells = [[None] * len(plan.columns) for _ in plan.seeds]
     for c, (_, path) in enumerate(plan.columns):
-        with lora_merged(model.sd_model, path, weight, model.arch):
+        with lora_merged(model.sd_model, path, weight, model.family):
             for r, seed in enumerate(plan.seeds):
                 cells[r][c] = sample(model, prompt, negative, seed=seed, size=size, steps=steps)
     return compose_grid(cells, [label for label, _ in plan.columns], [f"seed {s}" for s in plan.seeds])

@@ -33,6 +33,7 @@ from lorakit_ext.export.card import (
 from lorakit_ext.export.writer import SAVE_DTYPE, SUFFIX, ModuleWeights, epoch_from_file_name, read_lora_file, write_lora_file
 from lorakit_ext.fsutil import atomic_write_bytes, atomic_write_json, move_no_clobber
 from lorakit_ext.project import Project, confine
+from lorakit_ext.project_lock import holding_lock
 
 _DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
@@ -121,6 +122,7 @@ def _publish(staged: list[tuple[Path, Path]]) -> None:
         raise UserError(f"{exc}; nothing was promoted") from None
 
 
+@holding_lock("promote")
 def promote(
     project: Project,
     lora_dir: Path,

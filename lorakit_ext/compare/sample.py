@@ -9,29 +9,29 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lorakit_ext.export.apply import apply_lora_file, component_roots, target_weight
-from lorakit_ext.export.kohya import module_path_from_kohya
+from lorakit_ext.export.apply import apply_lora_file, target_weight
 from lorakit_ext.export.writer import read_lora_file
 
 
 @contextlib.contextmanager
-def lora_merged(sd_model, path: Path | None, multiplier: float, arch: str):
-    """Merges a LoRA for the duration of the block and puts back the exact original weights."""
+def lora_merged(sd_model, path: Path | None, multiplier: float, family):
+    """Merges a LoRA into ``sd_model`` (of ``family``) for the duration of the block and puts back
+    the exact original weights."""
     if path is None:
         yield
         return
     tensors, _ = read_lora_file(path)
-    roots = component_roots(sd_model, arch)
+    roots = family.component_roots(sd_model)
     weights = {}
     for name in {key.partition(".")[0] for key in tensors}:
-        component, module_path = module_path_from_kohya(name, arch)
+        component, module_path = family.module_path_from_kohya(name)
         weight = target_weight(roots[component], module_path)[0]
         # SD2's q, k and v share one packed weight: back it up once.
         weights[id(weight)] = weight
     weights = list(weights.values())
     backup = [w.detach().clone() for w in weights]
     try:
-        apply_lora_file(sd_model, path, multiplier, arch)
+        apply_lora_file(sd_model, path, family, multiplier)
         yield
     finally:
         with torch.no_grad():
@@ -46,8 +46,9 @@ def sample(model, prompt: str, negative: str, *, seed: int, size: tuple[int, int
 
     sd_model = model.sd_model
     width, height = size
-    cond = model.encode_tokens(model.tokenize([prompt]))
-    uncond = model.encode_tokens(model.tokenize([negative]))
+    # ldm's sampler conditions on the cross-attention alone, which is all an ldm model takes.
+    cond = model.encode_tokens(model.tokenize([prompt]))["crossattn"]
+    uncond = model.encode_tokens(model.tokenize([negative]))["crossattn"]
     shape = (4, height // 8, width // 8)
     noise = torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(seed)).to(model.device)
     dtype = next(model.unet.parameters()).dtype

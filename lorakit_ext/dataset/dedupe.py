@@ -1,7 +1,10 @@
-"""Near-duplicate images: perceptual hashes → pairs within a Hamming threshold → clusters → keep one.
+"""Near-duplicate images: candidate pairs → confirmed copies → clusters → keep one.
 
-The rest of each cluster goes to the trash (:mod:`lorakit_ext.dataset.trash`) with its captions,
-so every decision here can be undone.
+Candidates are pairs within a Hamming threshold of a perceptual hash, and pairs whose coarse layouts
+agree (which catches small crops a hash misses); each is confirmed by aligning the two images
+(:mod:`lorakit_ext.dataset.similar`). The kept image of a cluster follows :mod:`lorakit_ext.dataset.keep`;
+the rest goes to the trash (:mod:`lorakit_ext.dataset.trash`) with its captions, so every decision
+here can be undone.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
+from lorakit_ext.dataset import similar
 from lorakit_ext.dataset.files import list_images, sidecars
+from lorakit_ext.dataset.images import is_lossless
+from lorakit_ext.dataset.keep import ImageInfo, choose_keep, has_camera_exif, tone_and_clipping
 from lorakit_ext.dataset.trash import RemovalBatch, move_to_removed
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import Project
+from lorakit_ext.project_lock import holding_lock
 
 HASH_SIZE = 8
 METHODS = ("phash", "dhash", "whash")
@@ -38,10 +45,12 @@ DEFAULT_METHOD = "phash"
 #          pair at 4 | 2. 2 misses 12 | 17 % of copies and merged 0 | 1 of 600 same-background pairs;
 #          no threshold is both safe and useful, so it is offered, not recommended.
 # A missed copy only leaves a duplicate in the dataset; a merged pair would take a real image out of
-# training (undoably), so the defaults keep a margin below the closest distinct pair.
+# training (undoably), so the defaults keep a margin below the closest distinct pair. Since every pair
+# is now also confirmed by alignment, the threshold only decides which pairs get that check.
 DEFAULT_THRESHOLDS = {"phash": 6, "dhash": 4, "whash": 2}
-# Below this many images a process pool costs more to start than it saves.
+# Below this many images (or candidate pairs) a process pool costs more to start than it saves.
 POOL_MIN_IMAGES = 256
+POOL_MIN_PAIRS = 512
 _HASHERS = {
     "phash": (imagehash.phash, lambda hs: {}, lambda hs: hs * 4),
     "dhash": (imagehash.dhash, lambda hs: {}, lambda hs: hs + 1),
@@ -51,24 +60,12 @@ _HASHERS = {
 }
 
 
-@dataclass(frozen=True)
-class ImageInfo:
-    path: Path
-    width: int
-    height: int
-    size: int
-    mtime_ns: int
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
-
-
 @dataclass
 class HashResult:
     infos: list[ImageInfo]
     hashes: np.ndarray  # (len(infos), words) uint64; row i is the hash of infos[i]
     errors: list[tuple[Path, str]]
+    thumbs: np.ndarray  # (len(infos), THUMB, THUMB) uint8 grey thumbnails, for similar.align
 
 
 # imagehash imports these only when a hash needs them; checked up front, or a missing package
@@ -93,15 +90,19 @@ def _hash_file(job: tuple[str, str, int]):
         stat = os.stat(path)
         with Image.open(path) as img:
             width, height = img.size
-            # JPEG decodes at 1/2, 1/4 or 1/8 scale about 4× faster than in full; twice the hasher's
-            # working size leaves the final resize to filter properly.
-            img.draft("L", (2 * side(hash_size),) * 2)
-            bits = hasher(ImageOps.exif_transpose(img), hash_size, **kwargs(hash_size)).hash
+            lossless, camera = is_lossless(img), has_camera_exif(img)
+            # JPEG decodes at 1/2, 1/4 or 1/8 scale about 4× faster than in full; twice the working
+            # size of the hasher and of the thumbnail leaves the final resizes to filter properly.
+            img.draft("L", (2 * max(side(hash_size), similar.THUMB),) * 2)
+            grey = ImageOps.exif_transpose(img).convert("L")
+        bits = hasher(grey, hash_size, **kwargs(hash_size)).hash
+        tone, clipped = tone_and_clipping(grey)
     # Decoders raise many types for damaged files (OSError, SyntaxError, ValueError, struct.error…);
     # any of them means "this file cannot be hashed", which is reported, not fatal.
     except Exception as exc:  # noqa: BLE001
         return path, None, f"{type(exc).__name__}: {exc}"
-    return path, (width, height, stat.st_size, stat.st_mtime_ns), np.packbits(bits.ravel()).tobytes()
+    meta = (width, height, stat.st_size, stat.st_mtime_ns, lossless, tone, clipped, camera)
+    return path, meta, (np.packbits(bits.ravel()).tobytes(), similar.thumbnail(grey))
 
 
 def pool_map(fn, jobs: list, workers: int) -> list:
@@ -132,15 +133,17 @@ def hash_images(paths, method: str = DEFAULT_METHOD, hash_size: int = HASH_SIZE,
         workers = default_workers() if len(jobs) >= POOL_MIN_IMAGES else 1
     results = pool_map(_hash_file, jobs, workers)
     words = -(-hash_size * hash_size // 64)
-    infos, rows, errors = [], [], []
+    infos, rows, thumbs, errors = [], [], [], []
     for path, meta, payload in results:
         if meta is None:
             errors.append((Path(path), payload))
         else:
             infos.append(ImageInfo(Path(path), *meta))
-            rows.append(payload.ljust(words * 8, b"\0"))
+            rows.append(payload[0].ljust(words * 8, b"\0"))
+            thumbs.append(payload[1])
     packed = np.frombuffer(b"".join(rows), dtype=np.uint64).reshape(len(rows), words)
-    return HashResult(infos, packed, errors)
+    thumbs = np.stack(thumbs) if thumbs else np.zeros((0, similar.THUMB, similar.THUMB), np.uint8)
+    return HashResult(infos, packed, errors, thumbs)
 
 
 _M1, _M2, _M4, _H01 = (np.uint64(v) for v in (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101))
@@ -207,11 +210,6 @@ def cluster(n: int, pairs) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def choose_keep(members: list[int], infos: list[ImageInfo]) -> int:
-    """The member to keep: most pixels, then largest file, then first name."""
-    return min(members, key=lambda i: (-infos[i].pixels, -infos[i].size, infos[i].path.name))
-
-
 @dataclass
 class Member:
     name: str
@@ -250,14 +248,33 @@ class DedupePlan:
         return data
 
 
-def build_plan(result: HashResult, method: str, threshold: int) -> DedupePlan:
-    """Pure: the clusters and keep choices for already-hashed images."""
-    pairs = find_pairs(result.hashes, threshold)
+def confirmed_pairs(result: HashResult, threshold: int, workers: int | None = None) -> np.ndarray:
+    """``(i, j)`` pairs, ``i < j``, that a hash within ``threshold`` or the layout descriptors put
+    forward and alignment confirms as one picture, as an (m, 2) array."""
+    near = find_pairs(result.hashes, threshold)[:, :2]
+    layout = similar.layout_pairs(similar.layout_descriptors(result.thumbs))
+    candidates = np.unique(np.concatenate([near, layout]).astype(np.int64), axis=0)
+    if workers is None:
+        workers = default_workers() if len(candidates) >= POOL_MIN_PAIRS else 1
+    sizes = np.array([(i.width, i.height) for i in result.infos], np.int64).reshape(-1, 2)
+    step = max(1, min(256, -(-len(candidates) // (workers * 4))))
+    jobs = []
+    for start in range(0, len(candidates), step):
+        a, b = candidates[start : start + step].T
+        jobs.append((result.thumbs[a], result.thumbs[b], sizes[a], sizes[b]))
+    copies = [m.is_copy for batch in pool_map(similar.align_pairs, jobs, workers) for m in batch]
+    return candidates[np.array(copies, dtype=bool)]
+
+
+def build_plan(result: HashResult, method: str, threshold: int, workers: int | None = None) -> DedupePlan:
+    """The clusters and keep choices for already-hashed images; ``workers`` as for :func:`hash_images`."""
+    pairs = confirmed_pairs(result, threshold, workers)
     infos = result.infos
     groups = cluster(len(infos), pairs)
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     links: list[list] = [[] for _ in groups]
-    for i, j, d in pairs.tolist():
+    distances = popcount(result.hashes[pairs[:, 0]] ^ result.hashes[pairs[:, 1]])
+    for (i, j), d in zip(pairs.tolist(), distances.tolist()):
         links[group_of[i]].append((infos[i].path.name, infos[j].path.name, d))
     clusters = []
     for number, (group, group_links) in enumerate(zip(groups, links), start=1):
@@ -279,7 +296,7 @@ def plan_dedupe(project: Project, method: str = DEFAULT_METHOD, threshold: int |
     if not 0 <= threshold < HASH_SIZE * HASH_SIZE:
         raise UserError(f"threshold {threshold} is outside 0–{HASH_SIZE * HASH_SIZE - 1} bits")
     paths = [project.inside(p) for p in list_images(project.dataset)]
-    return build_plan(hash_images(paths, method, HASH_SIZE, workers), method, threshold)
+    return build_plan(hash_images(paths, method, HASH_SIZE, workers), method, threshold, workers)
 
 
 def resolve_keep(plan: DedupePlan, overrides: dict[int, str]) -> dict[int, str]:
@@ -295,6 +312,7 @@ def resolve_keep(plan: DedupePlan, overrides: dict[int, str]) -> dict[int, str]:
     return keep
 
 
+@holding_lock("dedupe apply")
 def apply_plan(project: Project, plan: DedupePlan, keep_overrides: dict[int, str] | None = None) -> RemovalBatch:
     """Moves every image the plan does not keep, with its caption files, into one trash batch."""
     keep = resolve_keep(plan, keep_overrides or {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -13,13 +14,26 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def find_images(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """Image files in ``folder`` (and its sub-folders when ``recursive``) by name, sorted, and the
+    sub-folders that are symbolic links, which are never followed: one can point anywhere, even at
+    its own parent."""
+    if not folder.is_dir():
+        return [], []
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p)), []
+    images, links = [], []
+    for here, folders, files in os.walk(folder):
+        here = Path(here)
+        links += [here / name for name in folders if (here / name).is_symlink()]
+        images += [here / name for name in files if is_image_name(here / name) and (here / name).is_file()]
+    return sorted(images), sorted(links)
+
+
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` by name, sorted; hidden files and sub-folders' files skipped
     unless ``recursive``."""
-    if not folder.is_dir():
-        return []
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in pattern if p.is_file() and is_image_name(p))
+    return find_images(folder, recursive)[0]
 
 
 def sidecars(image: Path) -> list[Path]:

@@ -20,6 +20,8 @@ FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 # Formats kohya, A1111 and OneTrainer read directly; BMP and GIF are rewritten as PNG.
 PLAIN_FORMATS = ("PNG", "JPEG", "WEBP")
 PLAIN_MODES = ("RGB", "L")
+# Formats that store every pixel as it was encoded; WebP can be either (see is_lossless).
+LOSSLESS_FORMATS = ("PNG", "BMP", "TIFF")
 _ORIENTATION_TAG = 0x0112
 # The PNG spec puts IHDR first, so the bit depth sits at a fixed offset; PIL hides it (16-bit RGB
 # opens as 8-bit "RGB").
@@ -129,6 +131,34 @@ def container_format(image: Image.Image) -> str:
     # Phone and camera JPEGs with an extra depth map or preview open as "MPO"; every JPEG reader
     # sees their first image, so they are plain JPEGs for a trainer.
     return "JPEG" if image.format == "MPO" else image.format
+
+
+def _webp_is_lossless(fp) -> bool:
+    # A WebP file is a RIFF list of chunks; the first image chunk says how it was coded: "VP8L"
+    # lossless, "VP8 " lossy. Animation frames ("ANMF") nest their image chunks after 16 bytes.
+    fp.seek(12)
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            return False
+        fourcc, size = head[:4], int.from_bytes(head[4:], "little")
+        if fourcc in (b"VP8L", b"VP8 "):
+            return fourcc == b"VP8L"
+        fp.seek(16 if fourcc == b"ANMF" else size + (size & 1), io.SEEK_CUR)
+
+
+def is_lossless(image: Image.Image) -> bool:
+    """Whether the file ``image`` was just opened from keeps every pixel as it was: PNG, BMP, TIFF or
+    lossless WebP. A palette image counts as lossy: its colours were reduced to 256."""
+    if image.mode in ("P", "PA"):
+        return False
+    fmt = container_format(image)
+    if fmt == "WEBP":
+        try:
+            return _webp_is_lossless(image.fp)
+        except (OSError, ValueError, AttributeError):
+            return False
+    return fmt in LOSSLESS_FORMATS
 
 
 def conversion_reason(image: Image.Image, data: bytes) -> str | None:

@@ -3,11 +3,14 @@
 Two steps: collecting candidates raises :class:`UserError` for a request that makes no sense
 (missing or empty folder, the dataset itself as source) before anything is written; importing
 then validates each file, rejects bad ones with a reason and copies the rest. Sources are only
-ever read, and nothing in ``dataset/`` is replaced: a name in use gets a ``_N`` suffix.
+ever read, and nothing in ``dataset/`` is replaced: a name in use gets a ``_N`` suffix. A file whose
+content the dataset already holds is skipped and reported with the name it has there, so importing
+a folder again adds only what is new.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import unicodedata
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from lorakit_ext.dataset.files import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, list_images, sidecars
+from lorakit_ext.dataset.files import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_images, is_image_name, sidecars
 from lorakit_ext.dataset.images import DEFAULT_MAX_PIXELS, dataset_payload, inspect_image
 from lorakit_ext.errors import UserError
 from lorakit_ext.fsutil import atomic_write_bytes
@@ -31,8 +34,9 @@ _BIDI_CONTROLS = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A
 
 @dataclass
 class Candidate:
-    """One file to import. Files of one ``group`` (a folder, or one upload) that share a stem
-    would share a caption file, so only the first of them is imported."""
+    """One file to import. Files of one ``group`` (a folder, or one upload) that share a stem and a
+    caption file cannot both keep it, so only the first of them is imported. ``skip`` marks what is
+    passed over without being wrong, such as a symlinked sub-folder."""
 
     source: Path
     name: str
@@ -40,6 +44,7 @@ class Candidate:
     label: str
     captions: dict[str, Path] = field(default_factory=dict)  # extension → caption file
     reason: str | None = None
+    skip: str | None = None
 
 
 @dataclass
@@ -58,9 +63,20 @@ class Rejected:
 
 
 @dataclass
+class Skipped:
+    """Not imported, and nothing wrong with it: the dataset already holds the same bytes as
+    ``duplicate_of``, or it is a folder that was not entered."""
+
+    source: str
+    reason: str
+    duplicate_of: str | None = None
+
+
+@dataclass
 class ImportReport:
     imported: list[ImportedFile] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -75,6 +91,7 @@ class ImportReport:
                 for f in self.imported
             ],
             "rejected": [{"source": r.source, "reason": r.reason} for r in self.rejected],
+            "skipped": [{"source": k.source, "reason": k.reason, "duplicate_of": k.duplicate_of} for k in self.skipped],
         }
 
 
@@ -109,13 +126,27 @@ def _dataset_overlap(project: Project, root: Path, recursive: bool) -> str | Non
     return None
 
 
-def _no_images_message(folder: Path, recursive: bool) -> str:
+def _no_images_message(folder: Path, recursive: bool, links: list[Path]) -> str:
     if not any(folder.iterdir()):
         return f"{folder} is empty; put the images there or choose another folder"
     kinds = ", ".join(IMAGE_EXTENSIONS)
     has_subfolders = any(p.is_dir() for p in folder.iterdir())
     hint = "; import recursively to include sub-folders" if has_subfolders and not recursive else ""
+    if links:
+        hint = "; " + "; ".join(f"{link}: {_link_reason(link)}" for link in links)
     return f"no images ({kinds}) found in {folder}{hint}"
+
+
+def _link_reason(link: Path) -> str:
+    return (
+        f"a symbolic link to the folder {link.resolve()}, not followed (a link can lead anywhere, even "
+        "back up the tree); import that folder by its own path to include its images"
+    )
+
+
+def _hidden(path: Path, folder: Path) -> bool:
+    # Hidden sub-folders (.git, .thumbnails, .ipynb_checkpoints) hold copies nobody wants trained.
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
 def _outside_reason(path: Path, root: Path, what: str) -> str | None:
@@ -136,14 +167,15 @@ def collect_folder(project: Project, folder: Path | str, recursive: bool = False
     overlap = _dataset_overlap(project, root, recursive)
     if overlap:
         raise UserError(f"{folder} {overlap}")
-    # Hidden sub-folders (.git, .thumbnails, .ipynb_checkpoints) hold copies nobody wants trained.
-    paths = [
-        p for p in list_images(folder, recursive)
-        if not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    ]
+    images, links = find_images(folder, recursive)
+    paths = [p for p in images if not _hidden(p, folder)]
+    links = [p for p in links if not _hidden(p, folder)]
     if not paths:
-        raise UserError(_no_images_message(folder, recursive))
-    candidates = []
+        raise UserError(_no_images_message(folder, recursive, links))
+    candidates = [
+        Candidate(link, link.name, str(link.parent.relative_to(folder)), str(link), skip=_link_reason(link))
+        for link in links
+    ]
     for path in paths:
         captions = {p.suffix.lower(): p for p in sidecars(path)}
         reason = _outside_reason(path, root, "the image")
@@ -219,14 +251,59 @@ def _free_stem(stem: str, taken: set[str]) -> str:
 
 def _write(path: Path, data: bytes, done: int) -> None:
     try:
-        atomic_write_bytes(path, data)
+        # The name was free when chosen; never replace a file another writer put there since.
+        atomic_write_bytes(path, data, replace=False)
+    except FileExistsError:
+        raise UserError(f"{path} appeared while importing (another program writes there); {done} files were "
+                        "imported before this, import again to add the rest") from None
     except OSError as exc:
         raise UserError(
             f"could not write {path} ({exc.strerror or exc}); {done} files were imported before this"
         ) from exc
 
 
-def _import_one(project: Project, candidate: Candidate, max_pixels: int, taken: set[str], done: int):
+class _Contents:
+    """Which image in ``dataset/`` already holds some bytes. Files are grouped by size and only those
+    of the size asked about are read (once), so a large dataset costs a directory listing."""
+
+    def __init__(self, dataset: Path):
+        self._by_size: dict[int, list[Path]] = {}
+        self._digests: dict[Path, bytes] = {}
+        for path in dataset.iterdir():
+            # A link may lead out of the project; it is never read here.
+            if is_image_name(path) and not path.is_symlink() and path.is_file():
+                self._by_size.setdefault(path.stat().st_size, []).append(path)
+
+    def holding(self, data: bytes) -> Path | None:
+        digest = None
+        for path in self._by_size.get(len(data), []):
+            if path not in self._digests:
+                try:
+                    self._digests[path] = hashlib.sha256(path.read_bytes()).digest()
+                except OSError:
+                    continue
+            digest = digest or hashlib.sha256(data).digest()
+            if self._digests[path] == digest:
+                return path
+        return None
+
+    def add(self, path: Path, data: bytes) -> None:
+        self._by_size.setdefault(len(data), []).append(path)
+        self._digests[path] = hashlib.sha256(data).digest()
+
+
+def _already_there(candidate: Candidate, existing: Path, captions: list[tuple[str, bytes]]) -> Skipped:
+    reason = f"already in the dataset as {existing.name} (same content)"
+    for caption_ext, text in captions:
+        theirs = existing.with_suffix(caption_ext)
+        if not theirs.is_file():
+            reason += f"; its caption {candidate.captions[caption_ext].name} was not copied ({existing.name} has none there)"
+        elif theirs.read_bytes() != text:
+            reason += f"; its caption {candidate.captions[caption_ext].name} differs from {theirs.name} there and was not copied"
+    return Skipped(candidate.label, reason, existing.name)
+
+
+def _import_one(project: Project, candidate: Candidate, max_pixels: int, taken: set[str], contents: _Contents, done: int):
     check = inspect_image(candidate.source, max_pixels)
     if not check.ok:
         return Rejected(candidate.label, check.reason)
@@ -238,11 +315,15 @@ def _import_one(project: Project, candidate: Candidate, max_pixels: int, taken: 
             reason = f"cannot read its caption {caption.name} ({exc.strerror or exc})"
             return Rejected(candidate.label, reason)
     payload, ext = dataset_payload(check, candidate.name)
+    existing = contents.holding(payload)
+    if existing is not None:
+        return _already_there(candidate, existing, captions)
     wanted = _stem(sanitize_filename(candidate.name))
     stem = _free_stem(wanted, taken)
     taken.add(stem.lower())
     dest = project.dataset_file(stem + ext)
     _write(dest, payload, done)
+    contents.add(dest, payload)
     caption_dests = []
     for caption_ext, text in captions:
         caption_dest = project.dataset_file(stem + caption_ext)
@@ -255,7 +336,7 @@ def _import_one(project: Project, candidate: Candidate, max_pixels: int, taken: 
 def _same_stem_reason(candidate: Candidate, first: str) -> str:
     where = "in this upload" if candidate.group == UPLOAD_GROUP else "in the same folder"
     return (
-        f"same name as {first} {where}, so a caption file could belong to either; "
+        f"same name as {first} {where}, so its caption file could belong to either; "
         "rename one of them and import it again"
     )
 
@@ -263,25 +344,32 @@ def _same_stem_reason(candidate: Candidate, first: str) -> str:
 def import_candidates(
     project: Project, candidates: list[Candidate], max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> ImportReport:
-    """Validates and copies each candidate in order; never raises for a bad file."""
+    """Validates and copies each candidate in order; never raises for a bad file.
+
+    Two images of one group with one stem (``x.jpg``, ``x.png``) both come in, under distinct stems,
+    unless a caption file goes with that stem: then it could be either one's, and the second is
+    rejected."""
     dataset = project.inside(project.dataset)
     taken = {_stem(p.name).lower() for p in dataset.iterdir()}
-    first_of_stem: dict[tuple[str, str], str] = {}
+    contents = _Contents(dataset)
+    first_of_stem: dict[tuple[str, str], tuple[str, bool]] = {}
     report = ImportReport()
     for candidate in candidates:
         key = (candidate.group, _stem(candidate.name))
-        if candidate.reason is not None:
+        first, first_captioned = first_of_stem.get(key, (None, False))
+        if candidate.skip is not None:
+            report.skipped.append(Skipped(candidate.label, candidate.skip))
+        elif candidate.reason is not None:
             report.rejected.append(Rejected(candidate.label, candidate.reason))
-        elif key in first_of_stem:
-            reason = _same_stem_reason(candidate, first_of_stem[key])
-            report.rejected.append(Rejected(candidate.label, reason))
+        elif first is not None and (first_captioned or candidate.captions):
+            report.rejected.append(Rejected(candidate.label, _same_stem_reason(candidate, first)))
         else:
-            outcome = _import_one(project, candidate, max_pixels, taken, len(report.imported))
+            outcome = _import_one(project, candidate, max_pixels, taken, contents, len(report.imported))
             if isinstance(outcome, Rejected):
                 report.rejected.append(outcome)
-            else:
-                report.imported.append(outcome)
-                first_of_stem[key] = candidate.name
+                continue
+            (report.imported if isinstance(outcome, ImportedFile) else report.skipped).append(outcome)
+            first_of_stem.setdefault(key, (candidate.name, bool(candidate.captions)))
     return report
 
 

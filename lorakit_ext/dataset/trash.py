@@ -20,6 +20,7 @@ from pathlib import Path
 from lorakit_ext.errors import UserError
 from lorakit_ext.fsutil import atomic_write_json, free_name, move_no_clobber
 from lorakit_ext.project import Project, confine
+from lorakit_ext.project_lock import holding_lock
 
 MANIFEST = "manifest.json"
 RESTORED_SUFFIX = ".restored"
@@ -226,8 +227,11 @@ def _restore_moves(project: Project, batch: RemovalBatch, allowed_bases: tuple) 
     return moves
 
 
+@holding_lock("undo")
 def undo(project: Project, batch_id: str | None = None, allowed_bases=()) -> RemovalBatch:
-    """Restores the newest unrestored batch (or ``batch_id``) exactly, or moves nothing at all."""
+    """Restores the newest unrestored batch (or ``batch_id``) exactly, or moves nothing at all.
+    Takes the project's lock (:class:`~lorakit_ext.project_lock.ProjectBusy` while another
+    operation holds it)."""
     batch = _find(project, batch_id)
     for stored, original in _restore_moves(project, batch, tuple(Path(b) for b in allowed_bases)):
         move_no_clobber(stored, original)

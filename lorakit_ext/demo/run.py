@@ -17,8 +17,8 @@ from lorakit_ext.dataset.importer import import_folder
 from lorakit_ext.dataset.tags import TagOps, lint_captions, tag_counts
 from lorakit_ext.demo.synth import make_demo_set
 from lorakit_ext.project import create_project, list_projects
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.plan import plan_for
+from lorakit_ext.train_config import TrainConfig
 
 TRIGGER = "kat3r1na"
 # Small enough to train on a laptop CPU in about a minute; the pipeline is the real one.
@@ -94,22 +94,22 @@ def _train_and_compare(root: Path, project, config, result: DemoResult, say) -> 
     from lorakit_ext.cli.progress import ProgressPrinter
     from lorakit_ext.compare.grid import epoch_grid_plan, render_epoch_grid
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
-    from lorakit_ext.models.ldm import LdmModel
+    from lorakit_ext.models.families import adapter_for
     from lorakit_ext.models.tiny import build_tiny_sd15
-    from lorakit_ext.train.loop import Trainer, TrainJob
-    from lorakit_ext.train.record import new_run_dir
+    from lorakit_ext.project_lock import ProjectLock
+    from lorakit_ext.train.launch import BaseModel, open_run
+    from lorakit_ext.train.loop import Trainer
+    from lorakit_ext.train.preflight import preflight
 
     checkpoint = build_tiny_sd15(root / "models")
     sd_model, info = load_sd_checkpoint(checkpoint)
     say(f"7. built a tiny SD1.5-layout model (random weights) at {checkpoint}")
-    model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
-    output_name = config.output_name or project.name
-    job = TrainJob(
-        config, project, project.path / "output", new_run_dir(project, output_name),
-        base_model_name=checkpoint.name, base_model_hash=info.legacy_hash, base_model_sha256=info.sha256,
-        patch_attention=True,
-    )
-    run = Trainer(model, job, on_progress=ProgressPrinter(interval=5.0)).run()
+    model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+    base = BaseModel(checkpoint.name, str(checkpoint.resolve()), info.legacy_hash, info.sha256)
+    with ProjectLock(project.path, "the demo"):
+        pre = preflight(project, config, project.path / "output")
+        job = open_run(project, config, project.path / "output", pre, base, patch_attention=True)
+        run = Trainer(model, job, on_progress=ProgressPrinter(interval=5.0)).run()
     result.files, result.run_dir = run.files, run.run_dir
     say(f"8. trained {run.steps} steps (loss {run.losses[0]:.3f} → {run.losses[-1]:.3f}); epoch files:")
     for path in run.files:

@@ -1,10 +1,11 @@
-"""Merging a kohya LoRA file into an ldm SD1/SD2 model's weights, by A1111's rule.
+"""Merging a kohya LoRA file into a model's weights, by A1111's rule.
 
 For each module ``W += multiplier · (alpha / rank) · up · down``: ``up`` and ``down`` are flattened
 to ``[out, r]`` and ``[r, in·kh·kw]`` and the product is reshaped to the weight, which covers
-Linear layers, 1×1 convs (SD1's proj_in/proj_out) and 3×3 convs (LoCon). SD2 files may name q/k/v
-of OpenCLIP attention, which live as thirds of ``in_proj_weight``; they are merged there, as A1111
-does. Every key is resolved before any weight changes, so a file that does not fit changes nothing.
+Linear layers, 1×1 convs (SD1's proj_in/proj_out) and 3×3 convs (LoCon). Files may name q/k/v of
+OpenCLIP attention (SD2's), which live as thirds of ``in_proj_weight``; they are merged there, as
+A1111 does. The model's family resolves the names. Every key is resolved before any weight
+changes, so a file that does not fit changes nothing.
 """
 
 from __future__ import annotations
@@ -16,21 +17,12 @@ import torch
 from torch import nn
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.export.kohya import ARCHS, PACKED_QKV, module_path_from_kohya
 from lorakit_ext.export.writer import read_lora_file
-from lorakit_ext.models.ldm import clip_text_transformer
+from lorakit_ext.models.families.base import ModelFamily
+from lorakit_ext.models.families.names import PACKED_QKV
 
 _LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
 _LISTED = 20
-
-
-def component_roots(sd_model: nn.Module, arch: str) -> dict[str, nn.Module]:
-    """The modules kohya paths are relative to: the ldm UNet and the HF CLIP / OpenCLIP text model."""
-    cond = sd_model.cond_stage_model
-    # A1111 wraps ldm's embedder in its own class and keeps the original as `.wrapped`.
-    embedder = getattr(cond, "wrapped", cond)
-    te = clip_text_transformer(embedder.transformer) if arch == "sd1" else embedder.model
-    return {"unet": sd_model.model.diffusion_model, "te": te}
 
 
 def target_weight(root: nn.Module, path: str) -> tuple[torch.Tensor, slice | None]:
@@ -76,27 +68,26 @@ def _listing(names: list[str]) -> str:
     return shown + (f" … and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
 
 
-def apply_lora_file(sd_model: nn.Module, path: Path, multiplier: float = 1.0, arch: str = "sd1") -> int:
-    """Merges the LoRA file at ``path`` into ``sd_model``'s weights; returns how many modules it merged.
+def apply_lora_file(sd_model: nn.Module, path: Path, family: ModelFamily, multiplier: float = 1.0) -> int:
+    """Merges the LoRA file at ``path`` into ``sd_model`` (a model of ``family``); returns how many
+    modules it merged.
 
     Raises :class:`UserError`, changing nothing, when a module name matches nothing in the model,
     a module is not plain LoRA (LoHa, LoKr, DoRA…), or its shape does not fit the weight.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
     tensors, _ = read_lora_file(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in tensors.items():
         name, _, part = key.partition(".")
         groups[name][part] = tensor
-    roots = component_roots(sd_model, arch)
+    roots = family.component_roots(sd_model)
     unknown, problems, merges = [], [], []
     for name, parts in sorted(groups.items()):
         if not set(parts) <= _LORA_PARTS or not {"lora_down.weight", "lora_up.weight"} <= set(parts):
             problems.append(f"{name} has {', '.join(sorted(parts))}, not a plain LoRA module")
             continue
         try:
-            component, module_path = module_path_from_kohya(name, arch)
+            component, module_path = family.module_path_from_kohya(name)
             weight, rows = target_weight(roots[component], module_path)
         except (ValueError, LookupError):
             unknown.append(name)
@@ -111,7 +102,7 @@ def apply_lora_file(sd_model: nn.Module, path: Path, multiplier: float = 1.0, ar
             continue
         merges.append((weight, rows, delta.reshape(shape)))
     if unknown:
-        raise UserError(f"{path}: {len(unknown)} module(s) match nothing in this {arch} model: {_listing(unknown)}")
+        raise UserError(f"{path}: {len(unknown)} module(s) match nothing in this {family.label} model: {_listing(unknown)}")
     if problems:
         raise UserError(f"{path}: cannot merge: {_listing(problems)}")
     with torch.no_grad():

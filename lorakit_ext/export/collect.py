@@ -11,8 +11,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.export.kohya import kohya_name
 from lorakit_ext.export.writer import ModuleWeights
+from lorakit_ext.models.families.base import ModelFamily
 
 
 def _copy(weight: torch.Tensor) -> torch.Tensor:
@@ -21,9 +21,9 @@ def _copy(weight: torch.Tensor) -> torch.Tensor:
 
 
 def collect_peft_weights(
-    component_root: nn.Module, component: str, arch: str, alpha_for: Callable[[str], float]
+    component_root: nn.Module, component: str, family: ModelFamily, alpha_for: Callable[[str], float]
 ) -> list[ModuleWeights]:
-    """The LoRA weights peft injected under ``component_root`` ("unet" or "te"), with kohya names.
+    """The LoRA weights peft injected under ``component_root`` (``family``'s ``component``), with kohya names.
 
     ``alpha_for(module_path)`` gives the alpha the layer was created with; it must agree with the
     scale peft applies, or the file would behave differently from the model that was trained.
@@ -47,5 +47,5 @@ def collect_peft_weights(
                 f"{path}: peft scales by {layer.scaling[adapter]}, but alpha {alpha} / rank {rank} = {alpha / rank} "
                 "(rsLoRA or a changed scale cannot be written in kohya's format)"
             )
-        modules.append(ModuleWeights(kohya_name(component, path, arch), _copy(down), _copy(up), alpha))
+        modules.append(ModuleWeights(family.kohya_name(component, path), _copy(down), _copy(up), alpha))
     return modules

@@ -1,18 +1,22 @@
-"""A ``kohya_config.toml`` + dataset TOML pair that reproduces a LoRA Kit run with sd-scripts'
-``train_network.py --config_file … --dataset_config …``."""
+"""A ``kohya_config.toml`` + ``kohya_dataset.toml`` pair that reproduces a LoRA Kit run with kohya
+sd-scripts' ``train_network.py --config_file kohya_config.toml``, as written.
+
+sd-scripts reads ``--config_file`` into its argument namespace without argparse's conversions or
+checks, so every key must be one of ``train_network.py``'s options holding the type argparse would
+have produced, and every path must be absolute (sd-scripts runs from its own folder). Options whose
+LoRA Kit value means "off" are left out rather than written as 0, because sd-scripts tests several of
+them for ``None`` and refuses others (``max_token_length`` takes only 150 or 225; ``constant`` refuses
+warmup steps).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-# TrainConfig fields whose kohya argument has the same name and meaning.
-_SAME_NAME = (
-    "max_train_epochs", "train_batch_size", "save_every_n_epochs", "unet_lr", "text_encoder_lr",
-    "lr_scheduler", "lr_scheduler_num_cycles", "min_snr_gamma", "noise_offset", "network_dim",
-    "network_alpha", "max_grad_norm", "clip_skip", "max_token_length", "seed", "keep_tokens",
-    "caption_dropout_rate", "gradient_checkpointing", "training_comment",
-)
+# Stands in for the base model when A1111 trained on a model that came from no file.
+MODEL_PLACEHOLDER = "<absolute path of the base checkpoint>"
+NETWORK_MODULE = "networks.lora"
 
 
 def _value(v) -> str:
@@ -25,63 +29,117 @@ def _value(v) -> str:
     return json.dumps(str(v), ensure_ascii=False)
 
 
-def _table(name: str, values: dict) -> str:
-    lines = [f"[{name}]"] + [f"{k} = {_value(v)}" for k, v in values.items() if v is not None]
+def _table(header: str, values: dict) -> str:
+    lines = [header] + [f"{k} = {_value(v)}" for k, v in values.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
-def training_toml(config, *, base_model: str, output_dir: str, output_name: str, total_steps: int, warmup_steps: int, v_parameterization: bool, v2: bool, mixed_precision: str, optimizer: str) -> str:
-    args = {k: getattr(config, k) for k in _SAME_NAME}
-    if not config.max_train_steps:
-        args.pop("max_train_epochs")
-        args["max_train_epochs"] = config.max_train_epochs
-    else:
-        args["max_train_steps"] = config.max_train_steps
-    if config.text_encoder_lr == 0:
-        args["network_train_unet_only"] = True
-    if config.network_type == "LoCon":
-        args["network_args"] = [f"conv_dim={config.conv_dim}", f"conv_alpha={config.conv_alpha}"]
-    if config.network_dropout:
-        args["network_dropout"] = config.network_dropout
-    args["training_comment"] = config.training_comment or None
-    args.update(
-        pretrained_model_name_or_path=base_model,
-        output_dir=output_dir,
-        output_name=output_name,
-        save_model_as="safetensors",
-        save_precision="fp16",
-        network_module="networks.lora",
-        optimizer_type=optimizer,
-        optimizer_args=[f"weight_decay={config.weight_decay}", f"betas=[{config.adam_beta1},{config.adam_beta2}]"],
-        lr_warmup_steps=warmup_steps,
-        max_train_steps=total_steps,
-        mixed_precision=mixed_precision,
-        sdpa=True,
-        cache_latents=config.cache_latents,
-        v2=v2 or None,
-        v_parameterization=v_parameterization or None,
-        save_last_n_epochs=config.keep_only_last_n_epochs or None,
-    )
-    return "# Reproduces this LoRA Kit run with kohya sd-scripts (train_network.py --config_file).\n" + _table("train", args)
+def render_train_table(args: dict) -> str:
+    """``[train]`` with ``args``; None values are left out."""
+    return _table("[train]", args)
+
+
+def _optimizer_args(config) -> list[str]:
+    if config.optimizer == "Adafactor":
+        # As LoRA Kit builds it: a fixed rate driven by the scheduler. sd-scripts would otherwise
+        # default to relative_step=True, and Adafactor takes no betas.
+        return ["scale_parameter=False", "relative_step=False", "warmup_init=False", f"weight_decay={float(config.weight_decay)}"]
+    return [f"weight_decay={float(config.weight_decay)}", f"betas=({float(config.adam_beta1)},{float(config.adam_beta2)})"]
+
+
+def _scheduler_args(config, warmup_steps: int) -> dict:
+    args = {"lr_scheduler": config.lr_scheduler}
+    if config.lr_scheduler != "constant":
+        args["lr_warmup_steps"] = int(warmup_steps)
+    if config.lr_scheduler == "cosine_with_restarts":
+        args["lr_scheduler_num_cycles"] = int(config.lr_scheduler_num_cycles)
+    elif config.lr_scheduler == "polynomial":
+        # LoRA Kit's "Restarts" field is the polynomial's power there; sd-scripts has its own option.
+        args["lr_scheduler_power"] = float(config.lr_scheduler_num_cycles)
+    return args
+
+
+def training_args(config, *, base_model_path: str, dataset_config: str, output_dir: str, output_name: str, total_steps: int, warmup_steps: int, v_parameterization: bool, v2: bool, mixed_precision: str, optimizer: str) -> dict:
+    """The ``[train]`` options; ``mixed_precision`` is what the run used: "no", "fp16" or "bf16"."""
+    args = {
+        "pretrained_model_name_or_path": str(Path(base_model_path).resolve()) if base_model_path else MODEL_PLACEHOLDER,
+        "v2": True if v2 else None,
+        "v_parameterization": True if v_parameterization else None,
+        "dataset_config": str(Path(dataset_config).resolve()),
+        "output_dir": str(Path(output_dir).resolve()),
+        "output_name": output_name,
+        "save_model_as": "safetensors",
+        "save_precision": "fp16",
+        "save_every_n_epochs": int(config.save_every_n_epochs),
+        "save_last_n_epochs": int(config.keep_only_last_n_epochs) or None,
+        "train_batch_size": int(config.train_batch_size),
+        # sd-scripts lets max_train_epochs override max_train_steps, so only one of them is written.
+        "max_train_steps": int(total_steps),
+        "max_train_epochs": None if config.max_train_steps else int(config.max_train_epochs),
+        "seed": int(config.seed),
+        "mixed_precision": mixed_precision,
+        "sdpa": True,
+        "cache_latents": bool(config.cache_latents),
+        "gradient_checkpointing": bool(config.gradient_checkpointing),
+        "clip_skip": int(config.clip_skip),
+        "max_token_length": int(config.max_token_length) if config.max_token_length > 75 else None,
+        "network_module": NETWORK_MODULE,
+        "network_dim": int(config.network_dim),
+        "network_alpha": float(config.network_alpha),
+        "network_args": [f"conv_dim={int(config.conv_dim)}", f"conv_alpha={float(config.conv_alpha)}"] if config.network_type == "LoCon" else None,
+        "network_dropout": float(config.network_dropout) or None,
+        "network_train_unet_only": True if config.text_encoder_lr == 0 else None,
+        # kohya-colab passes the UNet rate as the base rate too; ss_learning_rate records it.
+        "learning_rate": float(config.unet_lr),
+        "unet_lr": float(config.unet_lr),
+        "text_encoder_lr": [float(config.text_encoder_lr)] if config.text_encoder_lr else None,
+        "optimizer_type": optimizer,
+        "optimizer_args": _optimizer_args(config),
+        **_scheduler_args(config, warmup_steps),
+        "max_grad_norm": float(config.max_grad_norm),
+        "min_snr_gamma": float(config.min_snr_gamma) or None,
+        "noise_offset": float(config.noise_offset) or None,
+        "training_comment": config.training_comment or None,
+        "metadata_trigger_phrase": config.trigger.strip() or None,
+    }
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def training_toml(config, *, base_model_path: str, **kwargs) -> str:
+    """``kohya_config.toml``; other keywords as :func:`training_args`. ``base_model_path`` "" (a
+    model A1111 had in memory, from no file) leaves a placeholder and says so."""
+    lines = [
+        "# Reproduces this LoRA Kit run with kohya sd-scripts. From the sd-scripts folder:",
+        "#   accelerate launch train_network.py --config_file <this file>",
+        "# dataset_config names the dataset TOML written beside this file.",
+    ]
+    if not base_model_path:
+        lines.append(
+            "# pretrained_model_name_or_path: the run trained on the model A1111 had loaded, which came "
+            "from no file; replace the placeholder with that checkpoint's absolute path."
+        )
+    return "\n".join(lines) + "\n" + render_train_table(training_args(config, base_model_path=base_model_path, **kwargs))
 
 
 def dataset_toml(config, dataset_dir: Path) -> str:
+    """``kohya_dataset.toml``: one DreamBooth-style subset, the project's dataset folder itself."""
     general = {
-        "resolution": config.resolution,
-        "enable_bucket": config.enable_bucket,
-        "min_bucket_reso": config.min_bucket_reso,
-        "max_bucket_reso": config.max_bucket_reso,
-        "bucket_reso_steps": config.bucket_reso_steps,
-        "bucket_no_upscale": config.bucket_no_upscale,
-        "shuffle_caption": config.shuffle_tags,
-        "keep_tokens": config.keep_tokens,
-        "flip_aug": config.flip_aug,
+        "resolution": int(config.resolution),
+        "enable_bucket": bool(config.enable_bucket),
+        "min_bucket_reso": int(config.min_bucket_reso),
+        "max_bucket_reso": int(config.max_bucket_reso),
+        "bucket_reso_steps": int(config.bucket_reso_steps),
+        "bucket_no_upscale": bool(config.bucket_no_upscale),
+        "shuffle_caption": bool(config.shuffle_tags),
+        "keep_tokens": int(config.keep_tokens),
+        "caption_dropout_rate": float(config.caption_dropout_rate),
+        "flip_aug": bool(config.flip_aug),
         "caption_extension": ".txt",
     }
-    subset = {"image_dir": str(dataset_dir), "num_repeats": config.num_repeats}
+    subset = {"image_dir": str(Path(dataset_dir).resolve()), "num_repeats": int(config.num_repeats)}
     return (
-        "# Dataset for the same run (train_network.py --dataset_config).\n"
-        + _table("general", general)
+        "# The dataset of the same run; the training TOML names this file as its dataset_config.\n"
+        + _table("[general]", general)
         + "\n[[datasets]]\n\n"
-        + _table("[datasets.subsets]", subset)
+        + _table("[[datasets.subsets]]", subset)
     )

@@ -4,7 +4,8 @@ Names and value formats follow sd-scripts' ``train_network.py`` and ``library/sa
 because A1111, Forge, ComfyUI, civitai and the metadata viewers read them from there: every value is
 a string, booleans are ``"True"``/``"False"``, timestamps are Unix seconds (``str(time.time())``),
 ``ss_resolution`` is a ``"(w, h)"`` tuple, nested values are JSON. A1111 tells SD2 files by
-``ss_v2 == "True"``; Forge tells SD1 files only by ``modelspec.architecture``.
+``ss_v2 == "True"``; Forge tells SD1 files only by ``modelspec.architecture``. Those values are the
+model family's (:mod:`lorakit_ext.models.families`).
 """
 
 from __future__ import annotations
@@ -12,23 +13,10 @@ from __future__ import annotations
 import datetime
 import json
 
-from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.models.families.base import ModelFamily
+from lorakit_ext.train_config import TrainConfig
 
 SAI_MODEL_SPEC_VERSION = "1.0.0"
-# sai_model_spec.py: SD1/SD2 LoRAs carry diffusers-style keys, so their implementation is "diffusers".
-IMPLEMENTATION = "diffusers"
-_BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2"}
-
-
-def architecture(arch: str, v_parameterization: bool) -> str:
-    """``modelspec.architecture`` of a LoRA for ``arch``, as sai_model_spec names it."""
-    if arch == "sd1":
-        base = "stable-diffusion-v1"
-    elif arch == "sd2":
-        base = "stable-diffusion-v2-768-v" if v_parameterization else "stable-diffusion-v2-512"
-    else:
-        raise ValueError(f"arch {arch!r} is not one of sd1, sd2")
-    return f"{base}/lora"
 
 
 def _resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
@@ -46,7 +34,7 @@ def _modelspec_date(timestamp: float) -> str:
 def training_metadata(
     config: TrainConfig,
     *,
-    arch: str,
+    family: ModelFamily,
     v_parameterization: bool,
     output_name: str,
     epoch: int,
@@ -65,6 +53,7 @@ def training_metadata(
     network_module: str = "networks.lora",
     network_args: dict,
     resolution: int | tuple[int, int],
+    mixed_precision: str,
 ) -> dict[str, str]:
     """Metadata of one epoch file; every value a string.
 
@@ -73,8 +62,9 @@ def training_metadata(
     ``tag_frequency`` is ``{dir: {tag: count}}``, ``dataset_dirs`` ``{dir: {"n_repeats", "img_count"}}``,
     ``bucket_info`` kohya's ``{"buckets": …, "mean_img_ar_error": …}`` or None without buckets.
     ``base_model_hash`` is A1111's legacy 8-hex hash, ``base_model_sha256`` the file's sha256.
+    ``mixed_precision`` is the precision the run resolved ("no", "fp16" or "bf16"), not the option
+    it was asked for ("auto").
     """
-    architecture_id = architecture(arch, v_parameterization)
     width, height = _resolution(resolution)
     max_steps = config.max_train_steps or num_batches_per_epoch * num_epochs
     values = {
@@ -105,10 +95,10 @@ def training_metadata(
         "ss_network_alpha": config.network_alpha,
         "ss_network_dropout": config.network_dropout,
         "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
-        "ss_mixed_precision": config.mixed_precision,
+        "ss_mixed_precision": mixed_precision,
         "ss_full_fp16": False,
-        "ss_v2": arch == "sd2",
-        "ss_base_model_version": _BASE_MODEL_VERSION[arch],
+        "ss_v2": family.v2,
+        "ss_base_model_version": family.base_model_version,
         "ss_clip_skip": config.clip_skip,
         "ss_max_token_length": config.max_token_length,
         "ss_cache_latents": config.cache_latents,
@@ -140,8 +130,8 @@ def training_metadata(
     metadata.update(
         {
             "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
-            "modelspec.architecture": architecture_id,
-            "modelspec.implementation": IMPLEMENTATION,
+            "modelspec.architecture": family.architecture(v_parameterization),
+            "modelspec.implementation": family.modelspec_implementation,
             "modelspec.title": output_name,
             "modelspec.resolution": f"{width}x{height}",
             "modelspec.date": _modelspec_date(finished_at),

@@ -88,8 +88,9 @@ def _kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return model_hash, legacy_hash
 
 
-def write_lora_file(path: Path, modules: list[ModuleWeights], metadata: dict[str, str]) -> WrittenFile:
-    """Writes ``modules`` and ``metadata`` to ``path`` atomically; ``ss_output_name`` becomes the stem."""
+def write_lora_file(path: Path, modules: list[ModuleWeights], metadata: dict[str, str], *, replace: bool = True) -> WrittenFile:
+    """Writes ``modules`` and ``metadata`` to ``path`` atomically; ``ss_output_name`` becomes the stem.
+    ``replace=False``: ``FileExistsError`` instead of replacing an existing file."""
     path = Path(path)
     if path.suffix != SUFFIX:
         raise ValueError(f"{path} must end in {SUFFIX}")
@@ -103,8 +104,17 @@ def write_lora_file(path: Path, modules: list[ModuleWeights], metadata: dict[str
     metadata = {**metadata, "ss_output_name": path.stem}
     model_hash, legacy_hash = _kohya_hashes(tensors, metadata)
     metadata.update(sshs_model_hash=model_hash, sshs_legacy_hash=legacy_hash)
-    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata), replace=replace)
     return WrittenFile(path, model_hash, legacy_hash, len(modules), metadata)
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file (header only), or ``{}`` when it is not readable as one."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (OSError, safetensors.SafetensorError):
+        return {}
 
 
 def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,24 +1,32 @@
 """What the trainer needs from a diffusion model, whatever class implements it.
 
-SD1/SD2 (ldm ``LatentDiffusion``) implement it in :mod:`lorakit_ext.models.ldm`; SDXL (sgm
-``DiffusionEngine``) can be added as another implementation without touching the loop.
+SD1/SD2 (ldm ``LatentDiffusion``) implement it in :mod:`lorakit_ext.models.ldm`. It allows several
+text encoders and a conditioning dict, so SDXL (sgm ``DiffusionEngine``: two text encoders, a
+pooled vector) can be another implementation without touching the loop.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from lorakit_ext.models.families.base import ModelFamily
+
+# One batch's conditioning, keyed as sgm's conditioner keys it: "crossattn" ``[B, T, C]`` for every
+# family; "vector" ``[B, V]`` (pooled text and size embeddings) for a UNet that takes one (SDXL).
+Conditioning = dict[str, torch.Tensor]
+
 
 class DiffusionModel(Protocol):
-    arch: str  # "sd1" | "sd2": selects key names and metadata
+    family: "ModelFamily"  # names, metadata and everything else that differs by family
     parameterization: str  # "eps" | "v"
     sd_model: nn.Module  # the user's model object; the only thing restored after training
     unet: nn.Module
-    text_encoder: nn.Module  # the text encoder as called
-    te_root: nn.Module  # the module text-encoder LoRA paths are relative to
+    # LoRA component ("te"; SDXL's "te1", "te2") → the module its LoRA paths are relative to.
+    text_encoders: dict[str, nn.Module]
     vae: nn.Module  # the image autoencoder: only needed for caching latents
     device: torch.device
 
@@ -26,10 +34,12 @@ class DiffusionModel(Protocol):
         """``[B,3,H,W]`` in [-1, 1] → scaled latents ``[B,4,H/8,W/8]`` (float32)."""
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """Captions → token ids ``[B, chunks, tokens]`` on the CPU; host-side, outside the step."""
+        """Captions → the token ids of every text encoder in one tensor (``[B, chunks, tokens]`` for
+        one encoder) on the CPU; host-side, outside the step, whose captured graph has this one
+        static input for them."""
 
-    def encode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids on the model's device → cross-attention conditioning ``[B, T, C]``."""
+    def encode_tokens(self, ids: torch.Tensor) -> Conditioning:
+        """Token ids on the model's device → the UNet's conditioning."""
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's output (ε or v) for noisy latents at integer timesteps."""

@@ -1,7 +1,8 @@
 """Loading an SD1/SD2 checkpoint (.safetensors or .ckpt) into ldm's ``LatentDiffusion``, offline.
 
 The model is the same object A1111 holds as ``shared.sd_model``: same classes, same module names,
-in eval mode, with ldm's own ``requires_grad`` flags (the UNet's left on, as in A1111).
+in eval mode, with ldm's own ``requires_grad`` flags (the UNet's left on, as in A1111). Which family
+the file is, and what that family cannot load, its :mod:`~lorakit_ext.models.families` object says.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .families import detect_family
+from .families.base import ModelFamily
 from .ldm_import import build_latent_diffusion
-from .sd_configs import SD2_WIDTHS, sd2_config, sd15_config
 
-_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _SD1_TEXT = "cond_stage_model.transformer.text_model."
-_SD1_TEXT_WIDTH = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
-_SD2_TEXT = "cond_stage_model.model."
-_SD2_TEXT_WIDTH = "cond_stage_model.model.ln_final.weight"
 # Stored in some checkpoints as floats that no longer round to 0..76; the model's own are exact.
 _POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
@@ -37,7 +35,7 @@ _KEY_PREFIX_RENAMES = {
 @dataclass(frozen=True)
 class ModelInfo:
     path: Path
-    kind: str  # "sd1" or "sd2"
+    family: ModelFamily
     v_parameterization: bool
     resolution: int
     sha256: str  # of the whole file: A1111's checkpoint hash, kohya's ss_new_sd_model_hash
@@ -85,8 +83,9 @@ def _read_file(path: Path):
     # Whatever a parser raises on a bad file (its error types differ by format and version) means
     # the same to the user.
     except Exception as exc:
-        # torch's weights-only unpickler names the class it refused ("global" or "class" by version).
-        if re.search(r"Unsupported (global|class)", str(exc)):
+        # torch's weights-only unpickler names what it refused; the case differs by version
+        # ("Unsupported global: …", "Trying to load unsupported GLOBAL … whose module … is blocked").
+        if re.search(r"unsupported (global|class)", str(exc), re.IGNORECASE):
             raise UserError(
                 f"{path} holds Python objects besides weights, which LoRA Kit does not unpickle; "
                 "convert it to .safetensors."
@@ -121,43 +120,7 @@ def _model_layout(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -
     return {(flat + k[len(_SD1_TEXT) :] if k.startswith(_SD1_TEXT) else k): v for k, v in state_dict.items()}
 
 
-def detect_kind(state_dict: dict[str, torch.Tensor], path: Path) -> str:
-    """"sd1" or "sd2" from the checkpoint's keys; ``UserError`` for anything LoRA Kit cannot train here."""
-    if any(k.startswith("conditioner.embedders.1.") for k in state_dict):
-        raise UserError(
-            f"{path.name} is an SDXL checkpoint; LoRA Kit trains SD1 and SD2 models here, choose one of those."
-        )
-    unet_in = state_dict.get(_UNET_IN)
-    if unet_in is None:
-        raise UserError(
-            f"{path.name} has no Stable Diffusion UNet weights (is it a LoRA, VAE or embedding?); "
-            "choose a full SD1 or SD2 checkpoint."
-        )
-    if unet_in.ndim != 4 or unet_in.shape[1] != 4:
-        raise UserError(
-            f"{path.name} is an inpainting or instruct-pix2pix model ({unet_in.shape[1]} UNet input channels); "
-            "choose a regular SD1 or SD2 checkpoint."
-        )
-    if any(k.startswith(_SD2_TEXT) for k in state_dict):
-        return "sd2"
-    if any(k.startswith(_SD1_TEXT) for k in state_dict):
-        return "sd1"
-    raise UserError(f"{path.name} has no text encoder weights; choose a full SD1 or SD2 checkpoint.")
-
-
-def _check_standard_widths(state_dict: dict[str, torch.Tensor], kind: str, path: Path) -> None:
-    """Without a .yaml the model is built at SD's full widths; refuse a file of other widths before
-    allocating a full-size model for it."""
-    text_key, text_width = (_SD2_TEXT_WIDTH, 1024) if kind == "sd2" else (_SD1_TEXT_WIDTH, 768)
-    found = (state_dict[_UNET_IN].shape[0], state_dict[text_key].shape[0] if text_key in state_dict else None)
-    if found != (320, text_width):
-        raise UserError(
-            f"{path.name} has {kind.upper()} keys but not {kind.upper()}'s layer widths "
-            f"(UNet {found[0]}, text {found[1]}); put its .yaml config beside it with the same name."
-        )
-
-
-def _config_for(path: Path, config: Path | None, kind: str) -> tuple[dict, bool]:
+def _config_for(path: Path, config: Path | None, family: ModelFamily) -> tuple[dict, bool]:
     """(config, whether it came from a file); a missing file named by the caller is an error."""
     yaml_path = config if config is not None else path.with_suffix(".yaml")
     if config is not None and not config.is_file():
@@ -171,17 +134,17 @@ def _config_for(path: Path, config: Path | None, kind: str) -> tuple[dict, bool]
             raise UserError(
                 f"The model config {yaml_path} is not valid YAML ({_first_line(exc)}); fix or remove it."
             ) from exc
-    return (sd2_config(v=False) if kind == "sd2" else sd15_config(None)), False
+    return family.ldm_config(), False
 
 
-def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, kind: str) -> None:
+def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, family: ModelFamily) -> None:
     own = model.state_dict()
     # Top-level buffers (the noise schedule) are computed from the config; position ids see above.
     derived = {k for k in own if "." not in k} | {_POSITION_IDS}
     missing = [k for k in own if k not in state_dict and k not in derived]
     if missing:
         raise UserError(
-            f"{path.name} lacks {len(missing)} of the {kind.upper()} model's weights (first: {missing[0]}); "
+            f"{path.name} lacks {len(missing)} of the {family.label} model's weights (first: {missing[0]}); "
             "the file is incomplete or its .yaml config describes another model."
         )
     wrong = [k for k, v in state_dict.items() if k in own and k != _POSITION_IDS and v.shape != own[k].shape]
@@ -196,17 +159,6 @@ def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], p
         model.load_state_dict({k: v for k, v in state_dict.items() if k in own and k != _POSITION_IDS}, strict=False)
 
 
-def _predicts_v(unet: torch.nn.Module, context_dim: int) -> bool:
-    """A1111's test for SD2 checkpoints without a config: at t=999 on a flat input, a v-prediction
-    UNet's output sits far below its input, an ε-prediction UNet's does not."""
-    param = next(unet.parameters())
-    x = torch.full((1, 4, 8, 8), 0.5, device=param.device, dtype=param.dtype)
-    context = torch.full((1, 2, context_dim), 0.5, device=param.device, dtype=param.dtype)
-    t = torch.tensor([999], device=param.device)
-    with torch.no_grad():
-        return (unet(x, t, context=context) - x).mean().item() < -1
-
-
 def load_sd_checkpoint(
     path: Path | str,
     config: Path | str | None = None,
@@ -215,21 +167,21 @@ def load_sd_checkpoint(
 ):
     """Loads an SD1/SD2 checkpoint as ldm's ``LatentDiffusion``; returns ``(model, ModelInfo)``.
 
-    The config is ``config``, else the .yaml beside the checkpoint with the same name, else SD1.5 or
-    SD2 detected from the keys (SD2's ε or v by A1111's test forward pass). Nothing is downloaded.
+    The config is ``config``, else the .yaml beside the checkpoint with the same name, else the
+    family's, detected from the keys (SD2's ε or v by A1111's test forward pass). Nothing is downloaded.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"The checkpoint {path} does not exist; check the path.")
     state_dict = read_state_dict(path)
-    kind = detect_kind(state_dict, path)
-    cfg, from_file = _config_for(path, Path(config) if config is not None else None, kind)
+    family = detect_family(state_dict, path)
+    cfg, from_file = _config_for(path, Path(config) if config is not None else None, family)
     if not from_file:
-        _check_standard_widths(state_dict, kind, path)
+        family.check_standard_widths(state_dict, path)
     model = build_latent_diffusion(cfg, init_weights=False)
-    _load_weights(model, _model_layout(state_dict, model), path, kind)
+    _load_weights(model, _model_layout(state_dict, model), path, family)
     del state_dict
-    if kind == "sd2" and not from_file and _predicts_v(model.model.diffusion_model, SD2_WIDTHS.context_dim):
+    if not from_file and family.predicts_v(model.model.diffusion_model):
         model.parameterization = "v"
         # ldm derives its (unused here) loss weights from the parameterization when it builds the schedule.
         params = cfg["model"]["params"]
@@ -239,7 +191,7 @@ def load_sd_checkpoint(
     place_model(model, device, dtype)
     v = model.parameterization == "v"
     sha256, legacy = file_hashes(path)
-    info = ModelInfo(path, kind, v, 768 if v else 512, sha256, legacy)
+    info = ModelInfo(path, family, v, family.resolution(v), sha256, legacy)
     return model, info
 
 

@@ -11,7 +11,7 @@ import torch
 from ..fsutil import atomic_write_bytes, atomic_write_text
 from .checkpoint import file_layout, place_model
 from .clip_tokenizer import build_clip_tokenizer_files
-from .ldm import clip_text_transformer
+from .families.sd1 import clip_text_transformer
 from .ldm_import import build_latent_diffusion
 from .sd_configs import TINY_SD15_WIDTHS, sd15_config
 
@@ -49,7 +49,7 @@ def _make_non_degenerate(model: torch.nn.Module) -> None:
         clip_text_transformer(model.cond_stage_model.transformer).final_layer_norm.bias.normal_(mean=0.5, std=0.5)
 
 
-def _fp16_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def fp16_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """fp16 weights like common SD1.5 files; the top-level noise schedule stays fp32."""
     return file_layout({
         k: (v.half() if v.is_floating_point() and "." in k else v).contiguous()
@@ -82,7 +82,7 @@ def build_tiny_sd15(folder: Path, seed: int = 1234) -> Path:
     checkpoint = folder / f"{TINY_NAME}.safetensors"
     # One metadata entry only: safetensors does not keep the order of several, and the bytes must repeat.
     metadata = {"lorakit.tiny": f"random SD1.5-layout model, seed {seed}"}
-    atomic_write_bytes(checkpoint, safetensors.torch.save(_fp16_checkpoint(model), metadata=metadata))
+    atomic_write_bytes(checkpoint, safetensors.torch.save(fp16_checkpoint(model), metadata=metadata))
     atomic_write_text(checkpoint.with_suffix(".yaml"), OmegaConf.to_yaml(OmegaConf.create(config)))
     return checkpoint
 

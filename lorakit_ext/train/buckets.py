@@ -221,7 +221,7 @@ def plan_buckets(
 
 
 def bucket_plan_for(config, image_sizes: Sequence[Size]) -> BucketPlan:
-    """The bucket plan of a :class:`~lorakit_ext.train.config.TrainConfig`."""
+    """The bucket plan of a :class:`~lorakit_ext.train_config.TrainConfig`."""
     return plan_buckets(
         image_sizes,
         config.resolution,

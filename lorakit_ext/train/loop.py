@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.train.buckets import bucket_plan_for
+from lorakit_ext.failures import as_user_error
 from lorakit_ext.train.checkpointing import configure_checkpointing
-from lorakit_ext.train.data import EpochBatches, LatentCache, check_batch_size, load_train_items
+from lorakit_ext.train.data import EpochBatches, LatentCache
 from lorakit_ext.train.events import Interrupted, Progress
 from lorakit_ext.models.group_norm import use_half_saving_group_norm
 from lorakit_ext.models.layout import relayout_module
@@ -34,11 +34,11 @@ from lorakit_ext.train.graphs import GraphedStep
 from lorakit_ext.train.loss import NoiseSchedule
 from lorakit_ext.train.network import injected
 from lorakit_ext.train.optim import DeviceLearningRates, build_optimizer, build_scheduler
-from lorakit_ext.train.plan import plan_for
+from lorakit_ext.train.preflight import dataset_schedule
 from lorakit_ext.train.precision import resolve_precision
 from lorakit_ext.train.record import RunRecord
 from lorakit_ext.train.saving import EpochSaver
-from lorakit_ext.train.state import Position, restore_state, save_state
+from lorakit_ext.train.state import STATE_FILE, Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
 
 log = logging.getLogger(__name__)
@@ -54,26 +54,6 @@ class RunResult:
 
 
 @dataclass
-class Schedule:
-    """The real step counts of a run, after bucketing (kohya's way of counting)."""
-
-    steps_per_epoch: int
-    epochs: int
-    total_steps: int
-    warmup_steps: int
-
-
-def real_schedule(config, steps_per_epoch: int) -> Schedule:
-    if config.max_train_steps:
-        total = config.max_train_steps
-        epochs = math.ceil(total / steps_per_epoch)
-    else:
-        epochs = config.max_train_epochs
-        total = epochs * steps_per_epoch
-    return Schedule(steps_per_epoch, epochs, total, int(total * config.lr_warmup_ratio))
-
-
-@dataclass
 class TrainJob:
     """Everything a run needs besides the model."""
 
@@ -84,8 +64,18 @@ class TrainJob:
     base_model_name: str = ""
     base_model_hash: str = ""
     base_model_sha256: str = ""
+    base_model_path: str = ""
     patch_attention: bool = False  # headless: give stock ldm attention an SDPA forward
     channels_last: bool | None = None  # None: on CUDA
+    output_stem: str = ""  # the stem preflight chose (free in output_dir); empty: the output name
+
+    @property
+    def stem(self) -> str:
+        return self.output_stem or self.config.output_name or self.project.name
+
+    @property
+    def run_id(self) -> str:
+        return Path(self.run_dir).name
 
 
 class Trainer:
@@ -110,12 +100,8 @@ class Trainer:
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self):
         """Reads the dataset and computes the real schedule; raises before any slow work."""
-        items = load_train_items(self.job.project.dataset)
-        check_batch_size(len(items), self.config.train_batch_size)
-        buckets = bucket_plan_for(self.config, [item.size for item in items])
-        estimate = plan_for(self.config, len(items))
-        schedule = real_schedule(self.config, buckets.steps_per_epoch(self.config.num_repeats, self.config.train_batch_size))
-        return items, buckets, estimate, schedule
+        data = dataset_schedule(self.config, self.job.project.dataset)
+        return data.items, data.buckets, data.estimate, data.schedule
 
     def _cache_latents(self, items, buckets) -> LatentCache:
         def progress(done, total):
@@ -134,12 +120,31 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self, resume_state: dict | None = None) -> RunResult:
+        """Trains; ``run.json`` ends ``finished``, ``interrupted`` or ``failed`` (with the reason)
+        however the run ends, also when it ends before the first step."""
+        record = RunRecord(self.job.run_dir)
+        try:
+            return self._run(record, resume_state)
+        except Interrupted as exc:
+            if record.info.get("status") != "interrupted":
+                # Stopped before the first step (while caching latents): there is nothing to resume.
+                record.end("interrupted", resumable=False, error=str(exc))
+            raise
+        except KeyboardInterrupt:
+            # A second Ctrl-C stops at once; the state of the last finished epoch is still there.
+            record.end("interrupted", resumable=(self.job.run_dir / STATE_FILE).is_file(),
+                       error="stopped at once by a second Ctrl-C; a resume continues from the last saved epoch")
+            raise
+        except BaseException as exc:
+            record.fail(_reason(exc))
+            raise
+
+    def _run(self, record: RunRecord, resume_state: dict | None) -> RunResult:
         config = self.config
         items, buckets, estimate, schedule = self.prepare()
         weight_dtype = next(self.model.unet.parameters()).dtype
         self.precision = resolve_precision(config.mixed_precision, self.device, weight_dtype)
         self.schedule = NoiseSchedule(self.device)
-        record = RunRecord(self.job.run_dir)
         record.start(config, estimate, schedule, buckets, self.precision.name, self.model, self.job)
         real = f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."
         self.on_progress(Progress("caching", message="\n".join(estimate.lines + [real])))
@@ -150,14 +155,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(config.seed)
             cache = self._cache_latents(items, buckets)
-            saver = EpochSaver(self.job, self.model, items, buckets, schedule)
-            try:
-                position, losses = self._train(cache, [item.caption for item in items], buckets, schedule, saver, record, resume_state)
-            except Interrupted:
-                raise
-            except BaseException as exc:
-                record.fail(f"{type(exc).__name__}: {exc}")
-                raise
+            saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name)
+            position, losses = self._train(cache, [item.caption for item in items], buckets, schedule, saver, record, resume_state)
         record.finish("finished", losses, saver.files)
         return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir)
 
@@ -203,7 +202,7 @@ class Trainer:
                     if self.should_stop():
                         self._flush(pending, losses, position.global_step)
                         save(Position(epoch, step, position.global_step))
-                        record.finish("interrupted", losses, saver.files)
+                        record.finish("interrupted", losses, saver.files, resumable=True)
                         raise Interrupted()
                     batch = batches[step]
                     latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
@@ -259,3 +258,8 @@ class Trainer:
                 eta_s=eta,
             )
         )
+
+
+def _reason(exc: BaseException) -> str:
+    known = as_user_error(exc) if isinstance(exc, Exception) else None
+    return str(known) if known is not None else f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,4 @@
-"""The diffusion training objective, as kohya sd-scripts computes it (DESIGN.md §2).
+"""The diffusion training objective, as kohya sd-scripts' ``train_network.py`` computes it.
 
 Everything here is tensor-in, tensor-out with no host synchronisation, so it can run inside a
 captured CUDA graph.

@@ -16,7 +16,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lorakit_ext.export.collect import collect_peft_weights
-from lorakit_ext.export.kohya import target_modules
 from lorakit_ext.export.writer import ModuleWeights
 from lorakit_ext.models.patching import patch_forwards
 
@@ -52,7 +51,7 @@ class ModelState:
 
 @dataclass
 class Component:
-    name: str  # "unet" | "te"
+    name: str  # "unet" or one of the model's text encoders ("te")
     root: nn.Module
     alphas: dict[str, float] = field(default_factory=dict)
     params: list[nn.Parameter] = field(default_factory=list)
@@ -120,9 +119,8 @@ class LoraNetwork:
 
     def inject(self) -> None:
         c = self.config
-        te = self.model.te_root if self.train_text_encoder else None
-        targets = target_modules(self.model.unet, te, c.network_type, self.model.arch)
-        roots = {"unet": self.model.unet, "te": self.model.te_root}
+        roots = {"unet": self.model.unet, **(self.model.text_encoders if self.train_text_encoder else {})}
+        targets = self.model.family.target_modules(roots, c.network_type)
         self._state = ModelState.capture(self.model.sd_model)
         for p in self.model.sd_model.parameters():
             p.requires_grad_(False)
@@ -159,8 +157,13 @@ class LoraNetwork:
 
     # ---- optimiser groups, resume state, export ---------------------------------------------
     def param_groups(self) -> list[dict]:
-        lrs = {"unet": self.config.unet_lr, "te": self.config.text_encoder_lr}
-        return [{"params": comp.params, "lr": lrs[comp.name], "name": comp.name} for comp in self.components if comp.params]
+        # Every text encoder trains at text_encoder_lr, as in kohya (SDXL's two as well).
+        c = self.config
+        return [
+            {"params": comp.params, "lr": c.unet_lr if comp.name == "unet" else c.text_encoder_lr, "name": comp.name}
+            for comp in self.components
+            if comp.params
+        ]
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for comp in self.components for p in comp.params]
@@ -185,7 +188,7 @@ class LoraNetwork:
     def export(self) -> list[ModuleWeights]:
         out = []
         for comp in self.components:
-            out += collect_peft_weights(comp.root, comp.name, self.model.arch, comp.alphas.__getitem__)
+            out += collect_peft_weights(comp.root, comp.name, self.model.family, comp.alphas.__getitem__)
         return out
 
 

@@ -1,4 +1,4 @@
-"""The training plan shown before training, in kohya-colab's words (DESIGN.md §1.6).
+"""The training plan shown before training, in the words kohya-colab's Lora Trainer prints it.
 
 Pure arithmetic: the trainer reports the real number of steps after bucketing next to it.
 """
@@ -83,7 +83,7 @@ def make_plan(
 
 
 def plan_for(config, images: int) -> Plan:
-    """The plan of a :class:`~lorakit_ext.train.config.TrainConfig` over ``images`` images."""
+    """The plan of a :class:`~lorakit_ext.train_config.TrainConfig` over ``images`` images."""
     return make_plan(
         images,
         config.num_repeats,

@@ -14,15 +14,22 @@ from lorakit_ext.fsutil import atomic_write_json, atomic_write_text
 from lorakit_ext.project import confine
 
 
-def new_run_dir(project, output_name: str) -> Path:
+def new_run_dir(project, output_name: str, origin: dict) -> Path:
+    """Creates ``runs/<stamp>-<output name>[-N]`` (mkdir is the atomic claim: two callers never get
+    one folder) with a ``run.json`` holding ``origin``: what a resume needs to be the same run
+    (base model, output folder, dataset fingerprint, device options)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = project.runs / f"{stamp}-{output_name}"
-    n = 1
-    while run_dir.exists():
-        n += 1
-        run_dir = project.runs / f"{stamp}-{output_name}-{n}"
-    run_dir.mkdir(parents=True)
-    return project.inside(run_dir)
+    project.runs.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run_dir = project.runs / (f"{stamp}-{output_name}" if n == 1 else f"{stamp}-{output_name}-{n}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        project.inside(run_dir)
+        atomic_write_json(run_dir / RUN_FILE, {"status": "starting", "run": run_dir.name, **origin})
+        return run_dir
+    raise UserError(f"could not create a run folder in {project.runs}: too many runs started this second")
 
 
 def find_run_dir(project, run: str) -> Path:
@@ -35,13 +42,18 @@ def find_run_dir(project, run: str) -> Path:
     return confine(candidate, project.runs)
 
 
+RUN_FILE = "run.json"
+ENDED = ("finished", "interrupted", "failed")
+
+
 class RunRecord:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.info: dict = {}
+        path = self.run_dir / RUN_FILE
+        self.info: dict = read_run(self.run_dir) if path.is_file() else {}
 
     def start(self, config, estimate, schedule, buckets, precision: str, model, job) -> None:
-        output_name = config.output_name or job.project.name
+        output_name = job.stem
         atomic_write_json(self.run_dir / "config.json", config.to_dict())
         real = (
             f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.epochs} epochs, "
@@ -52,19 +64,20 @@ class RunRecord:
             self.run_dir / "kohya_config.toml",
             training_toml(
                 config,
-                base_model=job.base_model_name or "<path of the base checkpoint>",
+                base_model_path=job.base_model_path,
+                dataset_config=str(self.run_dir / "kohya_dataset.toml"),
                 output_dir=str(job.output_dir),
                 output_name=output_name,
                 total_steps=schedule.total_steps,
                 warmup_steps=schedule.warmup_steps,
                 v_parameterization=model.parameterization == "v",
-                v2=model.arch == "sd2",
+                v2=model.family.v2,
                 mixed_precision=precision,
                 optimizer=config.optimizer,
             ),
         )
         atomic_write_text(self.run_dir / "kohya_dataset.toml", dataset_toml(config, job.project.dataset))
-        self.info = {
+        self.info.update({
             "status": "running",
             "output_name": output_name,
             "output_dir": str(job.output_dir),
@@ -74,27 +87,63 @@ class RunRecord:
             "epochs": schedule.epochs,
             "total_steps": schedule.total_steps,
             "precision": precision,
-            "files": [],
-        }
-        atomic_write_json(self.run_dir / "run.json", self.info)
+            "files": self.info.get("files", []),
+        })
+        atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
     def update(self, losses: list[float], files: list[Path]) -> None:
         rows = "".join(f"{i + 1},{loss:.6f}\n" for i, loss in enumerate(losses))
         atomic_write_text(self.run_dir / "loss.csv", "step,loss\n" + rows)
         self.info["files"] = [str(f) for f in files]
         self.info["steps_done"] = len(losses)
-        atomic_write_json(self.run_dir / "run.json", self.info)
+        atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
     def fail(self, error: str) -> None:
         """Marks the run failed; loss.csv keeps the losses of the last saved epoch."""
-        self.info.update(status="failed", error=error, finished_at=time.time())
-        atomic_write_json(self.run_dir / "run.json", self.info)
+        self.end("failed", error=error)
 
-    def finish(self, status: str, losses: list[float], files: list[Path]) -> None:
-        self.info["status"] = status
-        self.info["finished_at"] = time.time()
+    def end(self, status: str, **details) -> None:
+        """Ends the record without touching loss.csv (a run that stopped before its first step)."""
+        self.info.update(status=status, finished_at=time.time(), **details)
+        atomic_write_json(self.run_dir / RUN_FILE, self.info)
+
+    def finish(self, status: str, losses: list[float], files: list[Path], **details) -> None:
+        self.info.update(status=status, finished_at=time.time(), **details)
         self.update(losses, files)
 
 
 def read_run(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+    path = Path(run_dir) / RUN_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} has no {RUN_FILE}; it is not a LoRA Kit run folder") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"the run record {path} is unreadable ({exc}); start a new run") from None
+
+
+def list_runs(project) -> list[dict]:
+    """The project's runs, newest first: id, status, output stem, progress, and whether it can be
+    resumed (it did not finish and saved a state; a run still marked running whose process is
+    gone counts too, since the project's lock is free)."""
+    from lorakit_ext.project_lock import read_holder
+
+    busy = read_holder(project.path) is not None
+    runs = []
+    for run_dir in sorted((p for p in project.runs.glob("*") if p.is_dir()), reverse=True):
+        try:
+            info = read_run(run_dir)
+        except UserError:
+            continue
+        status = info.get("status", "unknown")
+        live = status in ("starting", "running") and busy
+        runs.append({
+            "run": run_dir.name,
+            "status": status,
+            "output_name": info.get("output_name"),
+            "steps_done": info.get("steps_done", 0),
+            "total_steps": info.get("total_steps"),
+            "error": info.get("error"),
+            "resumable": status != "finished" and not live and (run_dir / "state.pt").is_file(),
+        })
+    return runs

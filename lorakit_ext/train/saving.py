@@ -8,11 +8,16 @@ from pathlib import Path
 
 from lorakit_ext.dataset.tags import split_tags
 from lorakit_ext.export.metadata import training_metadata
-from lorakit_ext.export.writer import epoch_file_name, remove_old_epochs, write_lora_file
+from lorakit_ext.errors import UserError
+from lorakit_ext.export.writer import epoch_file_name, read_lora_metadata, remove_old_epochs, write_lora_file
+
+# Names the run that wrote a file: a run replaces an epoch file only if it wrote it itself
+# (a resumed run redoing an epoch whose state was not saved before a kill).
+RUN_KEY = "lorakit_run"
 
 
 class EpochSaver:
-    def __init__(self, job, model, items, buckets, schedule):
+    def __init__(self, job, model, items, buckets, schedule, precision: str):
         self.job = job
         self.config = job.config
         self.model = model
@@ -20,7 +25,8 @@ class EpochSaver:
         self.buckets = buckets
         self.schedule = schedule
         self.optimizer_name = self.config.optimizer
-        self.output_name = self.config.output_name or job.project.name
+        self.precision = precision
+        self.output_name = job.stem
         self.started_at = time.time()
         self.files: list[Path] = []
         # kohya names a dataset folder "<repeats>_<name>"; tools that read ss_tag_frequency expect it.
@@ -36,7 +42,7 @@ class EpochSaver:
         return training_metadata(
             # ss_optimizer names what ran (AdamW8bit falls back to AdamW without bitsandbytes).
             c.replace(optimizer=self.optimizer_name),
-            arch=self.model.arch,
+            family=self.model.family,
             v_parameterization=self.model.parameterization == "v",
             output_name=Path(epoch_file_name(self.output_name, epoch)).stem,
             epoch=epoch,
@@ -54,13 +60,21 @@ class EpochSaver:
             finished_at=time.time(),
             network_args=network_args,
             resolution=c.resolution,
+            mixed_precision=self.precision,
         )
 
     def save_epoch(self, network, epoch: int, steps: int, losses) -> list[Path]:
         if not self._due(epoch):
             return []
         path = self.job.output_dir / epoch_file_name(self.output_name, epoch)
-        write_lora_file(path, network.export(), self.metadata(epoch, steps))
+        ours = path.is_file() and read_lora_metadata(path).get(RUN_KEY) == self.job.run_id
+        try:
+            write_lora_file(path, network.export(), {**self.metadata(epoch, steps), RUN_KEY: self.job.run_id}, replace=ours)
+        except FileExistsError:
+            raise UserError(
+                f"{path} already exists and was not written by this run; LoRA Kit never replaces a file it did "
+                "not write. Move that file away and resume, or start a new run (it picks a free name)"
+            ) from None
         self.files.append(path)
         self._prune()
         return [path]

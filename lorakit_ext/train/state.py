@@ -65,11 +65,13 @@ def load_state(run_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"no resumable state in {run_dir} (a run saves it after each epoch and on interrupt)")
     try:
-        # Our own file, but it holds optimiser state and Python RNG tuples, not only tensors.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # torch.serialization.load, not torch.load: A1111 replaces torch.load with a checker that
+        # returns None for what it does not know. Tensors, numbers, strings and containers are all
+        # the state holds, so the weights-only unpickler reads it.
+        state = torch.serialization.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"resume state {path} is unreadable: {exc}") from None
-    if state.get("format") != 1:
+        raise UserError(f"resume state {path} is unreadable ({exc}); start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != 1:
         raise UserError(f"resume state {path} has an unknown format")
     return state
 

@@ -2,8 +2,10 @@
 
 Routes added in ``on_app_started`` get none of A1111's ``--api-auth``; every route here checks
 it itself, the way A1111's own API does (HTTP Basic, users from ``user:password,…``). Errors are
-JSON with a ``detail`` message: 400 for bad input, 403 for a server path LoRA Kit may not use,
-404 for an unknown project or job, 501 for a part this install lacks. GPU work (train, grid) is
+JSON with a ``detail`` message: 400 for bad input (and a full disk, with the remedy), 403 for a
+server path LoRA Kit may not use, 404 for an unknown project or job, 409 for a project another
+operation holds, 501 for a part this install lacks; 422 (FastAPI's list of fields and messages)
+for a number outside its range (:mod:`lorakit_ext.webui.limits`). GPU work (train, grid) is
 queued through :mod:`lorakit_ext.webui.jobs` and answers with a job id at once.
 """
 
@@ -20,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import safetensors
 from fastapi import APIRouter, Depends, File, HTTPException, UploadFile
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel
+from pydantic import BaseModel, confloat, conint
 
 from lorakit_ext.compare.promote import promote as promote_epoch
 from lorakit_ext.dataset.captions import read_captions, write_caption
@@ -32,11 +34,14 @@ from lorakit_ext.dataset.importer import import_files, import_folder, sanitize_f
 from lorakit_ext.dataset.tags import TagOps, tag_counts
 from lorakit_ext.dataset.trash import list_batches, undo
 from lorakit_ext.errors import UserError
+from lorakit_ext.failures import as_user_error
 from lorakit_ext.export.card import sd_version_of
 from lorakit_ext.project import Project, confine, create_project, list_projects, open_project, validate_name
-from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.project_lock import ProjectBusy
+from lorakit_ext.train_config import TrainConfig
+from lorakit_ext.train.record import list_runs
 from lorakit_ext.train.plan import plan_for
-from lorakit_ext.webui import host, jobs
+from lorakit_ext.webui import host, jobs, limits
 from lorakit_ext.webui.ui_results import cell_for
 
 PREFIX = "/lorakit/v1"
@@ -83,10 +88,18 @@ def _errors(handler):
             raise HTTPException(status_code=404, detail=str(exc)) from None
         except host.PathAccessDenied as exc:
             raise HTTPException(status_code=403, detail=str(exc)) from None
-        except jobs.FeatureMissing as exc:
+        except ProjectBusy as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from None
+        except host.FeatureMissing as exc:
             raise HTTPException(status_code=501, detail=str(exc)) from None
         except UserError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
+        except (OSError, MemoryError, OverflowError) as exc:
+            # Disk full, permissions, numbers too large: the user's to fix, so a 4xx with the remedy.
+            known = as_user_error(exc)
+            if known is None:
+                raise
+            raise HTTPException(status_code=400, detail=str(known)) from None
 
     return run
 
@@ -109,6 +122,21 @@ def _job(job_id: str) -> Optional[str]:
 
 
 # ---- request bodies (fields only, so pydantic 1.10 and 2 read them alike) ---------------------
+def _number(limit: limits.Limit):
+    """A field type within ``limit``, the tab's own range: pydantic answers 422 naming the field
+    for NaN, ±Infinity, 1e999 and anything out of range, before a handler runs or a job queues.
+    Whole numbers are strict, or pydantic would quietly cut a seed of 1.5 to 1."""
+    if limit.whole:
+        return conint(strict=True, ge=limit.minimum, le=limit.maximum, multiple_of=limit.step)
+    return confloat(ge=limit.minimum, le=limit.maximum)
+
+
+Megapixels, Seed, LoraWeight, Steps, Size, Cfg, PreferredWeight = map(_number, (
+    limits.IMPORT_MEGAPIXELS, limits.SEED, limits.LORA_WEIGHT, limits.GRID_STEPS, limits.GRID_SIZE, limits.GRID_CFG,
+    limits.PREFERRED_WEIGHT,
+))
+
+
 class NewProject(BaseModel):
     name: str
 
@@ -116,7 +144,7 @@ class NewProject(BaseModel):
 class FolderImport(BaseModel):
     folder: str
     recursive: bool = False
-    max_megapixels: float = DEFAULT_MAX_PIXELS / 1e6
+    max_megapixels: Megapixels = DEFAULT_MAX_PIXELS / 1e6
 
 
 class Dedupe(BaseModel):
@@ -154,19 +182,19 @@ class Grid(BaseModel):
     prompt: Optional[str] = None
     trigger: str = ""
     negative: str = ""
-    seeds: Optional[List[int]] = None
-    weights: Optional[List[float]] = None
+    seeds: Optional[List[Seed]] = None
+    weights: Optional[List[LoraWeight]] = None
     baseline: bool = True
-    steps: Optional[int] = None
-    width: Optional[int] = None
-    height: Optional[int] = None
-    cfg_scale: float = 7.0
+    steps: Optional[Steps] = None
+    width: Optional[Size] = None
+    height: Optional[Size] = None
+    cfg_scale: Cfg = 7.0
 
 
 class Promote(BaseModel):
     epoch_file: str
     trigger: str = ""
-    preferred_weight: float = 1.0
+    preferred_weight: PreferredWeight = 1.0
     description: str = ""
     remove_other_epochs: bool = False
     job_id: Optional[str] = None  # the training job: its files are the run's epochs
@@ -198,8 +226,6 @@ def show_project(name: str) -> dict:
 def import_from_folder(name: str, body: FolderImport) -> dict:
     project = _project(name)
     folder = host.check_path_access(body.folder, "import images from")
-    if not body.max_megapixels > 0:
-        raise UserError(f"max_megapixels must be a positive number, not {body.max_megapixels:g}")
     return import_folder(project, folder, body.recursive, int(body.max_megapixels * 1e6)).to_dict()
 
 
@@ -299,6 +325,23 @@ def plan(name: str, body: Settings) -> dict:
 def train(name: str, body: Settings) -> dict:
     project = _project(name)
     return {"job_id": jobs.start_training(project.name, TrainConfig.from_dict(body.config))}
+
+
+class Resume(BaseModel):
+    force: bool = False  # resume although the dataset or the loaded model changed
+
+
+@router.get("/projects/{name}/runs")
+@_errors
+def runs(name: str) -> dict:
+    return {"runs": list_runs(_project(name))}
+
+
+@router.post("/projects/{name}/runs/{run_id}/resume", status_code=202)
+@_errors
+def resume(name: str, run_id: str, body: Resume) -> dict:
+    project = _project(name)
+    return {"job_id": jobs.start_training(project.name, resume=validate_name(run_id, "run id"), force=body.force)}
 
 
 @router.post("/projects/{name}/grid", status_code=202)

@@ -1,10 +1,10 @@
 """Training on A1111's loaded model (``shared.sd_model``) and giving it back exactly as it was.
 
-Before a job: refuse what cannot be trained (Forge, SDXL/SD3, ``--lowvram``, fp8 weights), take
-out any LoRA the built-in Lora extension merged into the weights and any loaded hypernetwork, and
-lift ``--medvram``'s offloading for the job. After it, whatever happened: free memory, put the
-offloading back, and compare the weights with a fingerprint taken before, failing loudly if they
-changed. The trainer itself removes what it injected (:mod:`lorakit_ext.train.network`); this
+Before a job: refuse what cannot be trained (Forge, kinds of model no family trains, ``--lowvram``,
+fp8 weights), take out any LoRA the built-in Lora extension merged into the weights and any loaded
+hypernetwork, and lift ``--medvram``'s offloading for the job. After it, whatever happened: free
+memory, put the offloading back, and compare the weights with a fingerprint taken before, failing
+loudly if they changed. The trainer itself removes what it injected (:mod:`lorakit_ext.train.network`); this
 module checks that it did.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lorakit_ext.errors import UserError
+from lorakit_ext.models.families import trainable, unsupported_model
 from lorakit_ext.webui import host
 
 _FLOAT8 = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name))
@@ -38,7 +39,7 @@ def loaded_model():
     from modules import shared
 
     if shared.sd_model is None:
-        raise UserError("no checkpoint is loaded; pick an SD1.x or SD2.x model in the checkpoint list first")
+        raise UserError(f"no checkpoint is loaded; pick an {trainable()} model in the checkpoint list first")
     return shared.sd_model
 
 
@@ -54,10 +55,9 @@ def refusal(sd_model) -> str | None:
     if _is_forge():
         return ("this is Stable Diffusion WebUI Forge, whose models have no trainable ldm path; in-process training "
                 "needs AUTOMATIC1111's WebUI (LoRA files made elsewhere still load in Forge)")
-    if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
-        return "SDXL training is not available yet (it comes with its own issue); load an SD1.x or SD2.x checkpoint to train"
-    if getattr(sd_model, "is_sd3", False):
-        return "SD3 training is not supported; load an SD1.x or SD2.x checkpoint to train"
+    unsupported = unsupported_model(sd_model)
+    if unsupported:
+        return unsupported
     if getattr(shared.cmd_opts, "lowvram", False):
         return ("--lowvram moves the UNet to the GPU one block at a time, so it cannot be trained; restart the WebUI "
                 "without --lowvram (--medvram works, or use the 'Low VRAM' preset)")
@@ -211,10 +211,10 @@ def free_memory() -> None:
 
 @contextlib.contextmanager
 def training_model(config):
-    """Yields an :class:`~lorakit_ext.models.ldm.LdmModel` over ``shared.sd_model`` prepared for
-    training. Call with A1111's queue lock held. Raises :class:`ModelChanged` on the way out if the
+    """Yields the family's adapter (:func:`~lorakit_ext.models.families.adapter_for`) over
+    ``shared.sd_model``, prepared for training. Call with A1111's queue lock held. Raises :class:`ModelChanged` on the way out if the
     model's weights, keys or flags differ from when it was handed over."""
-    from lorakit_ext.models.ldm import LdmModel
+    from lorakit_ext.models.families import adapter_for
 
     sd_model = loaded_model()
     check_trainable(sd_model)
@@ -225,7 +225,8 @@ def training_model(config):
         with whole_model_on_device(sd_model):
             before = fingerprint(sd_model)
             try:
-                yield LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+                # The adapter of the ldm families; it finds which one (SD1, SD2) the loaded model is.
+                yield adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
             finally:
                 changes = before.changes(fingerprint(sd_model))
                 if changes:
@@ -238,12 +239,15 @@ def training_model(config):
         reset_cond_cache()
 
 
-def checkpoint_identity(sd_model) -> tuple[str, str, str]:
-    """``(file name, A1111's legacy hash, sha256)`` of the loaded checkpoint; unknown parts are ""."""
+def checkpoint_identity(sd_model):
+    """The loaded checkpoint as a :class:`~lorakit_ext.train.launch.BaseModel`; unknown parts are ""."""
+    from lorakit_ext.train.launch import BaseModel
+
     info = getattr(sd_model, "sd_checkpoint_info", None)
     if info is None:
-        return "", "", ""
-    return Path(info.filename).name, getattr(info, "hash", None) or "", getattr(info, "sha256", None) or ""
+        return BaseModel()
+    path = str(Path(info.filename).resolve()) if getattr(info, "filename", None) else ""
+    return BaseModel(Path(path).name if path else "", path, getattr(info, "hash", None) or "", getattr(info, "sha256", None) or "")
 
 
 # ---- the post-save check ------------------------------------------------------------------------

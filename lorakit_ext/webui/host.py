@@ -10,6 +10,10 @@ from lorakit_ext.project import confine
 from lorakit_ext.webui.settings import setting
 
 
+class FeatureMissing(UserError):
+    """A part LoRA Kit needs is not installed in this WebUI."""
+
+
 class PathAccessDenied(UserError):
     """A server path outside the folders LoRA Kit may use while extension access is disabled."""
 

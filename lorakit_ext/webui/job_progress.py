@@ -1,25 +1,42 @@
-"""A training job's progress in A1111's terms: ``shared.state`` drives the WebUI's progress bar, its
-ETA and the text under it, which A1111 shows for whatever job holds the queue."""
+"""A job's progress in A1111's terms: ``shared.state`` drives the WebUI's progress bar, its ETA and
+the text before them, which A1111 shows for whatever job holds the queue.
+
+One ETA is shown: A1111's bar always appends its own, ``elapsed × (1 − progress) / progress`` with
+``elapsed`` counted from ``state.time_start``. Counted from the job's start it would include the
+latent caching and the warm-up, so early in a run it would be far off; the trainer's ETA counts
+the steps alone. So the text carries none, and ``time_start`` is set back from the trainer's ETA so
+that A1111's formula gives exactly it (the API's ``eta_s`` and the bar agree). A grid restarts the
+clock and the counts: its cells are a job of their own in the bar.
+"""
 
 from __future__ import annotations
 
 import math
+import time
 
-from lorakit_ext.train.events import Progress, clock
+from lorakit_ext.train.events import Progress
 
 
 def textinfo(p: Progress) -> str:
-    """``epoch 3/10 · step 120/630 · loss 0.1234 · 2.1 it/s · ETA 4:56``; what is unknown is left out."""
+    """``epoch 3/10 · step 120/630 · loss 0.1234 · 2.1 it/s``; what is unknown is left out."""
     parts = [f"epoch {p.epoch}/{p.epochs}", f"step {p.step}/{p.total_steps}"]
     if p.loss is not None:
         parts.append(f"loss {p.loss:.4f}")
     if p.it_per_s:
         parts.append(f"{p.it_per_s:.1f} it/s")
-    if p.eta_s is not None:
-        parts.append(f"ETA {clock(p.eta_s)}")
     if p.phase == "saving":
         parts.append("saving")
     return " · ".join(parts)
+
+
+def a1111_progress(state) -> float:
+    """The fraction A1111's bar shows (``modules/progress.py``)."""
+    progress = 0.0
+    if state.job_count > 0:
+        progress += state.job_no / state.job_count
+        if state.sampling_steps > 0:
+            progress += state.sampling_step / state.sampling_steps / state.job_count
+    return min(progress, 1.0)
 
 
 class StateMirror:
@@ -39,6 +56,8 @@ class StateMirror:
         if p.phase == "caching":
             state.textinfo = p.message or "caching latents"
             return
+        if not p.total_steps:
+            return  # a note between steps ("CUDA graphs off"): the job's message, not the bar's
         if p.epoch != self.epoch:
             # The first report of an epoch comes after its first step.
             self.epoch, self.epoch_start = p.epoch, max(p.step - 1, 0)
@@ -48,3 +67,18 @@ class StateMirror:
         state.sampling_steps = size
         state.sampling_step = min(max(p.step - self.epoch_start, 0), size)
         state.textinfo = textinfo(p)
+        progress = a1111_progress(state)
+        if p.eta_s is not None and 0 < progress < 1:
+            state.time_start = time.time() - p.eta_s * progress / (1 - progress)
+
+
+def grid_started(state, cells: int) -> None:
+    """An epoch grid of ``cells`` images begins (the X/Y/Z script counts them as A1111 jobs)."""
+    state.job_count, state.job_no = cells, 0
+    state.sampling_step = state.sampling_steps = 0
+    state.time_start = time.time()
+    state.textinfo = f"epoch grid · {cells} cells"
+
+
+def grid_cell(state, number: int, cells: int) -> None:
+    state.textinfo = f"epoch grid · cell {number}/{cells}"

@@ -17,27 +17,24 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lorakit_ext.errors import UserError
+from lorakit_ext.failures import as_user_error
 from lorakit_ext.project import open_project
-from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.train_config import TrainConfig
 from lorakit_ext.train.events import Interrupted, Progress
-from lorakit_ext.webui import bridge, host
+from lorakit_ext.webui import bridge, host, training
 from lorakit_ext.webui.job_progress import StateMirror
 from lorakit_ext.webui.settings import parse_seeds, setting
 
 log = logging.getLogger(__name__)
 
 KEEP_JOBS = 32
+# In the tab's settings JSON: the id of the run to resume instead of a new run's options.
+RESUME_KEY = "resume_run"
 
 
 class UnknownJob(UserError):
     """No job with that id (or no job at all)."""
-
-
-class FeatureMissing(UserError):
-    """A part LoRA Kit needs is not installed in this WebUI."""
 
 
 @dataclass
@@ -154,13 +151,11 @@ def _execute(job: Job, work) -> None:
         work()
     except Interrupted:
         job.set(status="interrupted", message="interrupted; the epochs saved so far are kept")
-    except torch.cuda.OutOfMemoryError:
-        job.set(status="failed", error="out of GPU memory: lower the batch size or resolution, or use the 'Low VRAM' preset (gradient checkpointing)")
-    except UserError as exc:
-        job.set(status="failed", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - a job must end with a status, whatever broke
-        log.exception("LoRA Kit job %s failed", job.id)
-        job.set(status="failed", error=f"{type(exc).__name__}: {exc}")
+        known = as_user_error(exc)
+        if known is None:
+            log.exception("LoRA Kit job %s failed", job.id)
+        job.set(status="failed", error=str(known) if known else f"{type(exc).__name__}: {exc}")
     else:
         job.set(status="finished", phase="done")
     finally:
@@ -169,46 +164,39 @@ def _execute(job: Job, work) -> None:
         bridge.free_memory()
 
 
-def _spawn(job: Job, work) -> None:
-    def main():
-        from modules import call_queue, shared
+def _spawn(job: Job, work, on_end=lambda: None) -> None:
+    """Runs ``work`` as a queued job in its own thread; ``on_end`` runs however it ends, also when
+    the job was cancelled before it started."""
 
-        with call_queue.queue_lock:
-            if job.cancel.is_set():
-                job.set(status="interrupted", message="cancelled before it started")
-                return
-            shared.state.begin(job=f"lorakit-{job.kind}")
-            try:
-                _execute(job, work)
-            finally:
-                shared.state.end()
-                # What wrap_gradio_call resets after a button's job, so the next one starts clean.
-                shared.state.interrupted = shared.state.skipped = shared.state.stopping_generation = False
-                shared.state.job_count, shared.state.job = 0, ""
+    def main():
+        try:
+            _run_queued(job, work)
+        finally:
+            on_end()
 
     threading.Thread(target=main, name=job.id, daemon=True).start()
 
 
-def _checked(project: str, config: TrainConfig) -> TrainConfig:
-    open_project(host.projects_root(), project)
-    return config.validate()
+def _run_queued(job: Job, work) -> None:
+    from modules import call_queue, shared
+
+    with call_queue.queue_lock:
+        if job.cancel.is_set():
+            job.set(status="interrupted", message="cancelled before it started")
+            return
+        shared.state.begin(job=f"lorakit-{job.kind}")
+        try:
+            _execute(job, work)
+        finally:
+            shared.state.end()
+            # What wrap_gradio_call resets after a button's job, so the next one starts clean.
+            shared.state.interrupted = shared.state.skipped = shared.state.stopping_generation = False
+            shared.state.job_count, shared.state.job = 0, ""
 
 
-def _train(job: Job, config: TrainConfig) -> None:
+def _train(job: Job, prepared) -> None:
     from modules import shared
 
-    try:
-        from lorakit_ext.train.loop import Trainer, TrainJob
-    except ModuleNotFoundError as exc:
-        raise FeatureMissing(
-            f"training needs the Python package {exc.name!r}, which this WebUI's environment lacks; "
-            "restart the WebUI so LoRA Kit's install.py can add it"
-        ) from None
-    from lorakit_ext.train.record import new_run_dir
-
-    project = open_project(host.projects_root(), job.project)
-    lora_dir = host.lora_dir()
-    output_name = config.output_name or project.name
     mirror = StateMirror(shared.state)
 
     def on_progress(p: Progress) -> None:
@@ -222,29 +210,23 @@ def _train(job: Job, config: TrainConfig) -> None:
         with _lock:
             job.files.append(str(path))
 
-    def should_stop() -> bool:
-        return shared.state.interrupted or job.cancel.is_set()
-
-    with bridge.training_model(config) as model:
-        run_dir = new_run_dir(project, output_name)
-        job.set(run_dir=str(run_dir))
-        name, legacy_hash, sha256 = bridge.checkpoint_identity(model.sd_model)
-        spec = TrainJob(config, project, lora_dir, run_dir, base_model_name=name, base_model_hash=legacy_hash,
-                        base_model_sha256=sha256)
-        trainer = Trainer(model, spec, on_progress=on_progress, on_epoch_file=on_epoch_file, should_stop=should_stop)
-        # A1111 runs generations without autograd; this thread may inherit neither, but be sure.
-        with torch.enable_grad():
-            result = trainer.run()
+    result = training.train(
+        prepared, on_progress=on_progress, on_epoch_file=on_epoch_file,
+        should_stop=lambda: shared.state.interrupted or job.cancel.is_set(),
+        on_run_dir=lambda run_dir: job.set(run_dir=str(run_dir)),
+    )
     job.set(files=[str(f) for f in result.files], losses=[[i + 1, loss] for i, loss in enumerate(result.losses)],
-            message=f"trained {result.steps} steps into {len(result.files)} file(s) in {lora_dir}")
+            message=f"trained {result.steps} steps into {len(result.files)} file(s) in {prepared.output_dir}")
+    output_name = prepared.config.output_name or prepared.project.name
     if setting("lorakit_auto_grid") and result.files:
-        _auto_grid(job, [f.stem for f in result.files], trigger=config.trigger or output_name, output_name=output_name)
+        _auto_grid(job, [f.stem for f in result.files], trigger=prepared.config.trigger or output_name,
+                   output_name=prepared.preflight.output_stem)
 
 
 def _auto_grid(job: Job, lora_names: list[str], **prompt_parts) -> None:
     """The grid after training: if it fails, the trained files are still a success."""
     try:
-        _grid(job, lora_names, **prompt_parts)
+        _grid(job, _grid_request(lora_names, **prompt_parts))
     except Interrupted:
         raise
     except Exception as exc:  # noqa: BLE001 - the epochs are saved; report the grid's failure beside them
@@ -266,50 +248,74 @@ def grid_prompt(template: str, trigger: str, output_name: str, first_lora: str) 
     return text
 
 
-def _grid(job: Job, lora_names: list[str], *, trigger: str, output_name: str, prompt: str | None = None,
-          negative: str = "", seeds: list[int] | None = None, weights: list[float] | None = None,
-          baseline: bool = True, steps: int | None = None, width: int | None = None, height: int | None = None,
-          cfg_scale: float = 7.0) -> None:
+def _grid_request(lora_names: list[str], *, trigger: str, output_name: str, prompt: str | None = None,
+                  negative: str = "", seeds: list[int] | None = None, weights: list[float] | None = None,
+                  baseline: bool = True, steps: int | None = None, width: int | None = None,
+                  height: int | None = None, cfg_scale: float = 7.0) -> dict:
+    """``run_epoch_grid``'s arguments, unset ones from the settings, all checked (:class:`UserError`):
+    the settings too, since ``POST /sdapi/v1/options`` stores any value."""
+    from modules import shared
+
     from lorakit_ext.webui import xyz
 
-    size = int(setting("lorakit_grid_size"))
-    job.set(phase="grid")
-    result = xyz.run_epoch_grid(
-        lora_names,
+    size = setting("lorakit_grid_size")
+    request = dict(
+        lora_names=list(lora_names),
         prompt=grid_prompt(prompt or setting("lorakit_test_prompt"), trigger, output_name, lora_names[0]),
         negative=negative,
         seeds=seeds or parse_seeds(setting("lorakit_grid_seeds")),
         weights=weights,
         baseline=baseline,
-        steps=int(steps or setting("lorakit_grid_steps")),
-        width=int(width or size),
-        height=int(height or size),
+        steps=steps or setting("lorakit_grid_steps"),
+        width=width or size,
+        height=height or size,
         cfg_scale=cfg_scale,
     )
+    xyz.checked_plan(**request, max_megapixels=shared.opts.img_max_size_mp)
+    return request
+
+
+def _grid(job: Job, request: dict) -> None:
+    from lorakit_ext.webui import xyz
+
+    job.set(phase="grid")
+    result = xyz.run_epoch_grid(**request)
     job.set(grid=str(result.path), grid_cells=dict(result.cells))
     _note(job, f"grid saved to {result.path}")
 
 
 # ---- front doors -------------------------------------------------------------------------------
-def start_training(project: str, config: TrainConfig) -> str:
-    """Queues a training job in the background and returns its id at once; :class:`UserError` for
-    an unknown project or invalid settings, before anything is queued."""
-    config = _checked(project, config)
+def start_training(project: str, config: TrainConfig | None = None, *, resume: str | None = None, force: bool = False) -> str:
+    """Queues a training job (or the resume of run ``resume``) in the background and returns its id
+    at once. Every check that needs no model runs first, with the project's lock taken, so an unknown
+    project, invalid settings, a busy project or a run that cannot resume raise :class:`UserError`
+    before anything is queued; the job releases the lock when it ends."""
+    prepared = training.prepare(project, config, resume=resume, force=force, by="HTTP API")
     job = _new_job("train", project)
-    _spawn(job, lambda: _train(job, config))
+    _spawn(job, lambda: _train_locked(job, prepared), on_end=prepared.lock.release)
     return job.id
 
 
+def _train_locked(job: Job, prepared) -> None:
+    # The lock goes before the job reads as ended, so a client that sees "finished" can start again.
+    try:
+        _train(job, prepared)
+    finally:
+        prepared.lock.release()
+
+
 def start_grid(project: str, lora_names: list[str], *, trigger: str = "", **options) -> str:
-    """Queues an epoch grid of ``lora_names`` (A1111 Lora names) and returns the job id. ``options``
-    are ``_grid``'s: prompt, negative, seeds, weights, baseline, steps, width, height, cfg_scale;
-    unset ones come from the settings."""
+    """Queues an epoch grid of ``lora_names`` (A1111 Lora names) and returns the job id; :class:`UserError`
+    for a value out of its limits, before anything is queued. ``options`` are ``_grid_request``'s:
+    prompt, negative, seeds, weights, baseline, steps, width, height, cfg_scale; unset ones come
+    from the settings."""
     open_project(host.projects_root(), project)
     if not lora_names:
         raise UserError("name at least one LoRA for the grid")
     output_name = lora_names[0].rsplit("-", 1)[0] if "-" in lora_names[0] else lora_names[0]
+    request = _grid_request(lora_names, trigger=trigger or output_name, output_name=output_name, **options)
     job = _new_job("grid", project)
-    _spawn(job, lambda: _grid(job, list(lora_names), trigger=trigger or output_name, output_name=output_name, **options))
+    _spawn(job, lambda: _grid(job, request))
     return job.id
 
 
@@ -325,11 +331,13 @@ def train_in_gradio(id_task: str, project: str, config_json: str) -> tuple:
     """
     job = _new_job("train", project, job_id=id_task)
     try:
-        config = _checked(project, TrainConfig.from_dict(_json_object(config_json)))
+        values = _json_object(config_json)
+        resume = values.pop(RESUME_KEY, None)
+        prepared = training.prepare(project, None if resume else TrainConfig.from_dict(values), resume=resume, by="the tab")
     except UserError as exc:
         job.set(status="failed", error=str(exc))
     else:
-        _execute(job, lambda: _train(job, config))
+        _execute(job, lambda: _train_locked(job, prepared))
     data = job.to_dict()
     return data["losses"], data["files"], data["grid"], status_html(data)
 

@@ -8,6 +8,7 @@ root at ``/`` and walk around the server-path check in :mod:`lorakit_ext.webui.h
 
 from __future__ import annotations
 
+from lorakit_ext.webui.limits import GRID_SIZE, GRID_STEPS
 from lorakit_ext.webui.ui_inputs import CAPTIONERS
 
 SECTION = ("lorakit", "LoRA Kit")
@@ -40,8 +41,8 @@ def add_settings() -> None:
     option("lorakit_test_prompt", "Test prompt for epoch grids (<trigger> and <name> are filled in)", gr.Textbox, {"lines": 2})
     option("lorakit_auto_grid", "Make an X/Y/Z grid of the epochs after training")
     option("lorakit_grid_seeds", "Grid seeds (comma-separated)")
-    option("lorakit_grid_size", "Grid image size", gr.Slider, {"minimum": 64, "maximum": 2048, "step": 64})
-    option("lorakit_grid_steps", "Grid sampling steps", gr.Slider, {"minimum": 1, "maximum": 150, "step": 1})
+    option("lorakit_grid_size", "Grid image size", gr.Slider, GRID_SIZE.slider())
+    option("lorakit_grid_steps", "Grid sampling steps", gr.Slider, GRID_STEPS.slider())
 
 
 def setting(key: str):

@@ -86,7 +86,8 @@ def _save(project_name, text, loaded):
 
 
 def build(project):
-    """The editor; returns the spec that re-reads it (for a project change or a batch edit)."""
+    """The editor; returns the spec that re-reads it (for a project change or a batch edit) and the
+    events that can write a caption: Save, and moving to another image after an edit."""
     from modules.ui_components import FormRow, ToolButton
 
     loaded = gr.State(dict(NOTHING))
@@ -105,14 +106,11 @@ def build(project):
 
     shown = [name, image, caption, loaded, message]
     guard = ui_shared.guarded(len(shown))
-    name.input(guard(_jump), inputs=[project, name, caption, loaded], outputs=shown, show_progress="hidden")
+    writes = [name.input(guard(_jump), inputs=[project, name, caption, loaded], outputs=shown, show_progress="hidden")]
     for button, step in ((previous, -1), (following, 1)):
-        button.click(
-            guard(lambda name, text, state, s=step: _move(name, text, state, s)),
-            inputs=[project, caption, loaded],
-            outputs=shown,
-            show_progress="hidden",
-        )
-    save.click(ui_shared.guarded(3)(_save), inputs=[project, caption, loaded], outputs=[caption, loaded, message])
+        move = guard(lambda name, text, state, s=step: _move(name, text, state, s))
+        writes.append(button.click(move, inputs=[project, caption, loaded], outputs=shown, show_progress="hidden"))
+    saved = ui_shared.guarded(3)(_save)
+    writes.append(save.click(saved, inputs=[project, caption, loaded], outputs=[caption, loaded, message]))
     caption.change(token_text, inputs=[caption], outputs=[tokens], show_progress="hidden")
-    return dict(fn=guard(show_current), inputs=[project, loaded], outputs=shown, show_progress="hidden")
+    return dict(fn=guard(show_current), inputs=[project, loaded], outputs=shown, show_progress="hidden"), writes

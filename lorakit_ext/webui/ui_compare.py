@@ -14,6 +14,7 @@ import gradio as gr
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.webui import ui_results, ui_shared
+from lorakit_ext.webui.limits import GRID_CFG, GRID_SIZE, GRID_STEPS, PREFERRED_WEIGHT
 from lorakit_ext.webui.settings import parse_seeds, setting
 
 REFRESH_SYMBOL = "\U0001f504"  # 🔄, A1111's refresh tool button
@@ -184,16 +185,12 @@ def build(project):
             with FormRow():
                 steps = gr.Slider(
                     label="Sampling steps",
-                    minimum=1,
-                    maximum=150,
-                    step=1,
                     value=int(setting("lorakit_grid_steps")),
                     elem_id="lorakit_compare_steps",
+                    **GRID_STEPS.slider(),
                 )
-                grid_size = gr.Slider(
-                    label="Grid image size", minimum=64, maximum=2048, step=64, value=size, elem_id="lorakit_compare_size"
-                )
-                cfg = gr.Slider(label="CFG scale", minimum=1, maximum=30, step=0.5, value=7.0, elem_id="lorakit_compare_cfg")
+                grid_size = gr.Slider(label="Grid image size", value=size, elem_id="lorakit_compare_size", **GRID_SIZE.slider())
+                cfg = gr.Slider(label="CFG scale", value=7.0, elem_id="lorakit_compare_cfg", **GRID_CFG.slider())
             with gr.Row():
                 draw = gr.Button("Make grid", variant="primary", elem_id="lorakit_grid_start")
                 fill = gr.Button("Fill txt2img X/Y/Z", elem_id="lorakit_fill_xyz")
@@ -204,7 +201,7 @@ def build(project):
         with FormRow():
             epoch = gr.Dropdown(label="Epoch to promote", choices=[], elem_id="lorakit_promote_epoch")
             weight = gr.Slider(
-                label="Preferred weight", minimum=0.0, maximum=2.0, step=0.05, value=1.0, elem_id="lorakit_promote_weight"
+                label="Preferred weight", value=1.0, elem_id="lorakit_promote_weight", **PREFERRED_WEIGHT.slider()
             )
             trigger = gr.Textbox(
                 label="Activation text", elem_id="lorakit_promote_trigger", info="A1111 adds it to the prompt with the LoRA"

@@ -16,7 +16,6 @@ from lorakit_ext.webui import ui_shared, ui_tables
 from lorakit_ext.webui.ui_images import preview
 
 SLOTS = 5
-CLUSTER_HEIGHT = 220  # px: one row of thumbnails, so a page of clusters fits on a screen
 
 
 def _state(plan=None, project=None, overrides=None, page=0) -> dict:
@@ -142,8 +141,10 @@ def build(project):
     slots = []
     for i in range(SLOTS):
         with gr.Group(visible=False) as group:
+            # style.css sizes it to its rows of thumbnails.
             gallery = gr.Gallery(
-                columns=6, height=CLUSTER_HEIGHT, object_fit="contain", allow_preview=False, elem_id=f"lorakit_cluster_{i}"
+                columns=6, object_fit="contain", allow_preview=False, elem_id=f"lorakit_cluster_{i}",
+                elem_classes=["lorakit_cluster"],
             )
             radio = gr.Radio(label="Keep", choices=[], elem_id=f"lorakit_cluster_keep_{i}")
         slots.append((group, gallery, radio))

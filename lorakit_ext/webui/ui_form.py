@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.train.config import PRESETS, TrainConfig, preset
+from lorakit_ext.models.families import PRESETS, preset
+from lorakit_ext.train_config import TrainConfig
 
 # Integer ranges up to this wide get a slider; wider ones (repeats 1–1000, seed 0–2³²) a number
 # box, where a slider could not hit a single value.

@@ -1,9 +1,14 @@
-"""What the tab's inputs mean to the library: uploads, captioner options, ◀/▶ navigation.
-Pure: no gradio, no A1111."""
+"""What the tab's inputs mean to the library: uploads, captioner options, ◀/▶ navigation, the
+project it opens with. No gradio, no A1111."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.fsutil import atomic_write_json
+from lorakit_ext.project import confine
 
 # The captioner list as shown → the CLI's captioner name, or the A1111 interrogator class.
 CAPTIONERS = {
@@ -54,3 +59,28 @@ def neighbour(names: list[str], current: str | None, step: int) -> str | None:
     if current not in names:
         return names[0]
     return names[(names.index(current) + step) % len(names)]
+
+
+# In the projects root, where the tab's choice outlives a reload or a restart; the leading dot
+# keeps it out of the project list.
+TAB_MEMORY = ".lorakit-tab.json"
+
+
+def last_project(root: Path, names: list[str]) -> str | None:
+    """The project the tab showed last if it still exists, else the first of ``names``."""
+    try:
+        remembered = json.loads(confine(root / TAB_MEMORY, root).read_text(encoding="utf-8")).get("project")
+    except (OSError, ValueError, AttributeError, UserError):
+        remembered = None
+    return remembered if remembered in names else next(iter(names), None)
+
+
+def remember_project(root: Path, name: str | None) -> None:
+    """Notes ``name`` as the project to open with; a projects root LoRA Kit cannot write to only
+    loses the note."""
+    if not name or not root.is_dir():
+        return
+    try:
+        atomic_write_json(confine(root / TAB_MEMORY, root), {"project": name})
+    except (OSError, UserError):
+        pass

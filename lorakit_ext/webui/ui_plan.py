@@ -11,7 +11,7 @@ from pathlib import Path
 from lorakit_ext.dataset.files import list_images
 from lorakit_ext.errors import UserError
 from lorakit_ext.train.buckets import bucket_plan_for
-from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.train_config import TrainConfig
 from lorakit_ext.train.plan import plan_for
 
 # The fields the plan depends on: a change to any of them redraws the box.
@@ -49,7 +49,7 @@ def dataset_sizes(dataset: Path) -> list[tuple[int, int]]:
 def real_counts(config: TrainConfig, sizes: list[tuple[int, int]]) -> str:
     """The trainer's own count (a batch never mixes buckets), in the run record's words."""
     # The trainer's module pulls in peft; loaded on first use so the form builds without it.
-    from lorakit_ext.train.loop import real_schedule
+    from lorakit_ext.train.preflight import real_schedule
 
     buckets = bucket_plan_for(config, sizes)
     schedule = real_schedule(config, buckets.steps_per_epoch(config.num_repeats, config.train_batch_size))

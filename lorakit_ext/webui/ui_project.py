@@ -7,6 +7,7 @@ import gradio as gr
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import create_project, validate_name
 from lorakit_ext.webui import ui_shared
+from lorakit_ext.webui.ui_inputs import last_project, remember_project
 
 
 def name_check(name: str) -> str:
@@ -28,9 +29,16 @@ def create(name: str):
     return gr.update(choices=ui_shared.project_names(), value=project.name), "", ui_shared.ok(message)
 
 
+def _reload():
+    """The project list as it is on disk now, showing the project last used."""
+    names = ui_shared.project_names()
+    return gr.update(choices=names, value=last_project(ui_shared.projects_root(), names))
+
+
 def build():
     """The row; returns the project dropdown, which every sub-tab takes as an input, and the spec
-    that re-reads the list of projects (a project made by the CLI or the API shows up on reload)."""
+    that re-reads the list of projects (a project made by the CLI or the API shows up on reload)
+    and opens the project last used."""
     from modules.ui_components import FormRow, ToolButton
 
     names = ui_shared.project_names()
@@ -39,7 +47,7 @@ def build():
             project = gr.Dropdown(
                 label="Project",
                 choices=names,
-                value=names[0] if names else None,
+                value=last_project(ui_shared.projects_root(), names),
                 elem_id="lorakit_project",
                 info=f"folders in {ui_shared.projects_root()}",
             )
@@ -55,6 +63,5 @@ def build():
     message = ui_shared.message("lorakit_project_message")
     new_name.change(name_check, inputs=[new_name], outputs=[message], show_progress="hidden")
     create_button.click(create, inputs=[new_name], outputs=[project, new_name, message])
-    return project, dict(
-        fn=lambda: gr.update(choices=ui_shared.project_names()), inputs=[], outputs=[project], show_progress="hidden"
-    )
+    project.change(lambda name: remember_project(ui_shared.projects_root(), name), inputs=[project], outputs=[])
+    return project, dict(fn=_reload, inputs=[], outputs=[project], show_progress="hidden")

@@ -9,8 +9,9 @@ from pathlib import Path
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.writer import epoch_from_file_name
 from lorakit_ext.project import Project
+from lorakit_ext.webui.ui_tables import file_size
 
-FILE_HEADERS = ("epoch file", "MiB")
+FILE_HEADERS = ("epoch file", "size")
 
 
 def loss_columns(points) -> dict[str, list] | None:
@@ -26,7 +27,7 @@ def file_rows(files) -> list[list]:
     rows = []
     for f in files or []:
         path = Path(f)
-        size = f"{path.stat().st_size / 2**20:.1f}" if path.is_file() else "gone"
+        size = file_size(path.stat().st_size) if path.is_file() else "gone"
         rows.append([path.name, size])
     return rows
 

@@ -31,6 +31,15 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def file_size(size: int) -> str:
+    """``512 B``, ``12.3 KiB``, ``4.5 MiB``: a small file is not "0 KiB"."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024**2:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / 1024**2:.1f} MiB"
+
+
 def import_rows(report: ImportReport) -> list[list[str]]:
     rows = []
     for f in report.imported:
@@ -65,7 +74,7 @@ def batch_rows(batches: list[RemovalBatch]) -> list[list[str]]:
 def member_caption(member: Member, keep: str) -> str:
     """Short enough for a thumbnail: the kept one starred, then what decides which to keep."""
     mark = f"{KEEP_MARK} " if member.name == keep else ""
-    return f"{mark}{member.name} · {member.width}×{member.height} · {member.size // 1024} KiB"
+    return f"{mark}{member.name} · {member.width}×{member.height} · {file_size(member.size)}"
 
 
 def cluster_label(cluster: Cluster, keep: str) -> str:

@@ -13,7 +13,7 @@ import json
 import gradio as gr
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.train.config import PRESETS
+from lorakit_ext.models.families import PRESETS
 from lorakit_ext.webui import ui_form, ui_plan, ui_results, ui_shared, ui_tables
 
 SPECS = ui_form.form_specs()
@@ -67,6 +67,29 @@ def _start(id_task, project_name, *values):
     return loss_plot(losses), files_table(files), ui_results.sample_items(samples, grid), status
 
 
+def _resume(id_task, project_name, run_id):
+    from lorakit_ext.webui import jobs
+
+    ui_shared.current_project(project_name)
+    if not run_id:
+        raise UserError("choose an interrupted run to resume (runs that finished or never saved a state are not listed)")
+    losses, files, grid, status = jobs.train_in_gradio(id_task, project_name, json.dumps({jobs.RESUME_KEY: run_id}))
+    return loss_plot(losses), files_table(files), ui_results.sample_items(jobs.job_status(id_task)["samples"], grid), status
+
+
+def resumable_runs(project_name):
+    """The project's runs a resume can continue, newest first, for the Resume dropdown."""
+    from lorakit_ext.train.record import list_runs
+
+    if not project_name:
+        return gr.update(choices=[], value=None)
+    try:
+        runs = [r["run"] for r in list_runs(ui_shared.current_project(project_name)) if r["resumable"]]
+    except UserError:
+        runs = []
+    return gr.update(choices=runs, value=runs[0] if runs else None)
+
+
 def _show(task_id):
     """The job ``task_id`` (or the latest one) as the run's outputs; also after a page reload."""
     from lorakit_ext.webui import jobs
@@ -114,6 +137,10 @@ def build(project):
                 start = gr.Button("Start training", variant="primary", elem_id="lorakit_train_start")
                 stop = gr.Button("Interrupt", elem_id="lorakit_train_interrupt")
                 show = gr.Button("Show progress", elem_id="lorakit_train_poll")
+            with FormRow():
+                resume_run = gr.Dropdown(label="Interrupted run", choices=[], elem_id="lorakit_train_resume_run",
+                                         info="continues with the settings, dataset and model it started with")
+                resume = gr.Button("Resume", elem_id="lorakit_train_resume")
             status = ui_shared.job_message("lorakit_train_progress")
             chart = gr.LinePlot(
                 x="step",
@@ -132,11 +159,15 @@ def build(project):
     for name in ui_plan.PLAN_FIELDS:
         fields[name].input(**planned)
     project.change(**planned)
+    project.change(resumable_runs, inputs=[project], outputs=[resume_run], show_progress="hidden")
     preset.input(
         lambda name, *current: ui_form.preset_values(SPECS, name, current), inputs=[preset, *values], outputs=values
     ).then(**planned)
     results = [chart, files, samples, status]
     started = ui_shared.job_button(start, _start, [task, project, *values], results, "lorakit_start_training")
+    resumed = ui_shared.job_button(resume, _resume, [task, project, resume_run], results, "lorakit_start_training")
+    for event in (started, resumed):
+        event.then(resumable_runs, inputs=[project], outputs=[resume_run], show_progress="hidden")
     show.click(
         ui_shared.guarded(len(results))(_show),
         inputs=[task],

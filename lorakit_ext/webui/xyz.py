@@ -21,6 +21,7 @@ from the method's signature. Everything above "running it inside A1111" is pure 
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import os
 import re
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit_ext.errors import UserError
+from lorakit_ext.webui import job_progress
+from lorakit_ext.webui.limits import GRID_CFG, GRID_SIZE, GRID_STEPS, LORA_WEIGHT, SEED
 
 SCRIPT_TITLE = "X/Y/Z plot"
 AXIS_PROMPT_SR = "Prompt S/R"
@@ -40,7 +43,6 @@ ZERO_WEIGHT_ARGS = "te=0:unet=0"
 GRID_BASENAME = "xyz_grid"
 # A1111 splits axis values as CSV and a tag at ':' and '>'; a name holding one of these would be cut.
 _NOT_IN_NAMES = frozenset(',"<>:\r\n')
-_MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -87,13 +89,9 @@ def _checked_names(lora_names: Sequence[str]) -> list[str]:
 
 
 def _checked_seeds(seeds: Sequence[int]) -> list[int]:
-    out = list(seeds)
+    out = [SEED.check(seed, "a grid seed") for seed in seeds]
     if not out:
         raise UserError("give at least one seed for the grid")
-    for seed in out:
-        # -1 would make A1111 pick a random seed per cell; the grid compares epochs at fixed seeds.
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-            raise UserError(f"grid seed {seed!r} is not a whole number from 0 to {_MAX_SEED}")
     if len(set(out)) != len(out):
         raise UserError("a seed is listed twice for the grid")
     return out
@@ -107,6 +105,8 @@ def _checked_weights(weights: Sequence[float] | None) -> list[float]:
         raise UserError("give at least one LoRA weight, or none to use 1")
     if not all(math.isfinite(w) for w in out):
         raise UserError(f"LoRA weights {list(weights)} must be finite numbers")
+    for weight in out:
+        LORA_WEIGHT.check(weight, "a grid's LoRA weight")
     if len({weight_text(w) for w in out}) != len(out):
         raise UserError(f"LoRA weights {list(weights)} repeat a value")
     return out
@@ -158,6 +158,29 @@ def plan_axes(
             raise UserError(f"the prompts hold {texts[0]!r} or ':{texts[0]}>' outside the <lora:…> tag; change them for the weight axis")
     labels = [BASELINE_LABEL, *names] if baseline else names
     return AxisPlan(full, x_values, seed_list, z_values, labels, weight_list or [1.0])
+
+
+def checked_plan(
+    lora_names: Sequence[str], *, prompt: str, negative: str = "", seeds: Sequence[int],
+    weights: Sequence[float] | None = None, baseline: bool = True, steps: int, width: int, height: int,
+    cfg_scale: float, max_megapixels: float,
+) -> AxisPlan:
+    """:func:`plan_axes` for a grid whose render settings are within the tab's limits and whose
+    image is within A1111's "Maximum image size" (``max_megapixels``), which the X/Y/Z script
+    would only enforce once the job runs."""
+    GRID_STEPS.check(steps, "the grid's sampling steps")
+    GRID_SIZE.check(width, "the grid's image width")
+    GRID_SIZE.check(height, "the grid's image height")
+    GRID_CFG.check(cfg_scale, "the grid's CFG scale")
+    plan = plan_axes(lora_names, prompt=prompt, negative=negative, seeds=seeds, weights=weights, baseline=baseline)
+    megapixels = round(plan.cell_count * width * height / 1e6)  # the script's own measure
+    if megapixels >= max_megapixels:
+        raise UserError(
+            f"the grid would be {megapixels} megapixels ({plan.cell_count} images of {width}x{height}); A1111's "
+            f"limit is {max_megapixels:g} (Settings > Saving images > Maximum image size): draw fewer epochs, "
+            "seeds or weights, or smaller images"
+        )
+    return plan
 
 
 def _csv(values) -> str:
@@ -304,6 +327,19 @@ def _grid_path(grid, processed, outpath_grids: str, plan: AxisPlan, shared) -> P
     return Path(os.path.abspath(saved))
 
 
+def _announcing_cells(processing_class, cells: int, state):
+    """``processing_class`` with each grid cell named in A1111's progress text: the script copies
+    ``p`` for every cell, and ``process_images`` calls ``init`` once per copy."""
+    numbers = itertools.count(1)
+
+    class AnnouncingCells(processing_class):
+        def init(self, *args, **kwargs):
+            job_progress.grid_cell(state, next(numbers), cells)
+            return super().init(*args, **kwargs)
+
+    return AnnouncingCells
+
+
 def run_epoch_grid(
     lora_names: list[str], *, prompt: str, negative: str = "", seeds: list[int], weights: list[float] | None = None,
     baseline: bool = True, steps: int = 20, width: int = 512, height: int = 512, cfg_scale: float = 7.0,
@@ -316,11 +352,14 @@ def run_epoch_grid(
     wait for that lock. The grid goes to ``outpath_grids``, default A1111's txt2img grids folder.
     ``sampler_name`` None uses A1111's default sampler.
     """
-    plan = plan_axes(lora_names, prompt=prompt, negative=negative, seeds=seeds, weights=weights, baseline=baseline)
     from modules import processing, sd_models, shared
 
     from lorakit_ext.webui import bridge
 
+    plan = checked_plan(
+        lora_names, prompt=prompt, negative=negative, seeds=seeds, weights=weights, baseline=baseline, steps=steps,
+        width=width, height=height, cfg_scale=cfg_scale, max_megapixels=shared.opts.img_max_size_mp,
+    )
     script = _xyz_script()
     values = script_values(plan, _axis_index(script))
     kwargs = run_kwargs(inspect.signature(script.run), values)
@@ -330,10 +369,14 @@ def run_epoch_grid(
     bridge.unmerge_networks(shared.sd_model)
     bridge.reset_cond_cache()
     grids = outpath_grids or shared.opts.outdir_grids or shared.opts.outdir_txt2img_grids
-    p = processing.StableDiffusionProcessingTxt2Img(
+    job_progress.grid_started(shared.state, plan.cell_count)
+    txt2img = _announcing_cells(processing.StableDiffusionProcessingTxt2Img, plan.cell_count, shared.state)
+    # Whole numbers (checked above), though a slider or config.json may hand them over as 512.0.
+    steps, width, height = int(steps), int(width), int(height)
+    p = txt2img(
         sd_model=shared.sd_model, outpath_samples=shared.opts.outdir_samples or shared.opts.outdir_txt2img_samples,
         outpath_grids=grids, prompt=plan.prompt, negative_prompt=negative, styles=[], seed=plan.seeds[0],
-        sampler_name=sampler_name, batch_size=1, n_iter=1, steps=steps, cfg_scale=cfg_scale, width=width,
+        sampler_name=sampler_name, batch_size=1, n_iter=1, steps=steps, cfg_scale=float(cfg_scale), width=width,
         height=height, do_not_save_samples=True, override_settings=_checkpoint_override(shared, sd_models),
     )
     with closing(p):

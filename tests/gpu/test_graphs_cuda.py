@@ -12,10 +12,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open
 
-from lorakit_ext.models.ldm import LdmModel
+from lorakit_ext.models.families import adapter_for
 from lorakit_ext.project import create_project
-from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.loop import Trainer, TrainJob
+from lorakit_ext.train_config import TrainConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,7 +49,7 @@ def _train(tmp_path, name, weights, **config):
     job = TrainJob(cfg, project, tmp_path / name / "out", project.runs / "r", patch_attention=True)
     job.run_dir.mkdir(parents=True)
     messages = []
-    trainer = Trainer(LdmModel(sd_model, cfg.clip_skip, cfg.max_token_length), job,
+    trainer = Trainer(adapter_for(sd_model, cfg.clip_skip, cfg.max_token_length), job,
                       on_progress=lambda p: messages.append(p.message) if p.message.startswith("CUDA graphs") else None)
     result = trainer.run()
     with safe_open(str(result.files[-1]), "pt") as f:
@@ -99,7 +99,7 @@ def test_run_leaves_the_model_in_place_and_gives_the_memory_back(tmp_path):
     job = TrainJob(cfg, project, tmp_path / "out", project.runs / "r", patch_attention=True)
     job.run_dir.mkdir(parents=True)
     parked = []
-    model = LdmModel(sd_model, cfg.clip_skip, cfg.max_token_length)
+    model = adapter_for(sd_model, cfg.clip_skip, cfg.max_token_length)
     trainer = Trainer(model, job, on_progress=lambda p: parked.append(next(model.vae.parameters()).device.type) if p.phase == "training" and not p.message else None)
     trainer.run()
     del trainer

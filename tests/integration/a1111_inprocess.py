@@ -114,21 +114,20 @@ class A1111:
         model, written by LoRA Kit's writer into A1111's Lora folder; returns its path."""
         import torch
 
-        from lorakit_ext.export.kohya import kohya_name, target_modules
         from lorakit_ext.export.writer import ModuleWeights, write_lora_file
+        from lorakit_ext.models.families.sd1 import SD1
 
-        sd_model = self.shared.sd_model
-        unet, te = sd_model.model.diffusion_model, sd_model.cond_stage_model.wrapped.transformer.text_model
+        roots = SD1.component_roots(self.shared.sd_model)
         g = torch.Generator().manual_seed(seed)
-        targets = target_modules(unet, te, "LoRA", "sd1")
+        targets = SD1.target_modules(roots, "LoRA")
         modules = []
-        for component, root in (("unet", unet), ("te", te)):
+        for component, root in roots.items():
             for path, _ in targets[component]:
                 weight = root.get_submodule(path).weight
                 kernel = (1,) * (weight.ndim - 2)  # (1, 1) for the SpatialTransformer's 1x1 conv projections
                 down = torch.randn((rank, weight.shape[1], *kernel), generator=g) * std
                 up = torch.randn((weight.shape[0], rank, *kernel), generator=g) * std
-                modules.append(ModuleWeights(kohya_name(component, path, "sd1"), down, up, float(rank)))
+                modules.append(ModuleWeights(SD1.kohya_name(component, path), down, up, float(rank)))
         metadata = {"ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_network_module": "networks.lora",
                     "modelspec.architecture": "stable-diffusion-v1/lora"}
         return write_lora_file(self.lora_dir / f"{name}.safetensors", modules, metadata).path

@@ -17,6 +17,10 @@ Two ways, each skipped without its variable:
     LORAKIT_A1111_DIR=/root/a1111h/webui PYTHONPATH=/work/main:<folder holding pytest> \\
         /root/a1111h/venv/bin/python -m pytest tests/integration -q
 
+  (pytest kept out of the WebUI's venv: ``/root/a1111h/venv/bin/python -m pip install --target
+  /root/pytest-lib pytest``). The browser tests (test_browser_tab.py) run in
+  the HTTP way under the WebUI's Python, with the harness's Playwright venv on the path.
+
 Environment:
     LORAKIT_A1111_URL   base URL of the WebUI (started with --api)
     LORAKIT_A1111_LOG   its log, checked for Lora key mismatches (default /root/a1111h/webui.log;
@@ -121,3 +125,14 @@ def small_grids(a1111):
     yield
     if before:
         a1111.call("POST", "/sdapi/v1/options", json=before)
+
+
+@pytest.fixture(scope="session")
+def webui():
+    """The in-process A1111 (a1111_inprocess.py), skipped without ``LORAKIT_A1111_DIR``."""
+    from a1111_inprocess import skip_reason, start
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    return start()

@@ -151,16 +151,6 @@ def test_a1111s_lora_loader_matched_every_key(new_log_lines):
 
 
 # ---- in-process: A1111's own objects ------------------------------------------------------------
-@pytest.fixture(scope="module")
-def webui():
-    from a1111_inprocess import skip_reason, start
-
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    return start()
-
-
 def test_the_post_save_check_uses_a1111s_loader_and_catches_what_it_skips(webui):
     from safetensors.torch import save_file
 

@@ -83,7 +83,8 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
-def test_project_upload_train_and_grid(page, new_log_lines, tmp_path):
+def test_project_upload_train_and_grid(page, a1111, new_log_lines, tmp_path):
+    a1111.call("POST", "/sdapi/v1/options", json={"lorakit_auto_grid": True})  # other modules may turn it off
     name = f"itui{int(time.time())}"
     # A new project from the project row.
     page.fill("#lorakit_new_project textarea", name)
@@ -124,6 +125,8 @@ def test_project_upload_train_and_grid(page, new_log_lines, tmp_path):
         page.wait_for_timeout(200)
     assert any("epoch" in text for text in seen), seen  # our textinfo, shown by A1111's bar
     assert len({text.split(" ")[0] for text in seen}) > 1, seen  # the bar's width moved
+    assert all(text.count("ETA") <= 1 for text in seen), seen  # A1111's ETA only, not a second one of ours
+    assert any("epoch grid · cell" in text for text in seen), seen  # the grid after training, cell by cell
 
     page.wait_for_selector("#lorakit_train_progress :text('Finished')", timeout=TRAIN_TIMEOUT_MS)
     files = page.inner_text("#lorakit_train_files")
@@ -135,6 +138,9 @@ def test_project_upload_train_and_grid(page, new_log_lines, tmp_path):
     # Compare: the run is offered at once, and a grid can be drawn on demand.
     sub_tab(page, "Compare")
     page.wait_for_selector(f"#lorakit_compare_info :text('{name}: 2 epoch files')")
+    # The sliders hold the settings from when the page was built, before conftest shrank them.
+    set_number(page, "lorakit_compare_size", 64)
+    set_number(page, "lorakit_compare_steps", 4)
     page.click("#lorakit_grid_start")
     page.wait_for_selector("#lorakit_grid_progress :text('Grid saved as')", timeout=TRAIN_TIMEOUT_MS)
     page.wait_for_selector("#lorakit_grid_gallery img")
@@ -142,3 +148,75 @@ def test_project_upload_train_and_grid(page, new_log_lines, tmp_path):
     log = new_log_lines()
     for bad in ("didn't match keys", "Lora not found", "Failed to load network", "Couldn't find network"):
         assert log is None or bad not in log
+
+
+def pick_project(page, name: str) -> None:
+    """Chooses ``name`` in the project row, after 🔄 has read the project list (it may be newer than the page)."""
+    page.click("#lorakit_project_refresh")
+    page.wait_for_timeout(1000)
+    box = page.locator("#lorakit_project input")
+    box.click()
+    box.fill(name)
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"document.querySelector('#lorakit_project input').value === '{name}'")
+
+
+@pytest.fixture(scope="module")
+def duplicates(a1111):
+    """A project (not the alphabetically first) of two clusters of small near-duplicate files."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    name = f"itzz{int(time.time())}"
+    a1111.lorakit("POST", "/projects", json={"name": name})
+    rng = np.random.default_rng(7)
+    files = []
+    for cluster in range(2):
+        base = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((256, 192), Image.BICUBIC)
+        for i, size in enumerate([(256, 192), (128, 96), (16, 12)]):
+            data = io.BytesIO()
+            base.resize(size).save(data, "PNG")
+            files.append(("files", (f"c{cluster}_{i}.png", data.getvalue(), "image/png")))
+    assert len(a1111.lorakit("POST", f"/projects/{name}/import/upload", files=files)["imported"]) == 6
+    return name
+
+
+def test_dedupe_thumbnails_show_whole_with_readable_sizes(page, duplicates):
+    pick_project(page, duplicates)
+    sub_tab(page, "Dataset")
+    page.click("#lorakit_dedupe_find")
+    page.wait_for_selector("#lorakit_cluster_0 img")
+    page.wait_for_timeout(500)  # the thumbnails' layout settles
+    fit = page.evaluate("""() => {
+        const wrap = document.querySelector('#lorakit_cluster_0 .grid-wrap');
+        const bottom = wrap.getBoundingClientRect().bottom;
+        const items = [...wrap.querySelectorAll('.thumbnail-item')];
+        return {hidden: wrap.scrollHeight - wrap.clientHeight, cut: items.filter(i => i.getBoundingClientRect().bottom > bottom + 1).length,
+                captions: [...wrap.querySelectorAll('.caption-label')].map(c => c.textContent)};
+    }""")
+    assert fit["hidden"] <= 1 and fit["cut"] == 0, fit
+    assert any(caption.endswith(" B") for caption in fit["captions"]) and not any(" 0 KiB" in c for c in fit["captions"]), fit
+    page.locator("#lorakit_cluster_0").screenshot(path=str(SHOTS / "lorakit-dedupe-cluster.png"))
+
+
+def test_saving_a_caption_updates_the_tag_counts_and_the_lint(page, duplicates):
+    pick_project(page, duplicates)
+    sub_tab(page, "Captions")
+    page.wait_for_function("document.querySelector('#lorakit_editor_name input').value === 'c0_0.png'")
+    page.wait_for_selector("#lorakit_lint_table :text('c0_0.png')")  # no caption yet: lint lists it as empty
+    page.fill("#lorakit_editor_caption textarea", "itnewtag, red")
+    page.click("#lorakit_editor_save")
+    page.wait_for_selector("#lorakit_editor_message :text('Saved c0_0.txt')")
+    page.wait_for_selector("#lorakit_tag_counts :text('itnewtag')")
+    page.wait_for_function("!document.querySelector('#lorakit_lint_table').innerText.includes('c0_0.png')")
+
+
+def test_a_reload_opens_the_project_last_used(page, duplicates):
+    fresh = page.context.browser.new_page()
+    fresh.route("**/*", lambda route: route.continue_() if urlparse(route.request.url).hostname == urlparse(URL).hostname else route.abort())
+    fresh.goto(URL + "/", wait_until="domcontentloaded")
+    fresh.wait_for_selector("#tab_lorakit", state="attached", timeout=60_000)
+    fresh.wait_for_function(f"document.querySelector('#lorakit_project input').value === '{duplicates}'", timeout=60_000)
+    fresh.close()

@@ -73,7 +73,7 @@ def test_tab_has_title_id_and_four_sub_tabs(tab):
 def test_every_train_config_field_has_its_component(tab):
     import gradio as gr
 
-    from lorakit_ext.train.config import TrainConfig
+    from lorakit_ext.train_config import TrainConfig
     from lorakit_ext.webui.ui_form import form_specs
 
     ids = by_elem_id(tab[0])
@@ -214,7 +214,7 @@ def test_dataset_flow_create_import_dedupe_undo(projects):
 
 def test_caption_editor_tags_lint_and_plan(projects):
     from lorakit_ext.project import create_project
-    from lorakit_ext.train.config import TrainConfig
+    from lorakit_ext.train_config import TrainConfig
     from lorakit_ext.webui import ui_caption_editor, ui_form, ui_tags, ui_train
 
     project = create_project(projects / "projects", "kat")
@@ -256,7 +256,7 @@ def test_train_then_compare_and_promote_from_the_tab(tab, projects, a1111, monke
     import pandas as pd
 
     from lorakit_ext.project import create_project
-    from lorakit_ext.train.config import TrainConfig
+    from lorakit_ext.train_config import TrainConfig
     from lorakit_ext.webui import ui_compare, ui_form, ui_train
 
     for key, value in (("lorakit_grid_size", 64), ("lorakit_grid_steps", 2), ("lorakit_auto_grid", False)):
@@ -328,3 +328,55 @@ def test_captioner_runs_as_an_a1111_job(tab, projects, monkeypatch):
     )
     assert "wrote 2 of 2 captions" in message and "Time taken" in message, message
     assert rows["data"] == [["0.png", "red hair, smile"], ["1.png", "red hair, smile"]]
+
+
+def chained_outputs(blocks, dep_index: int) -> list[set]:
+    """The output elem_ids of each ``.then`` chained after dependency ``dep_index``, in order."""
+    chain, current = [], dep_index
+    while True:
+        nexts = [i for i, d in enumerate(blocks.dependencies) if d["trigger"] == "then" and d.get("trigger_after") == current]
+        if not nexts:
+            return chain
+        current = nexts[0]
+        chain.append({blocks.blocks[o].elem_id for o in blocks.dependencies[current]["outputs"]})
+
+
+def test_saving_a_caption_refreshes_the_tag_counts_and_the_lint(tab):
+    """Save, and paging on after an edit (which saves it), re-read the counts and the lint."""
+    blocks = tab[0]
+    ids = by_elem_id(blocks)
+    for elem_id, trigger in (("lorakit_editor_save", "click"), ("lorakit_editor_next", "click"),
+                             ("lorakit_editor_prev", "click"), ("lorakit_editor_name", "input")):
+        (index,) = [i for i, d in enumerate(blocks.dependencies) if ids[elem_id]._id in d["targets"] and d["trigger"] == trigger]
+        chain = chained_outputs(blocks, index)
+        assert {"lorakit_tag_counts", "lorakit_tags_count_message"} in chain, (elem_id, chain)
+        assert {"lorakit_lint_table", "lorakit_lint_message"} in chain, (elem_id, chain)
+
+
+def test_the_tab_opens_with_the_project_last_used(tab, projects):
+    """The page-load refresh of the project row picks the project last shown, which the dropdown's
+    change event notes in the projects root, not the alphabetically first."""
+    from lorakit_ext.project import create_project
+    from lorakit_ext.webui import ui_inputs
+
+    blocks = tab[0]
+    dropdown = by_elem_id(blocks)["lorakit_project"]
+    for name in ("anna", "kat", "zoe"):
+        create_project(projects / "projects", name)
+    (change,) = [i for i, d in enumerate(blocks.dependencies) if dropdown._id in d["targets"] and d["trigger"] == "change"
+                 and not d["outputs"]]
+    blocks.fns[change].fn("zoe")
+    assert (projects / "projects" / ui_inputs.TAB_MEMORY).is_file()
+    (load,) = [i for i, d in enumerate(blocks.dependencies) if d["trigger"] == "load" and d["outputs"] == [dropdown._id]]
+    update = blocks.fns[load].fn()
+    assert update["choices"] == ["anna", "kat", "zoe"] and update["value"] == "zoe"
+
+
+def test_dedupe_galleries_take_their_height_from_the_stylesheet(tab):
+    """A fixed gallery height cut the thumbnails off at the bottom (style.css sizes them instead)."""
+    css = (REPO / "style.css").read_text(encoding="utf-8")
+    ids = by_elem_id(tab[0])
+    for slot in range(5):
+        gallery = ids[f"lorakit_cluster_{slot}"]
+        assert gallery.height is None and "lorakit_cluster" in gallery.elem_classes
+    assert re.search(r"#tab_lorakit \.lorakit_cluster \.grid-wrap \{[^}]*height: auto;[^}]*max-height: none;", css)

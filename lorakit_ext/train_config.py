@@ -2,14 +2,19 @@
 
 The A1111 tab, the HTTP API and the CLI all build this object and call :meth:`TrainConfig.validate`
 once. Each field carries its label, help, group, range and choices as metadata, so the tab's form
-is generated from it and a new option is one line here. Defaults are the kohya-colab
-"Lora Trainer" SD1.5 defaults (DESIGN.md §2).
+is generated from it and a new option is one line here. Defaults are the SD1.5 defaults of
+kohya-colab's "Lora Trainer" notebook (hollowstrawberry/kohya-colab), which drives kohya sd-scripts;
+a model family's own defaults and presets (:mod:`lorakit_ext.models.families`) are values over them.
+
+It sits at the package root, importing nothing of LoRA Kit's floors, so that training, the file
+writers (``export``) and the front doors all use it without ``export`` importing ``train``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +114,13 @@ class TrainConfig:
         out = []
         for spec in self.field_specs():
             value, meta = getattr(self, spec.name), spec.metadata
+            kind = type(spec.default)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                out.append(f"{spec.name} = {value!r} is not a {kind.__name__}")
+                continue
+            if kind is float and not math.isfinite(value):
+                out.append(f"{spec.name} = {value} is not a finite number")
+                continue
             if meta["choices"] and value not in meta["choices"]:
                 out.append(f"{spec.name} = {value!r} is not one of {', '.join(map(str, meta['choices']))}")
             if meta["min"] is not None and value < meta["min"]:
@@ -144,26 +156,15 @@ class TrainConfig:
         return self
 
 
-PRESETS: dict[str, dict] = {
-    "kohya-colab (anime)": {},
-    "kohya-colab (photo)": {"clip_skip": 1},
-    "kohya-colab LoCon": {"network_type": "LoCon"},
-    "UNet only": {"text_encoder_lr": 0.0},
-    "Low VRAM": {"train_batch_size": 1, "gradient_checkpointing": True},
-}
-
-
-def preset(name: str, **overrides) -> TrainConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return TrainConfig(**{**PRESETS[name], **overrides})
-
-
 def _coerce(spec: dataclasses.Field, value):
+    """``value`` as the field's type. Booleans are not numbers here (JSON ``true`` for a batch size
+    is a mistake, not 1), and NaN/infinity are refused for every number."""
     kind = type(spec.default)
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
     try:
+        if isinstance(value, bool) and kind is not bool:
+            raise ValueError
+        if isinstance(value, kind):
+            return _finite(value)
         if kind is bool:
             if isinstance(value, str):
                 lowered = value.strip().lower()
@@ -171,20 +172,27 @@ def _coerce(spec: dataclasses.Field, value):
                     return True
                 if lowered in ("0", "false", "no", "off"):
                     return False
-                raise ValueError
             if isinstance(value, (int, float)) and value in (0, 1):
                 return bool(value)
             raise ValueError
         if kind is int:
-            number = float(value)
+            number = _finite(float(value))
             if number != int(number):
                 raise ValueError
             return int(number)
         if kind is float:
-            return float(value)
+            return _finite(float(value))
+        if isinstance(value, (dict, list)):
+            raise ValueError
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{spec.name} = {value!r} is not a valid {kind.__name__}") from None
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError
+    return value
 
 
 def load_config_file(path: Path) -> dict:

@@ -1,0 +1,115 @@
+"""The model families LoRA Kit trains, and finding the family of a checkpoint file or a loaded model.
+
+Each family is one module here holding a :class:`~.base.ModelFamily` instance, listed in
+:data:`FAMILIES`. Adding a family is that module, its entry there and its tests (``tests/test_families.py``
+checks that every listed family answers the whole seam); when it trains a kind that
+:data:`_UNTRAINED` refuses by name, that entry goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.models.families.base import UNET_INPUT_KEY, ModelFamily
+from lorakit_ext.models.families.sd1 import SD1
+from lorakit_ext.models.families.sd2 import SD2
+from lorakit_ext.train_config import TrainConfig
+
+FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2)
+
+
+@dataclass(frozen=True)
+class _Untrained:
+    """A kind of model LoRA Kit knows but has no family for: refused by name, not as an unknown file."""
+
+    label: str
+    key_prefix: str | None  # a state-dict key prefix only its checkpoints have
+    marks: tuple[str, ...]  # attributes only its loaded model objects have (A1111's is_* flags, sgm's conditioner)
+
+
+# Checked before any family claims a file: reading a file renames SDXL's first text encoder to SD1's keys.
+_UNTRAINED = (
+    _Untrained("SDXL", "conditioner.embedders.1.", ("is_sdxl", "conditioner")),
+    _Untrained("SD3", None, ("is_sd3",)),
+)
+
+
+def trainable(conjunction: str = "or") -> str:
+    """The families for a message: "SD1 or SD2"."""
+    labels = [family.label for family in FAMILIES]
+    return f"{', '.join(labels[:-1])} {conjunction} {labels[-1]}" if len(labels) > 1 else labels[0]
+
+
+def family_of(name: str) -> ModelFamily:
+    """The family whose :attr:`~.base.ModelFamily.name` is ``name``."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"model family {name!r} is not one of {', '.join(f.name for f in FAMILIES)}")
+
+
+def detect_family(state_dict: Mapping[str, torch.Tensor], path: Path) -> ModelFamily:
+    """The family of a checkpoint from its keys (as :func:`~lorakit_ext.models.checkpoint.read_state_dict`
+    gives them); ``UserError`` for anything LoRA Kit cannot train, naming ``path``."""
+    for kind in _UNTRAINED:
+        if kind.key_prefix is not None and any(key.startswith(kind.key_prefix) for key in state_dict):
+            raise UserError(
+                f"{path.name} is an {kind.label} checkpoint; LoRA Kit trains {trainable('and')} models here, choose one of those."
+            )
+    unet_in = state_dict.get(UNET_INPUT_KEY)
+    if unet_in is None:
+        raise UserError(
+            f"{path.name} has no Stable Diffusion UNet weights (is it a LoRA, VAE or embedding?); "
+            f"choose a full {trainable()} checkpoint."
+        )
+    if unet_in.ndim != 4 or unet_in.shape[1] != 4:
+        raise UserError(
+            f"{path.name} is an inpainting or instruct-pix2pix model ({unet_in.shape[1]} UNet input channels); "
+            f"choose a regular {trainable()} checkpoint."
+        )
+    for family in FAMILIES:
+        if family.claims(state_dict):
+            return family
+    raise UserError(f"{path.name} has no text encoder weights; choose a full {trainable()} checkpoint.")
+
+
+def unsupported_model(sd_model: nn.Module) -> str | None:
+    """Why a loaded model of a kind LoRA Kit knows but does not train is refused, or None."""
+    for kind in _UNTRAINED:
+        if any(getattr(sd_model, mark, None) not in (None, False) for mark in kind.marks):
+            return f"{kind.label} training is not available; load an {trainable()} checkpoint to train"
+    return None
+
+
+def family_of_model(sd_model: nn.Module) -> ModelFamily:
+    """The family of a loaded model object; ``UserError`` when no family trains it."""
+    reason = unsupported_model(sd_model)
+    if reason:
+        raise UserError(reason)
+    for family in FAMILIES:
+        if family.owns(sd_model):
+            return family
+    raise UserError(
+        f"LoRA Kit cannot train this {type(sd_model).__name__}: in-process training needs one of A1111's own "
+        f"{trainable()} models (Forge and other backends hold theirs differently)"
+    )
+
+
+def adapter_for(sd_model: nn.Module, clip_skip: int = 1, max_token_length: int = 225):
+    """The :class:`~lorakit_ext.models.base.DiffusionModel` over a loaded model, by its family."""
+    return family_of_model(sd_model).adapter(sd_model, clip_skip=clip_skip, max_token_length=max_token_length)
+
+
+# Before a model is chosen the forms offer SD1.5's presets: TrainConfig's own defaults are SD1.5's.
+PRESETS = SD1.presets
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """The config of one of :data:`PRESETS`."""
+    return SD1.train_config(name, **overrides)

@@ -1,0 +1,86 @@
+"""SD2.x: ldm's ``LatentDiffusion`` with OpenCLIP ViT-H/14 (its penultimate layer); ε-prediction at
+512 px or v-prediction at 768 px."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from lorakit_ext.models.families.names import CLIP_LEAVES, NUMBER, PACKED_QKV, clip_layer_name, parse_clip_layer_name
+from lorakit_ext.models.families.sd1 import KOHYA_COLAB_PRESETS
+from lorakit_ext.models.families.stable_diffusion import LdmFamily
+from lorakit_ext.models.sd_configs import SD2_WIDTHS, sd2_config
+
+# kohya spells SD2's encoder layers as HF CLIP's; OpenCLIP's resblock leaf for each.
+_OPEN_CLIP_LEAVES = dict(zip(CLIP_LEAVES, (*PACKED_QKV, "attn.out_proj", "mlp.c_fc", "mlp.c_proj")))
+_KOHYA_LEAVES = {open_clip: kohya for kohya, open_clip in _OPEN_CLIP_LEAVES.items()}
+
+
+class OpenClipText:
+    """SD2's text encoder: one 77-token window, the one OpenCLIP's tower was trained on. ldm's
+    embedder already conditions on the penultimate layer, so ``clip_skip`` does not apply."""
+
+    def __init__(self, embedder: nn.Module, root: nn.Module):
+        self.embedder, self.root = embedder, root
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        import open_clip
+
+        return open_clip.tokenize(captions)[:, None, :]
+
+    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedder.encode_with_transformer(ids[:, 0])
+
+
+class Sd2Family(LdmFamily):
+    name = "sd2"
+    label = "SD2"
+    sd_version = "SD2"
+    base_model_version = "sd_v2"
+    v2 = True
+    widths = SD2_WIDTHS
+    text_key = "cond_stage_model.model."
+    text_width_key = "cond_stage_model.model.ln_final.weight"
+    embedder_attributes = ("encode_with_transformer", "model")  # ldm's FrozenOpenCLIPEmbedder
+    # kohya-colab has no SD2 settings of its own; SD2 trains with SD1.5's.
+    presets = KOHYA_COLAB_PRESETS
+
+    def ldm_config(self) -> dict:
+        return sd2_config(v=False)
+
+    def predicts_v(self, unet: nn.Module) -> bool:
+        """A1111's test for SD2 checkpoints without a config: at t=999 on a flat input, a v-prediction
+        UNet's output sits far below its input, an ε-prediction UNet's does not."""
+        param = next(unet.parameters())
+        x = torch.full((1, 4, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+        context = torch.full((1, 2, self.widths.context_dim), 0.5, device=param.device, dtype=param.dtype)
+        t = torch.tensor([999], device=param.device)
+        with torch.no_grad():
+            return (unet(x, t, context=context) - x).mean().item() < -1
+
+    def architecture(self, v: bool) -> str:
+        return "stable-diffusion-v2-768-v/lora" if v else "stable-diffusion-v2-512/lora"
+
+    def text_root(self, embedder: nn.Module) -> nn.Module:
+        return embedder.model
+
+    def text_encoder(self, embedder: nn.Module, clip_skip: int, max_token_length: int) -> OpenClipText:
+        return OpenClipText(embedder, self.text_root(embedder))
+
+    # OpenCLIP keeps q, k and v in the packed in_proj_weight of nn.MultiheadAttention, not in Linear
+    # modules, so peft cannot wrap them: SD2 trains attn.out_proj, mlp.c_fc and mlp.c_proj only. Files
+    # from elsewhere may still name q/k/v, which merging puts into their third of in_proj_weight.
+    def _te_name(self, module_path: str) -> str:
+        m = re.fullmatch(rf"transformer\.resblocks\.{NUMBER}\.(.+)", module_path)
+        if not m or m[2] not in _KOHYA_LEAVES:
+            raise ValueError(f"SD2 text-encoder module {module_path!r} has no kohya name")
+        return clip_layer_name(m[1], _KOHYA_LEAVES[m[2]])
+
+    def _te_path(self, name: str) -> str:
+        layer, leaf = parse_clip_layer_name(name)
+        return f"transformer.resblocks.{layer}.{_OPEN_CLIP_LEAVES[leaf]}"
+
+
+SD2 = Sd2Family()

@@ -1,0 +1,141 @@
+"""The model-family seam: every registered family answers all of it, on a tiny model of its own.
+
+A new family fails the first test until its tiny checkpoint is listed in ``TINY_CHECKPOINTS``;
+then every other test here runs on it as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.export.card import SD_VERSIONS, sd_version_of
+from lorakit_ext.models.checkpoint import load_sd_checkpoint, read_state_dict
+from lorakit_ext.models.families import (
+    FAMILIES,
+    adapter_for,
+    detect_family,
+    family_of,
+    family_of_model,
+    unsupported_model,
+)
+from lorakit_ext.models.families.base import UNET_INPUT_KEY
+from lorakit_ext.models.tiny import TINY_NAME
+from lorakit_ext.train_config import NETWORK_TYPES, TrainConfig
+
+# Family name → the path of a tiny checkpoint of it (its .yaml beside it), from the session's fixtures.
+TINY_CHECKPOINTS = {
+    "sd1": lambda request: request.getfixturevalue("tiny_sd15_dir") / f"{TINY_NAME}.safetensors",
+    "sd2": lambda request: request.getfixturevalue("tiny_sd2")[0],
+}
+each_family = pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.name)
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    """Per family name: the checkpoint's path, its state dict, the loaded model and its ModelInfo.
+    Shared by the tests of this module, which only read the models."""
+    out = {}
+    for name, checkpoint in TINY_CHECKPOINTS.items():
+        path = checkpoint(request)
+        model, info = load_sd_checkpoint(path)
+        out[name] = SimpleNamespace(path=path, state_dict=read_state_dict(path), model=model, info=info)
+    return out
+
+
+def test_every_family_has_a_tiny_model_here_and_its_own_name():
+    assert sorted(TINY_CHECKPOINTS) == sorted(family.name for family in FAMILIES)
+    assert len({family.label for family in FAMILIES}) == len(FAMILIES)
+    assert all(family_of(family.name) is family for family in FAMILIES)
+    with pytest.raises(ValueError, match="not one of sd1, sd2"):
+        family_of("sd9")
+
+
+@each_family
+def test_a_family_names_its_files_as_kohya_and_a1111_read_them(family):
+    assert family.sd_version in SD_VERSIONS
+    # A1111 gives a LoRA without a card the sd version its metadata says: it must be the family's own.
+    assert sd_version_of({"ss_base_model_version": family.base_model_version, "ss_v2": str(family.v2)}) == family.sd_version
+    assert isinstance(family.v2, bool) and family.base_model_version and family.modelspec_implementation
+    for v in (False, True):
+        assert family.architecture(v).endswith("/lora") and family.resolution(v) % 64 == 0
+    assert "unet" in family.components
+    assert all(prefix.startswith("lora_") and prefix.endswith("_") for prefix in family.components.values())
+
+
+@each_family
+def test_a_family_claims_its_checkpoints_alone_and_refuses_other_widths(family, tiny):
+    mine = tiny[family.name]
+    assert [f for f in FAMILIES if f.claims(mine.state_dict)] == [family]
+    assert detect_family(mine.state_dict, mine.path) is family and mine.info.family is family
+    assert "model" in family.ldm_config()
+    # The tiny widths are not the full-size ones a file without a .yaml is built at.
+    with pytest.raises(UserError, match=f"{family.label} keys but not {family.label}'s layer widths"):
+        family.check_standard_widths(mine.state_dict, mine.path)
+
+
+@each_family
+def test_a_family_adapts_its_loaded_model(family, tiny):
+    sd_model = tiny[family.name].model
+    assert [f for f in FAMILIES if f.owns(sd_model)] == [family] and family_of_model(sd_model) is family
+    model = family.adapter(sd_model, clip_skip=1, max_token_length=75)
+    assert model.family is family and model.sd_model is sd_model and type(adapter_for(sd_model)) is type(model)
+    roots = family.component_roots(sd_model)
+    assert set(roots) == set(family.components) and roots["unet"] is model.unet
+    assert set(model.text_encoders) == set(roots) - {"unet"}
+    assert all(model.text_encoders[name] is roots[name] for name in model.text_encoders)
+    ids = model.tokenize(["a photo of a cat", "a dog"])
+    noisy, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    with torch.no_grad():
+        cond = model.encode_tokens(ids)
+        assert cond["crossattn"].shape[0] == 2
+        assert model.predict(noisy, timesteps, cond).shape == noisy.shape
+
+
+@each_family
+def test_a_familys_defaults_and_presets_are_valid_settings(family):
+    assert family.train_config().validate() == TrainConfig(**family.defaults)
+    for name in family.presets:
+        family.train_config(name).validate()
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
+        family.train_config("nope")
+
+
+@each_family
+@pytest.mark.parametrize("network_type", NETWORK_TYPES)
+def test_kohya_names_round_trip_for_every_target_module(family, network_type, tiny):
+    roots = family.component_roots(tiny[family.name].model)
+    targets = family.target_modules(roots, network_type)
+    assert set(targets) == set(roots) and all(targets.values())
+    names = []
+    for component, entries in targets.items():
+        for path, _ in entries:
+            name = family.kohya_name(component, path)
+            assert name.startswith(family.components[component]) and "." not in name
+            assert family.module_path_from_kohya(name) == (component, path)
+            roots[component].get_submodule(path)
+            names.append(name)
+    assert len(set(names)) == len(names)
+
+
+def test_kinds_no_family_trains_are_refused_by_name():
+    xl = {UNET_INPUT_KEY: torch.zeros(320, 4, 3, 3), "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1280)}
+    with pytest.raises(UserError, match="xl.safetensors is an SDXL checkpoint; LoRA Kit trains SD1 and SD2 models"):
+        detect_family(xl, Path("xl.safetensors"))
+    for mark, value, label in (("is_sdxl", True, "SDXL"), ("conditioner", nn.Module(), "SDXL"), ("is_sd3", True, "SD3")):
+        loaded = nn.Module()
+        setattr(loaded, mark, value)
+        assert unsupported_model(loaded).startswith(f"{label} training is not available")
+        with pytest.raises(UserError, match="load an SD1 or SD2 checkpoint"):
+            family_of_model(loaded)
+    # A1111 sets its flags on every model; False is no refusal.
+    plain = nn.Module()
+    plain.is_sdxl = plain.is_sd3 = False
+    assert unsupported_model(plain) is None
+    with pytest.raises(UserError, match="cannot train this Module"):
+        family_of_model(plain)

@@ -366,7 +366,7 @@ def test_cli_errors_are_one_line(project, tmp_path, capsys):
     assert main(["import", "kat", str(tmp_path / "missing"), "--root", root, "--json"]) == 2
     assert "does not exist" in json.loads(capsys.readouterr().out)["error"]
     assert main(["import", "kat", str(src), "--root", root, "--max-megapixels", "0"]) == 2
-    assert "--max-megapixels must be a positive number" in capsys.readouterr().err
+    assert "--max-megapixels must be a number above 0" in capsys.readouterr().err
     assert dataset_files(project) == {}
 
 

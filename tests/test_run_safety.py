@@ -343,3 +343,9 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_epoch_still_resumes(project,
     monkeypatch.undo()
     assert main(["train", "kat", "--root", str(project.root), "--resume", run.name, "--json"]) == 0
     assert [Path(f).name for f in last_json(capsys)["files"]] == ["kat-01.safetensors", "kat-02.safetensors"]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "1e400"])
+def test_import_refuses_absurd_megapixels_in_one_line(project, tmp_path, value, capsys):
+    assert main(["import", "kat", str(tmp_path), "--root", str(project.root), "--max-megapixels", value]) == 2
+    assert "--max-megapixels must be a number above 0" in one_error_line(capsys)

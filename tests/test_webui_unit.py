@@ -132,6 +132,10 @@ def test_server_paths_outside_the_projects_and_lora_folders_are_refused_when_acc
     assert host.check_path_access(host.lora_root() / "x", "read").parent == host.lora_root()
     with pytest.raises(host.PathAccessDenied):
         host.check_path_access(a1111.projects / ".." / "elsewhere", "read")
+    # A link in the projects folder into another allowed folder is still a link out of its own.
+    (a1111.projects / "to-loras").symlink_to(host.lora_root(), target_is_directory=True)
+    with pytest.raises(host.PathAccessDenied):
+        host.check_path_access(a1111.projects / "to-loras", "read")
 
 
 def test_lora_folder_and_projects_root_follow_the_settings(a1111, tmp_path):

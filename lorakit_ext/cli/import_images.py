@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit_ext.cli.output import Result
-from lorakit_ext.dataset.images import DEFAULT_MAX_PIXELS
+from lorakit_ext.dataset.images import DEFAULT_MAX_PIXELS, MAX_MEGAPIXELS
 from lorakit_ext.dataset.importer import ImportReport, collect_files, collect_folder, import_candidates
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import Project, open_project
@@ -77,8 +77,8 @@ def _text(report: ImportReport, dataset: Path) -> str:
 
 
 def run(args) -> Result:
-    if not args.max_megapixels > 0:
-        raise UserError(f"--max-megapixels must be a positive number, not {args.max_megapixels:g}")
+    if not 0 < args.max_megapixels < MAX_MEGAPIXELS:
+        raise UserError(f"--max-megapixels must be a number above 0 and below {MAX_MEGAPIXELS:g}, not {args.max_megapixels:g}")
     project = open_project(args.root, args.project)
     candidates = _collect(project, args.sources, args.recursive)
     report = import_candidates(project, candidates, int(args.max_megapixels * 1e6))

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 80_000_000
+# Images are decoded whole on import; a gigapixel would take gigabytes.
+MAX_MEGAPIXELS = 1000
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 # Formats kohya, A1111 and OneTrainer read directly; BMP and GIF are rewritten as PNG.
 PLAIN_FORMATS = ("PNG", "JPEG", "WEBP")

@@ -67,12 +67,13 @@ def check_path_access(path: Path | str, purpose: str) -> Path:
     disabled (listening beyond localhost without ``--enable-insecure-extension-access``) and the
     path lies outside the projects folder and the Lora folder. ``purpose`` completes the sentence
     "refusing to …", e.g. "import images from"."""
-    resolved = Path(path).expanduser().resolve()
+    expanded = Path(path).expanduser()
     if not extension_access_disabled():
-        return resolved
+        return expanded.resolve()
     allowed = (projects_root(), lora_root())
     try:
-        return confine(resolved, *allowed)
+        # The path as given, not resolved: confine must see the links on its way to refuse them.
+        return confine(expanded, *allowed)
     except UserError:
         raise PathAccessDenied(
             f"refusing to {purpose} {path}: A1111 disabled extension access (it was started with --listen, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lorakit_ext.dataset.images import MAX_MEGAPIXELS
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.card import PREFERRED_WEIGHT_RANGE
 
@@ -53,5 +54,4 @@ SEED = Limit(0, 2**32 - 1, 1)
 # Beyond ±2 a LoRA of ours only shows its artefacts.
 LORA_WEIGHT = Limit(-2, 2, 0.05, whole=False)
 PREFERRED_WEIGHT = Limit(*PREFERRED_WEIGHT_RANGE, 0.05, whole=False)
-# Images are decoded whole on import; a gigapixel would take gigabytes.
-IMPORT_MEGAPIXELS = Limit(0.01, 1000, 0.01, whole=False)
+IMPORT_MEGAPIXELS = Limit(0.01, MAX_MEGAPIXELS, 0.01, whole=False)

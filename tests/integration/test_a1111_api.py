@@ -123,6 +123,28 @@ def test_interrupt_stops_within_a_step_and_a1111_keeps_generating(a1111, project
     assert a1111.call("GET", "/sdapi/v1/progress")["state"]["interrupted"] is False
 
 
+def test_a_busy_project_is_409_a_new_run_never_replaces_and_resume_continues(a1111, project, trained):
+    a1111.call("POST", "/sdapi/v1/options", json={"lorakit_auto_grid": False})
+    config = {**TINY, "num_repeats": 20}
+    first = a1111.lorakit("POST", f"/projects/{project}/train", json={"config": config}, expect=202)["job_id"]
+    busy = a1111.lorakit("POST", f"/projects/{project}/train", json={"config": config}, expect=409)
+    assert "busy: training (A1111, HTTP API)" in busy["detail"]
+    a1111.wait(first, until=lambda job: job["step"] >= 2 or job["status"] != "running")
+    a1111.lorakit("POST", f"/jobs/{first}/interrupt")
+    stopped = a1111.wait(first, timeout=60)
+    assert stopped["status"] == "interrupted", stopped
+    run_id = stopped["run_dir"].rsplit("/", 1)[-1]
+    (run,) = [r for r in a1111.lorakit("GET", f"/projects/{project}/runs")["runs"] if r["run"] == run_id]
+    assert run["output_name"] == f"{project}-v2" and run["resumable"], run
+    resumed = a1111.wait(a1111.lorakit("POST", f"/projects/{project}/runs/{run_id}/resume", json={}, expect=202)["job_id"])
+    assert resumed["status"] == "finished", resumed
+    assert [p.rsplit("/", 1)[-1] for p in resumed["files"]] == [f"{project}-v2-01.safetensors", f"{project}-v2-02.safetensors"]
+    listed = {lora["name"]: lora["path"] for lora in a1111.call("GET", "/sdapi/v1/loras")}
+    assert all(listed[f"{project}-0{i}"] == path for i, path in ((1, trained["files"][0]), (2, trained["files"][1])))
+    detail = a1111.lorakit("POST", f"/projects/{project}/runs/{run_id}/resume", json={}, expect=400)["detail"]
+    assert "nothing to resume" in detail
+
+
 def test_promote_the_best_epoch(a1111, project, trained):
     body = {"epoch_file": f"{project}-02.safetensors", "trigger": TRIGGER, "job_id": trained["id"]}
     promoted = a1111.lorakit("POST", f"/projects/{project}/promote", json=body)

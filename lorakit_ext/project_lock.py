@@ -22,13 +22,12 @@ from lorakit_ext.errors import UserError
 from lorakit_ext.fsutil import pid_alive
 
 LOCK_FILE = ".lorakit.lock"
-
-
+# A lock file no one could read yet may belong to a holder between creating and writing it.
 _UNWRITTEN_GRACE_S = 10.0
-_held: set[str] = set()
-_held_guard = threading.Lock()
 # Tokens of the locks this process holds now: a lock file naming this pid but none of these is
 # left over from an operation of ours that died without releasing it.
+_held: set[str] = set()
+_held_guard = threading.Lock()
 
 
 class ProjectBusy(UserError):
@@ -120,8 +119,14 @@ class ProjectLock:
             return
         moved = read_holder_file(aside)
         if moved != holder and not _is_stale(moved, aside):
-            # A live holder took the lock between our read and the rename: give it back.
-            os.rename(aside, self.path)
+            # A live holder took the lock between our read and the rename: give it back (a link,
+            # so a lock a third process created meanwhile is not replaced).
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            finally:
+                aside.unlink(missing_ok=True)
             raise ProjectBusy(f"project {self.path.parent.name!r} is busy: {describe_holder(moved)}")
         aside.unlink(missing_ok=True)
 

@@ -31,6 +31,15 @@ def tiny_sd2(tmp_path_factory):
     return path, path.with_suffix(".yaml")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """sgm's ``DiffusionEngine`` at tiny widths (``tests/tiny_sdxl.py``), built once; skips without
+    ``LORAKIT_SGM_DIR``. Shared: tests that change it work on a copy."""
+    from tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
 @pytest.fixture
 def tiny_sd15(tiny_sd15_dir):
     """``(model, ModelInfo)``: a fresh fp32 CPU ``LatentDiffusion`` per test, free to modify."""

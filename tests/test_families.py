@@ -1,11 +1,13 @@
 """The model-family seam: every registered family answers all of it, on a tiny model of its own.
 
-A new family fails the first test until its tiny checkpoint is listed in ``TINY_CHECKPOINTS``;
-then every other test here runs on it as well.
+A new family fails the first test until its tiny model is listed in ``TINY_MODELS``; then every
+other test here runs on it as well. A family not trained yet (SDXL) answers everything but the adapter,
+which must refuse it; its tiny model needs sgm (``LORAKIT_SGM_DIR``), and its tests skip without.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.card import SD_VERSIONS, sd_version_of
-from lorakit_ext.models.checkpoint import load_sd_checkpoint, read_state_dict
+from lorakit_ext.models.checkpoint import file_layout, load_sd_checkpoint, read_state_dict
 from lorakit_ext.models.families import (
     FAMILIES,
     adapter_for,
@@ -28,31 +30,48 @@ from lorakit_ext.models.families.base import UNET_INPUT_KEY
 from lorakit_ext.models.tiny import TINY_NAME
 from lorakit_ext.train_config import NETWORK_TYPES, TrainConfig
 
-# Family name → the path of a tiny checkpoint of it (its .yaml beside it), from the session's fixtures.
-TINY_CHECKPOINTS = {
-    "sd1": lambda request: request.getfixturevalue("tiny_sd15_dir") / f"{TINY_NAME}.safetensors",
-    "sd2": lambda request: request.getfixturevalue("tiny_sd2")[0],
-}
-each_family = pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.name)
+def _loaded(request, name: str) -> SimpleNamespace:
+    """An ldm family's tiny checkpoint (its .yaml beside it) from the session's fixtures, loaded."""
+    path = {
+        "sd1": lambda: request.getfixturevalue("tiny_sd15_dir") / f"{TINY_NAME}.safetensors",
+        "sd2": lambda: request.getfixturevalue("tiny_sd2")[0],
+    }[name]()
+    model, info = load_sd_checkpoint(path)
+    return SimpleNamespace(path=path, state_dict=read_state_dict(path), model=model, info=info)
 
 
 @pytest.fixture(scope="module")
-def tiny(request):
-    """Per family name: the checkpoint's path, its state dict, the loaded model and its ModelInfo.
-    Shared by the tests of this module, which only read the models."""
-    out = {}
-    for name, checkpoint in TINY_CHECKPOINTS.items():
-        path = checkpoint(request)
-        model, info = load_sd_checkpoint(path)
-        out[name] = SimpleNamespace(path=path, state_dict=read_state_dict(path), model=model, info=info)
-    return out
+def tiny_sd1(request):
+    return _loaded(request, "sd1")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd2_model(request):
+    return _loaded(request, "sd2")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_model(tiny_sdxl):
+    # Not trained yet, so not loadable from a file: its keys as reading its file would give them.
+    return SimpleNamespace(path=Path("tiny-sdxl.safetensors"), state_dict=file_layout(tiny_sdxl.state_dict()), model=tiny_sdxl)
+
+
+# Family name → the fixture of its tiny model; shared by the tests of this module, which only read them.
+TINY_MODELS = {"sd1": "tiny_sd1", "sd2": "tiny_sd2_model", "sdxl": "tiny_sdxl_model"}
+each_family = pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.name)
+
+
+@pytest.fixture
+def mine(family, request):
+    """``path``, ``state_dict`` and ``model`` (and ``info`` where it trains) of ``family``'s tiny model."""
+    return request.getfixturevalue(TINY_MODELS[family.name])
 
 
 def test_every_family_has_a_tiny_model_here_and_its_own_name():
-    assert sorted(TINY_CHECKPOINTS) == sorted(family.name for family in FAMILIES)
+    assert sorted(TINY_MODELS) == sorted(family.name for family in FAMILIES)
     assert len({family.label for family in FAMILIES}) == len(FAMILIES)
     assert all(family_of(family.name) is family for family in FAMILIES)
-    with pytest.raises(ValueError, match="not one of sd1, sd2"):
+    with pytest.raises(ValueError, match="not one of sd1, sd2, sdxl"):
         family_of("sd9")
 
 
@@ -69,24 +88,36 @@ def test_a_family_names_its_files_as_kohya_and_a1111_read_them(family):
 
 
 @each_family
-def test_a_family_claims_its_checkpoints_alone_and_refuses_other_widths(family, tiny):
-    mine = tiny[family.name]
+def test_a_family_claims_its_checkpoints_alone_and_refuses_other_widths(family, mine):
     assert [f for f in FAMILIES if f.claims(mine.state_dict)] == [family]
-    assert detect_family(mine.state_dict, mine.path) is family and mine.info.family is family
-    assert "model" in family.ldm_config()
+    refusal = family.training_refusal()
+    if refusal is None:
+        assert detect_family(mine.state_dict, mine.path) is family and mine.info.family is family
+        assert "model" in family.ldm_config()
+    else:
+        with pytest.raises(UserError, match=f"is an {family.label} checkpoint; {re.escape(refusal)}"):
+            detect_family(mine.state_dict, mine.path)
     # The tiny widths are not the full-size ones a file without a .yaml is built at.
     with pytest.raises(UserError, match=f"{family.label} keys but not {family.label}'s layer widths"):
         family.check_standard_widths(mine.state_dict, mine.path)
 
 
 @each_family
-def test_a_family_adapts_its_loaded_model(family, tiny):
-    sd_model = tiny[family.name].model
+def test_a_family_adapts_its_loaded_model(family, mine):
+    sd_model = mine.model
     assert [f for f in FAMILIES if f.owns(sd_model)] == [family] and family_of_model(sd_model) is family
+    roots = family.component_roots(sd_model)
+    assert set(roots) == set(family.components) and roots["unet"] is sd_model.model.diffusion_model
+    refusal = family.training_refusal()
+    if refusal is not None:
+        assert unsupported_model(sd_model).startswith(refusal)
+        with pytest.raises(UserError, match=re.escape(refusal)):
+            adapter_for(sd_model)
+        return
+    assert unsupported_model(sd_model) is None
     model = family.adapter(sd_model, clip_skip=1, max_token_length=75)
     assert model.family is family and model.sd_model is sd_model and type(adapter_for(sd_model)) is type(model)
-    roots = family.component_roots(sd_model)
-    assert set(roots) == set(family.components) and roots["unet"] is model.unet
+    assert roots["unet"] is model.unet
     assert set(model.text_encoders) == set(roots) - {"unet"}
     assert all(model.text_encoders[name] is roots[name] for name in model.text_encoders)
     ids = model.tokenize(["a photo of a cat", "a dog"])
@@ -108,8 +139,8 @@ def test_a_familys_defaults_and_presets_are_valid_settings(family):
 
 @each_family
 @pytest.mark.parametrize("network_type", NETWORK_TYPES)
-def test_kohya_names_round_trip_for_every_target_module(family, network_type, tiny):
-    roots = family.component_roots(tiny[family.name].model)
+def test_kohya_names_round_trip_for_every_target_module(family, network_type, mine):
+    roots = family.component_roots(mine.model)
     targets = family.target_modules(roots, network_type)
     assert set(targets) == set(roots) and all(targets.values())
     names = []
@@ -125,14 +156,15 @@ def test_kohya_names_round_trip_for_every_target_module(family, network_type, ti
 
 def test_kinds_no_family_trains_are_refused_by_name():
     xl = {UNET_INPUT_KEY: torch.zeros(320, 4, 3, 3), "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1280)}
-    with pytest.raises(UserError, match="xl.safetensors is an SDXL checkpoint; LoRA Kit trains SD1 and SD2 models"):
+    with pytest.raises(UserError, match="xl.safetensors is an SDXL checkpoint; SDXL training is not available yet: it comes in a "
+                       "later version of LoRA Kit. LoRA Kit trains SD1 and SD2 models"):
         detect_family(xl, Path("xl.safetensors"))
     for mark, value, label in (("is_sdxl", True, "SDXL"), ("conditioner", nn.Module(), "SDXL"), ("is_sd3", True, "SD3")):
         loaded = nn.Module()
         setattr(loaded, mark, value)
         assert unsupported_model(loaded).startswith(f"{label} training is not available")
         with pytest.raises(UserError, match="load an SD1 or SD2 checkpoint"):
-            family_of_model(loaded)
+            adapter_for(loaded)
     # A1111 sets its flags on every model; False is no refusal.
     plain = nn.Module()
     plain.is_sdxl = plain.is_sd3 = False

@@ -2,8 +2,9 @@
 
 Each family is one module here holding a :class:`~.base.ModelFamily` instance, listed in
 :data:`FAMILIES`. Adding a family is that module, its entry there and its tests (``tests/test_families.py``
-checks that every listed family answers the whole seam); when it trains a kind that
-:data:`_UNTRAINED` refuses by name, that entry goes.
+checks that every listed family answers the whole seam); when it covers a kind that
+:data:`_UNTRAINED` refuses by name, that entry goes. A family whose adapter is still to come says so
+in :attr:`~.base.ModelFamily.untrained_reason`: its files and names are known, training it is refused.
 """
 
 from __future__ import annotations
@@ -19,30 +20,27 @@ from lorakit_ext.errors import UserError
 from lorakit_ext.models.families.base import UNET_INPUT_KEY, ModelFamily
 from lorakit_ext.models.families.sd1 import SD1
 from lorakit_ext.models.families.sd2 import SD2
+from lorakit_ext.models.families.sdxl import SDXL
 from lorakit_ext.train_config import TrainConfig
 
-FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2)
+FAMILIES: tuple[ModelFamily, ...] = (SD1, SD2, SDXL)
 
 
 @dataclass(frozen=True)
 class _Untrained:
-    """A kind of model LoRA Kit knows but has no family for: refused by name, not as an unknown file."""
+    """A kind of model LoRA Kit knows but has no family for: refused by name, not as an unknown model."""
 
     label: str
-    key_prefix: str | None  # a state-dict key prefix only its checkpoints have
-    marks: tuple[str, ...]  # attributes only its loaded model objects have (A1111's is_* flags, sgm's conditioner)
+    marks: tuple[str, ...]  # attributes only its loaded model objects have (A1111's is_* flags)
 
 
-# Checked before any family claims a file: reading a file renames SDXL's first text encoder to SD1's keys.
-_UNTRAINED = (
-    _Untrained("SDXL", "conditioner.embedders.1.", ("is_sdxl", "conditioner")),
-    _Untrained("SD3", None, ("is_sd3",)),
-)
+# SD3 files have no UNet, so they are refused as "no Stable Diffusion UNet weights".
+_UNTRAINED = (_Untrained("SD3", ("is_sd3",)),)
 
 
 def trainable(conjunction: str = "or") -> str:
-    """The families for a message: "SD1 or SD2"."""
-    labels = [family.label for family in FAMILIES]
+    """The families LoRA Kit trains, for a message: "SD1 or SD2"."""
+    labels = [family.label for family in FAMILIES if family.training_refusal() is None]
     return f"{', '.join(labels[:-1])} {conjunction} {labels[-1]}" if len(labels) > 1 else labels[0]
 
 
@@ -55,13 +53,11 @@ def family_of(name: str) -> ModelFamily:
 
 
 def detect_family(state_dict: Mapping[str, torch.Tensor], path: Path) -> ModelFamily:
-    """The family of a checkpoint from its keys (as :func:`~lorakit_ext.models.checkpoint.read_state_dict`
+    """The family of a checkpoint to train, from its keys (as :func:`~lorakit_ext.models.checkpoint.read_state_dict`
     gives them); ``UserError`` for anything LoRA Kit cannot train, naming ``path``."""
-    for kind in _UNTRAINED:
-        if kind.key_prefix is not None and any(key.startswith(kind.key_prefix) for key in state_dict):
-            raise UserError(
-                f"{path.name} is an {kind.label} checkpoint; LoRA Kit trains {trainable('and')} models here, choose one of those."
-            )
+    family = next((f for f in FAMILIES if f.claims(state_dict)), None)
+    if family is not None:
+        family.check_file(state_dict, path)
     unet_in = state_dict.get(UNET_INPUT_KEY)
     if unet_in is None:
         raise UserError(
@@ -73,32 +69,44 @@ def detect_family(state_dict: Mapping[str, torch.Tensor], path: Path) -> ModelFa
             f"{path.name} is an inpainting or instruct-pix2pix model ({unet_in.shape[1]} UNet input channels); "
             f"choose a regular {trainable()} checkpoint."
         )
-    for family in FAMILIES:
-        if family.claims(state_dict):
-            return family
-    raise UserError(f"{path.name} has no text encoder weights; choose a full {trainable()} checkpoint.")
+    if family is None:
+        raise UserError(f"{path.name} has no text encoder weights; choose a full {trainable()} checkpoint.")
+    refusal = family.training_refusal()
+    if refusal:
+        raise UserError(f"{path.name} is an {family.label} checkpoint; {refusal}. LoRA Kit trains {trainable('and')} models here, choose one of those.")
+    return family
+
+
+def _owner(sd_model: nn.Module) -> ModelFamily | None:
+    return next((family for family in FAMILIES if family.owns(sd_model)), None)
+
+
+def _untrained_kind(sd_model: nn.Module) -> _Untrained | None:
+    return next((k for k in _UNTRAINED if any(getattr(sd_model, mark, None) not in (None, False) for mark in k.marks)), None)
 
 
 def unsupported_model(sd_model: nn.Module) -> str | None:
     """Why a loaded model of a kind LoRA Kit knows but does not train is refused, or None."""
-    for kind in _UNTRAINED:
-        if any(getattr(sd_model, mark, None) not in (None, False) for mark in kind.marks):
-            return f"{kind.label} training is not available; load an {trainable()} checkpoint to train"
-    return None
+    kind = _untrained_kind(sd_model)
+    if kind is not None:
+        return f"{kind.label} training is not available; load an {trainable()} checkpoint to train"
+    family = _owner(sd_model)
+    refusal = family.training_refusal() if family is not None else None
+    return f"{refusal}; load an {trainable()} checkpoint to train" if refusal else None
 
 
 def family_of_model(sd_model: nn.Module) -> ModelFamily:
-    """The family of a loaded model object; ``UserError`` when no family trains it."""
-    reason = unsupported_model(sd_model)
-    if reason:
-        raise UserError(reason)
-    for family in FAMILIES:
-        if family.owns(sd_model):
-            return family
-    raise UserError(
-        f"LoRA Kit cannot train this {type(sd_model).__name__}: in-process training needs one of A1111's own "
-        f"{trainable()} models (Forge and other backends hold theirs differently)"
-    )
+    """The family of a loaded model object (its names, roots and metadata; whether it trains is
+    :func:`unsupported_model`'s); ``UserError`` when no family knows it."""
+    if _untrained_kind(sd_model) is not None:
+        raise UserError(unsupported_model(sd_model))
+    family = _owner(sd_model)
+    if family is None:
+        raise UserError(
+            f"LoRA Kit cannot train this {type(sd_model).__name__}: in-process training needs one of A1111's own "
+            f"{trainable()} models (Forge and other backends hold theirs differently)"
+        )
+    return family
 
 
 def adapter_for(sd_model: nn.Module, clip_skip: int = 1, max_token_length: int = 225):

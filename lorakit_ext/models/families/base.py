@@ -40,7 +40,8 @@ def module_kind(module: nn.Module) -> str | None:
 
 def modules_in_blocks(root: nn.Module, block_classes: tuple[str, ...], kinds: tuple[str, ...]) -> list[tuple[str, str]]:
     """``(path, kind)`` of every module of one of ``kinds`` inside a block of one of ``block_classes``."""
-    # Blocks are matched by class name, not class, so the copy of ldm inside A1111 matches as well.
+    # Blocks are matched by class name, not class, so the copy of ldm inside A1111 matches as well
+    # (and sgm's UNet, whose blocks have ldm's class names).
     out: dict[str, str] = {}
     for block_path, block in root.named_modules():
         if type(block).__name__ not in block_classes:
@@ -50,6 +51,18 @@ def modules_in_blocks(root: nn.Module, block_classes: tuple[str, ...], kinds: tu
             if kind in kinds and child_path:
                 out[f"{block_path}.{child_path}"] = kind
     return list(out.items())
+
+
+# kohya's UNet targets (networks/lora.py): LoRA trains the Linear and 1×1 convs of its
+# Transformer2DModel (ldm/sgm: SpatialTransformer); with a conv dim, LoCon adds every Linear and
+# Conv2d of ResnetBlock2D, Downsample2D and Upsample2D (ResBlock, Downsample, Upsample here).
+_UNET_BLOCKS = {"LoRA": ("SpatialTransformer",), "LoCon": ("SpatialTransformer", "ResBlock", "Downsample", "Upsample")}
+_UNET_KINDS = {"LoRA": ("linear", "conv1x1"), "LoCon": KINDS}
+
+
+def unet_targets(unet: nn.Module, network_type: str) -> list[tuple[str, str]]:
+    """``(path, kind)`` of the modules kohya's ``network_type`` trains in an ldm or sgm UNet."""
+    return modules_in_blocks(unet, _UNET_BLOCKS[network_type], _UNET_KINDS[network_type])
 
 
 class ModelFamily(ABC):
@@ -66,6 +79,8 @@ class ModelFamily(ABC):
     # TrainConfig fields whose default differs for this family; TrainConfig's own are SD1.5's.
     defaults: Mapping[str, object] = MappingProxyType({})
     presets: Mapping[str, Mapping[str, object]]  # preset name → TrainConfig fields over the defaults
+    # Why LoRA Kit cannot train this family yet, or None: its files and names are known, its adapter is not.
+    untrained_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
@@ -74,6 +89,9 @@ class ModelFamily(ABC):
     @abstractmethod
     def claims(self, state_dict: Mapping[str, torch.Tensor]) -> bool:
         """Whether a checkpoint's keys (in :func:`~lorakit_ext.models.checkpoint.file_layout`) are this family's."""
+
+    def check_file(self, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+        """``UserError`` for a file this family claims but LoRA Kit cannot use (a refiner, an inpainting model)."""
 
     @abstractmethod
     def check_standard_widths(self, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -161,6 +179,10 @@ class ModelFamily(ABC):
                 continue
             out.append((path, "linear"))
         return out
+
+    def training_refusal(self) -> str | None:
+        """Why a model of this family is not trained, for a message; None when it is."""
+        return f"{self.label} training is not available yet: {self.untrained_reason}" if self.untrained_reason else None
 
     # ---- metadata -----------------------------------------------------------------------------
     @abstractmethod

@@ -8,6 +8,8 @@ but the path is not always the model's own:
   ``convert_diffusers_name_to_compvis``; like A1111 it assumes SD's UNet layout: four levels of two
   ResBlocks each, a downsampler after each of the first three levels, three output blocks per
   level, and no attention in the lowest level (so the first upsampler is child 1, not 2).
+- SDXL's UNet is sgm's ``UNetModel``, which kohya spells by its own (compvis) names
+  (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as A1111 reads them back.
 - Text-encoder layers are spelled the HF-CLIP way (``text_model_encoder_layers_0_self_attn_q_proj``)
   whatever the encoder is; each family maps its own module paths onto :data:`CLIP_LEAVES`.
 
@@ -43,6 +45,40 @@ def parse_clip_layer_name(name: str) -> tuple[str, str]:
     if not m or m[2] not in _CLIP_LEAVES_BY_KOHYA:
         raise ValueError(f"{name!r} names no text-encoder module")
     return m[1], _CLIP_LEAVES_BY_KOHYA[m[2]]
+
+
+def hf_clip_name(path: str) -> str:
+    """The kohya name of a module path in HF ``CLIPTextModel``'s ``text_model`` (SD1's and SDXL's CLIP-L)."""
+    m = re.fullmatch(rf"encoder\.layers\.{NUMBER}\.(.+)", path)
+    if not m or m[2] not in CLIP_LEAVES:
+        raise ValueError(f"CLIP text-encoder module {path!r} has no kohya name")
+    return clip_layer_name(m[1], m[2])
+
+
+def hf_clip_path(name: str) -> str:
+    """Inverse of :func:`hf_clip_name`."""
+    layer, leaf = parse_clip_layer_name(name)
+    return f"encoder.layers.{layer}.{leaf}"
+
+
+# kohya spells OpenCLIP's layers (SD2's ViT-H, SDXL's bigG) as HF CLIP's; OpenCLIP's resblock leaf for each.
+_OPEN_CLIP_LEAVES = dict(zip(CLIP_LEAVES, (*PACKED_QKV, "attn.out_proj", "mlp.c_fc", "mlp.c_proj")))
+_KOHYA_LEAVES = {open_clip: kohya for kohya, open_clip in _OPEN_CLIP_LEAVES.items()}
+
+
+def open_clip_name(path: str) -> str:
+    """The kohya name of a module path in an OpenCLIP model (``transformer.resblocks.N.…``), the
+    way A1111 maps it back: q/k/v name thirds of the packed ``attn.in_proj_weight`` (:data:`PACKED_QKV`)."""
+    m = re.fullmatch(rf"transformer\.resblocks\.{NUMBER}\.(.+)", path)
+    if not m or m[2] not in _KOHYA_LEAVES:
+        raise ValueError(f"OpenCLIP text-encoder module {path!r} has no kohya name")
+    return clip_layer_name(m[1], _KOHYA_LEAVES[m[2]])
+
+
+def open_clip_path(name: str) -> str:
+    """Inverse of :func:`open_clip_name`."""
+    layer, leaf = parse_clip_layer_name(name)
+    return f"transformer.resblocks.{layer}.{_OPEN_CLIP_LEAVES[leaf]}"
 
 
 # ---- SD1/SD2's UNet, the diffusers way --------------------------------------------------------------
@@ -159,3 +195,29 @@ def sd_unet_path(name: str) -> str:
         child, leaf = _block_path(m[2], m[4])
         return f"output_blocks.{3 * int(m[1]) + int(m[3])}.{child}.{leaf}"
     raise ValueError(f"{name!r} names no SD1/SD2 UNet module")
+
+
+# ---- SDXL's UNet, ldm/sgm's own names ---------------------------------------------------------------
+# Leaves kohya trains outside transformer blocks: ResBlock layers, Downsample's ``op``, Upsample's ``conv``.
+_SGM_LEAVES = {leaf.replace(".", "_"): leaf for leaf in (*_RESNET, "op", "conv")}
+
+
+def sgm_unet_name(path: str) -> str:
+    """The kohya name (without prefix) of an sgm UNet module path: the path with ``.`` → ``_``,
+    for the modules kohya can target."""
+    m = re.fullmatch(rf"(?P<block>(?:input|output)_blocks\.{NUMBER}|middle_block)\.(?P<child>{NUMBER})\.(?P<leaf>.+)", path)
+    if m and m["leaf"] in _SGM_LEAVES.values():
+        return path.replace(".", "_")
+    if m:
+        return f"{m['block'].replace('.', '_')}_{m['child']}_{_attention_leaf(m['leaf'])}"
+    raise ValueError(f"UNet module {path!r} has no kohya name")
+
+
+def sgm_unet_path(name: str) -> str:
+    """Inverse of :func:`sgm_unet_name`."""
+    # The block and child numbers end at the first "_" after them, so the split is unambiguous.
+    m = re.fullmatch(rf"(?P<block>(?:input|output)_blocks_{NUMBER}|middle_block)_(?P<child>{NUMBER})_(?P<leaf>.+)", name)
+    if not m:
+        raise ValueError(f"{name!r} names no SDXL UNet module")
+    leaf = _SGM_LEAVES.get(m["leaf"]) or _attention_leaf_back(m["leaf"])
+    return f"{m['block'].replace('blocks_', 'blocks.')}.{m['child']}.{leaf}"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.models.families.names import CLIP_LEAVES, NUMBER, clip_layer_name, parse_clip_layer_name
+from lorakit_ext.models.families.names import hf_clip_name, hf_clip_path
 from lorakit_ext.models.families.stable_diffusion import LdmFamily
 from lorakit_ext.models.sd_configs import SD15_WIDTHS, sd15_config
 
@@ -105,14 +103,9 @@ class Sd1Family(LdmFamily):
         return ClipText(embedder.transformer, embedder.tokenizer, self.text_root(embedder), clip_skip, max_token_length)
 
     def _te_name(self, module_path: str) -> str:
-        m = re.fullmatch(rf"encoder\.layers\.{NUMBER}\.(.+)", module_path)
-        if not m or m[2] not in CLIP_LEAVES:
-            raise ValueError(f"SD1 text-encoder module {module_path!r} has no kohya name")
-        return clip_layer_name(m[1], m[2])
+        return hf_clip_name(module_path)
 
     def _te_path(self, name: str) -> str:
-        layer, leaf = parse_clip_layer_name(name)
-        return f"encoder.layers.{layer}.{leaf}"
-
+        return hf_clip_path(name)
 
 SD1 = Sd1Family()

@@ -3,20 +3,13 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-from lorakit_ext.models.families.names import CLIP_LEAVES, NUMBER, PACKED_QKV, clip_layer_name, parse_clip_layer_name
+from lorakit_ext.models.families.names import open_clip_name, open_clip_path
 from lorakit_ext.models.families.sd1 import KOHYA_COLAB_PRESETS
 from lorakit_ext.models.families.stable_diffusion import LdmFamily
 from lorakit_ext.models.sd_configs import SD2_WIDTHS, sd2_config
-
-# kohya spells SD2's encoder layers as HF CLIP's; OpenCLIP's resblock leaf for each.
-_OPEN_CLIP_LEAVES = dict(zip(CLIP_LEAVES, (*PACKED_QKV, "attn.out_proj", "mlp.c_fc", "mlp.c_proj")))
-_KOHYA_LEAVES = {open_clip: kohya for kohya, open_clip in _OPEN_CLIP_LEAVES.items()}
-
 
 class OpenClipText:
     """SD2's text encoder: one 77-token window, the one OpenCLIP's tower was trained on. ldm's
@@ -73,14 +66,10 @@ class Sd2Family(LdmFamily):
     # modules, so peft cannot wrap them: SD2 trains attn.out_proj, mlp.c_fc and mlp.c_proj only. Files
     # from elsewhere may still name q/k/v, which merging puts into their third of in_proj_weight.
     def _te_name(self, module_path: str) -> str:
-        m = re.fullmatch(rf"transformer\.resblocks\.{NUMBER}\.(.+)", module_path)
-        if not m or m[2] not in _KOHYA_LEAVES:
-            raise ValueError(f"SD2 text-encoder module {module_path!r} has no kohya name")
-        return clip_layer_name(m[1], _KOHYA_LEAVES[m[2]])
+        return open_clip_name(module_path)
 
     def _te_path(self, name: str) -> str:
-        layer, leaf = parse_clip_layer_name(name)
-        return f"transformer.resblocks.{layer}.{_OPEN_CLIP_LEAVES[leaf]}"
+        return open_clip_path(name)
 
 
 SD2 = Sd2Family()

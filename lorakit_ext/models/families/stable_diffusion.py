@@ -13,12 +13,11 @@ import torch
 from torch import nn
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.models.families.base import KINDS, UNET_INPUT_KEY, ModelFamily, modules_in_blocks
+from lorakit_ext.models.families.base import UNET_INPUT_KEY, ModelFamily, unet_targets
 from lorakit_ext.models.families.names import sd_unet_name, sd_unet_path
 from lorakit_ext.models.sd_configs import Widths
 
-_UNET_BLOCKS = {"LoRA": ("SpatialTransformer",), "LoCon": ("SpatialTransformer", "ResBlock", "Downsample", "Upsample")}
-_KINDS_FOR = {"LoRA": ("linear", "conv1x1"), "LoCon": KINDS}
+_NOT_LDM = ("conditioner.", "model.diffusion_model.label_emb.")
 
 
 class TextEncoder(Protocol):
@@ -45,7 +44,11 @@ class LdmFamily(ModelFamily):
 
     # ---- checkpoint files ---------------------------------------------------------------------
     def claims(self, state_dict: Mapping[str, torch.Tensor]) -> bool:
-        return any(key.startswith(self.text_key) for key in state_dict)
+        # sgm's first embedder is renamed to ldm's keys on reading (SD2-turbo has only that one), so
+        # any other "conditioner." key left is SDXL's; a UNet with a vector input (label_emb: the
+        # SDXL refiner, whose one embedder looks like SD2's) is no text-only SD1/SD2 model either.
+        keys = list(state_dict)
+        return any(k.startswith(self.text_key) for k in keys) and not any(k.startswith(_NOT_LDM) for k in keys)
 
     def check_standard_widths(self, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
         # Refused before a full-size model is allocated for a file that would not fit it.
@@ -79,8 +82,12 @@ class LdmFamily(ModelFamily):
         """The text encoder the adapter conditions with; ``UserError`` for settings it cannot take."""
 
     def owns(self, sd_model: nn.Module) -> bool:
+        # A1111 points an sgm model's cond_stage_model at its only text embedder (the SDXL refiner's
+        # OpenCLIP looks like SD2's): a model with sgm's conditioner is never an ldm family's.
         cond = getattr(sd_model, "cond_stage_model", None)
-        return hasattr(sd_model, "apply_model") and cond is not None and self.find_embedder(cond) is not None
+        if hasattr(sd_model, "conditioner") or not hasattr(sd_model, "apply_model") or cond is None:
+            return False
+        return self.find_embedder(cond) is not None
 
     def adapter(self, sd_model: nn.Module, clip_skip: int = 1, max_token_length: int = 225):
         # Imported here: models.ldm asks this package for the family of a model it is given bare.
@@ -111,5 +118,5 @@ class LdmFamily(ModelFamily):
         encoder's attention and MLP layers that kohya names. LoCon adds every Linear and Conv2d of
         ResBlocks, Downsamples and Upsamples (3×3 convs train at conv dim/alpha)."""
         if component == "unet":
-            return modules_in_blocks(root, _UNET_BLOCKS[network_type], _KINDS_FOR[network_type])
+            return unet_targets(root, network_type)
         return self._nameable_linears(component, root)

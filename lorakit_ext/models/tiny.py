@@ -36,14 +36,19 @@ def _write_tiny_clip_folder(folder: Path) -> None:
     atomic_write_text(folder / "config.json", CLIPTextConfig(**_TINY_TEXT_ENCODER).to_json_string())
 
 
-def _make_non_degenerate(model: torch.nn.Module) -> None:
-    """Random weights that still behave like a trained model where it matters to training code."""
+def reset_zero_initialised(model: torch.nn.Module) -> None:
+    """ldm zero-initialises proj_out, each ResBlock's last conv and the UNet's output conv: a random
+    model's prediction would be 0 whatever the prompt or LoRA, and no LoRA would get a gradient."""
     with torch.no_grad():
-        # ldm zero-initialises proj_out, each ResBlock's last conv and the UNet's output conv:
-        # its prediction would be 0 whatever the prompt or LoRA.
         for module in model.model.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not module.weight.any():
                 module.reset_parameters()
+
+
+def _make_non_degenerate(model: torch.nn.Module) -> None:
+    """Random weights that still behave like a trained model where it matters to training code."""
+    reset_zero_initialised(model)
+    with torch.no_grad():
         # A fresh LayerNorm has bias 0, so text embeddings average ~0; A1111's emphasis
         # normalisation divides by that mean. Real CLIP's learned bias is far from 0.
         clip_text_transformer(model.cond_stage_model.transformer).final_layer_norm.bias.normal_(mean=0.5, std=0.5)

@@ -167,6 +167,11 @@ def test_import_rows_give_each_file_and_reason(project, tmp_path):
     assert rows[0][:2] == ["imported", str(good)] and "caption cat.txt" in rows[0][2]
     assert rows[1][0] == "rejected" and rows[1][1] == str(broken) and rows[1][2]
     assert ui_tables.import_summary(report) == "Imported 1 image (1 with captions); rejected 1 file (reasons below)."
+    again = import_files(project, [good])
+    assert ui_tables.import_rows(again) == [["skipped", str(good), again.skipped[0].reason]]
+    assert "already in the dataset as cat.png" in again.skipped[0].reason
+    assert ui_tables.import_summary(again) == (
+        "Imported 0 images (0 with captions); skipped 1 file already in the dataset or behind a link (listed below).")
 
 
 def test_batch_rows_newest_first(project):

@@ -51,6 +51,7 @@ def import_rows(report: ImportReport) -> list[list[str]]:
         if f.captions:
             details.append("caption " + ", ".join(Path(c).name for c in f.captions))
         rows.append(["imported", f.source, "; ".join(details)])
+    rows += [["skipped", k.source, k.reason] for k in report.skipped]
     rows += [["rejected", r.source, r.reason] for r in report.rejected]
     return rows
 
@@ -58,6 +59,8 @@ def import_rows(report: ImportReport) -> list[list[str]]:
 def import_summary(report: ImportReport) -> str:
     captioned = sum(1 for f in report.imported if f.captions)
     text = f"Imported {_plural(len(report.imported), 'image')} ({captioned} with captions)"
+    if report.skipped:
+        text += f"; skipped {_plural(len(report.skipped), 'file')} already in the dataset or behind a link (listed below)"
     if report.rejected:
         text += f"; rejected {_plural(len(report.rejected), 'file')} (reasons below)"
     return text + "."
@@ -87,15 +90,19 @@ def resolved_keep(plan: DedupePlan, overrides: dict[int, str]) -> dict[int, str]
     return {c.id: overrides.get(c.id, c.keep) for c in plan.clusters}
 
 
+def _how(plan: DedupePlan) -> str:
+    return f"{plan.method} ≤ {plan.threshold} bits or crops up to 10 %, each pair confirmed by aligning the two images"
+
+
 def dedupe_summary(plan: DedupePlan, overrides: dict[int, str]) -> str:
     if not plan.clusters:
-        text = f"No near-duplicates among {_plural(plan.image_count, 'image')} ({plan.method}, distance ≤ {plan.threshold})."
+        text = f"No near-duplicates among {_plural(plan.image_count, 'image')} ({_how(plan)})."
     else:
         moving = sum(len(c.members) - 1 for c in plan.clusters)
         changed = sum(1 for c in plan.clusters if overrides.get(c.id, c.keep) != c.keep)
         text = (
             f"{_plural(len(plan.clusters), 'cluster')} of near-duplicates among {_plural(plan.image_count, 'image')} "
-            f"({plan.method}, distance ≤ {plan.threshold}). Apply moves {_plural(moving, 'image')} and their captions "
+            f"({_how(plan)}). Apply moves {_plural(moving, 'image')} and their captions "
             f"to _removed/ (undo brings them back)."
         )
         if changed:

@@ -128,7 +128,7 @@ def build(project):
             step=1,
             value=DEFAULT_THRESHOLDS[DEFAULT_METHOD],
             elem_id="lorakit_dedupe_threshold",
-            info="images this close or closer count as copies; higher catches more, and risks real pairs",
+            info="pairs this close are checked by aligning the two images; higher checks more pairs (slower)",
         )
     with gr.Row():
         find = gr.Button("Find duplicates", variant="primary", elem_id="lorakit_dedupe_find")

@@ -349,3 +349,24 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_epoch_still_resumes(project,
 def test_import_refuses_absurd_megapixels_in_one_line(project, tmp_path, value, capsys):
     assert main(["import", "kat", str(tmp_path), "--root", str(project.root), "--max-megapixels", value]) == 2
     assert "--max-megapixels must be a number above 0" in one_error_line(capsys)
+
+
+def test_an_image_linked_out_of_the_dataset_is_refused_before_anything_reads_it(project, tmp_path, capsys):
+    from lorakit_ext.caption.runner import caption_project
+    from lorakit_ext.errors import UserError
+
+    secret = tmp_path / "outside.png"
+    (project.dataset / "img0.png").rename(secret)
+    (project.dataset / "img0.png").symlink_to(secret)
+    args = ["train", "kat", "--root", str(project.root), "--base-model", str(tmp_path / "none.safetensors")]
+    assert main(args) == 2
+    assert "symbolic link" in one_error_line(capsys) and runs_of(project) == []
+
+    class NeverLoaded:
+        name = "never"
+
+        def load(self, device, dtype):
+            raise AssertionError("the captioner must not load for a refused dataset")
+
+    with pytest.raises(UserError, match="symbolic link"):
+        caption_project(project, NeverLoaded(), mode="overwrite")

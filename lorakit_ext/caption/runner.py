@@ -24,7 +24,7 @@ from typing import Callable
 
 from lorakit_ext.caption.base import Captioner, parallel_map, resolve_device, resolve_dtype
 from lorakit_ext.dataset.captions import read_caption, write_caption
-from lorakit_ext.dataset.files import list_images
+from lorakit_ext.dataset.files import dataset_images
 from lorakit_ext.dataset.images import inspect_image, normalise
 from lorakit_ext.dataset.tags import dedupe_tags, join_tags, split_tags, tag_key
 from lorakit_ext.errors import UserError
@@ -145,7 +145,7 @@ class _Journal:
 
 
 def _plan(project: Project, mode: str, captioner: str, journal: _Journal, report: CaptionReport) -> list:
-    images = list_images(project.dataset)
+    images = dataset_images(project.dataset)
     report.images = len(images)
     if mode == "missing":
         todo = [image for image in images if not read_caption(image, project=project).text.strip()]

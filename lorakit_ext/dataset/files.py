@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorakit_ext.project import confine
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # kohya reads `.txt` by default and `.caption` when told to; both belong to their image.
 CAPTION_EXTENSIONS = (".txt", ".caption")
@@ -34,6 +36,15 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in ``folder`` by name, sorted; hidden files and sub-folders' files skipped
     unless ``recursive``."""
     return find_images(folder, recursive)[0]
+
+
+def dataset_images(dataset: Path) -> list[Path]:
+    """The images of a project's ``dataset/`` by name, refusing (``UserError``) one that is a
+    symbolic link leading out of it: training and captioning read every byte of them."""
+    images = list_images(dataset)
+    for image in images:
+        confine(image, dataset)
+    return images
 
 
 def sidecars(image: Path) -> list[Path]:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from lorakit_ext.dataset.captions import read_caption
-from lorakit_ext.dataset.files import list_images
+from lorakit_ext.dataset.files import dataset_images
 from lorakit_ext.dataset.images import _orientation, normalise
 from lorakit_ext.errors import UserError
 from lorakit_ext.train.buckets import BucketPlan, Size, center_crop_box, cover_size
@@ -65,7 +65,7 @@ def _train_item(path: Path) -> TrainItem:
 def load_train_items(dataset_folder: Path) -> list[TrainItem]:
     """Every image of the dataset folder, in name order, with its caption and size. Caption
     problems (missing file, odd encoding, several lines) are in each item's ``warning``."""
-    images = list_images(Path(dataset_folder))
+    images = dataset_images(Path(dataset_folder))
     if not images:
         raise UserError(f"the dataset {dataset_folder} has no images; import some first")
     return [_train_item(path) for path in images]

@@ -39,4 +39,4 @@ def open_run(project, config, output_dir: Path, preflight, base: BaseModel, *, o
         })
     return TrainJob(config, project, Path(output_dir), run_dir, base_model_name=base.name,
                     base_model_hash=base.legacy_hash, base_model_sha256=base.sha256, base_model_path=base.path,
-                    output_stem=preflight.output_stem, **job_options)
+                    output_stem=preflight.output_stem, dataset=preflight.data, **job_options)

@@ -36,9 +36,9 @@ from lorakit_ext.train.network import injected
 from lorakit_ext.train.optim import DeviceLearningRates, build_optimizer, build_scheduler
 from lorakit_ext.train.preflight import dataset_schedule
 from lorakit_ext.train.precision import resolve_precision
-from lorakit_ext.train.record import RunRecord
+from lorakit_ext.train.record import RunRecord, has_saved_state
 from lorakit_ext.train.saving import EpochSaver
-from lorakit_ext.train.state import STATE_FILE, Position, restore_state, save_state
+from lorakit_ext.train.state import Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class TrainJob:
     patch_attention: bool = False  # headless: give stock ldm attention an SDPA forward
     channels_last: bool | None = None  # None: on CUDA
     output_stem: str = ""  # the stem preflight chose (free in output_dir); empty: the output name
+    # What preflight read (train.preflight.DatasetSchedule): the run trains on exactly the dataset
+    # its fingerprint describes, without reading it again. None: read it at the start.
+    dataset: object | None = None
 
     @property
     def stem(self) -> str:
@@ -99,8 +102,9 @@ class Trainer:
 
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self):
-        """Reads the dataset and computes the real schedule; raises before any slow work."""
-        data = dataset_schedule(self.config, self.job.project.dataset)
+        """The dataset and the real schedule (as preflight read them, or read now); raises before any
+        slow work."""
+        data = self.job.dataset or dataset_schedule(self.config, self.job.project.dataset)
         return data.items, data.buckets, data.estimate, data.schedule
 
     def _cache_latents(self, items, buckets) -> LatentCache:
@@ -132,7 +136,7 @@ class Trainer:
             raise
         except KeyboardInterrupt:
             # A second Ctrl-C stops at once; the state of the last finished epoch is still there.
-            record.end("interrupted", resumable=(self.job.run_dir / STATE_FILE).is_file(),
+            record.end("interrupted", resumable=has_saved_state(self.job.run_dir),
                        error="stopped at once by a second Ctrl-C; a resume continues from the last saved epoch")
             raise
         except BaseException as exc:

@@ -43,7 +43,12 @@ def find_run_dir(project, run: str) -> Path:
 
 
 RUN_FILE = "run.json"
-ENDED = ("finished", "interrupted", "failed")
+STATE_FILE = "state.pt"  # written by train.state after every epoch and on interrupt
+
+
+def has_saved_state(run_dir: Path) -> bool:
+    """Whether the run saved a state a resume can continue from."""
+    return (Path(run_dir) / STATE_FILE).is_file()
 
 
 class RunRecord:
@@ -144,6 +149,6 @@ def list_runs(project) -> list[dict]:
             "steps_done": info.get("steps_done", 0),
             "total_steps": info.get("total_steps"),
             "error": info.get("error"),
-            "resumable": status != "finished" and not live and (run_dir / "state.pt").is_file(),
+            "resumable": status != "finished" and not live and has_saved_state(run_dir),
         })
     return runs

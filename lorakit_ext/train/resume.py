@@ -12,8 +12,8 @@ from pathlib import Path
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.train_config import TrainConfig
-from lorakit_ext.train.record import find_run_dir, read_run
-from lorakit_ext.train.state import STATE_FILE, load_state
+from lorakit_ext.train.record import find_run_dir, has_saved_state, read_run
+from lorakit_ext.train.state import load_state
 
 
 @dataclass
@@ -48,7 +48,7 @@ def resume_point(project, run: str) -> ResumePoint:
             f"run {run_dir.name} finished ({record.get('steps_done', 0)} steps; files: {files}); "
             "there is nothing to resume. Start a new run to train more"
         )
-    if not (run_dir / STATE_FILE).is_file():
+    if not has_saved_state(run_dir):
         raise UserError(
             f"run {run_dir.name} stopped before it saved any state ({record.get('error') or record.get('status')}); "
             "there is nothing to resume, start a new run"

@@ -15,8 +15,7 @@ import torch
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.fsutil import atomic_write_bytes
-
-STATE_FILE = "state.pt"
+from lorakit_ext.train.record import STATE_FILE
 
 
 @dataclass

@@ -124,11 +124,11 @@ def main() -> None:
 
         capture = graphs.GraphedStep._capture
 
-        def reported_capture(self, key, latents, ids):
+        def reported_capture(self, key, latents, ids, sizes):
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             _segments("before the capture, cache emptied")
-            entry = capture(self, key, latents, ids)
+            entry = capture(self, key, latents, ids, sizes)
             _segments("after the capture")
             return entry
 

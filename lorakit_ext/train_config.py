@@ -63,6 +63,8 @@ class TrainConfig:
     lr_scheduler_num_cycles: int = _f(3, "Restarts", "Cycles of cosine_with_restarts (power of polynomial)", "Learning", min=1, max=100)
     lr_warmup_ratio: float = _f(0.05, "Warmup ratio", "Share of the steps spent warming up (warmup steps = int(total × ratio))", "Learning", min=0.0, max=0.5, step=0.01)
     min_snr_gamma: float = _f(5.0, "Min-SNR gamma", "Loss weight min(SNR, γ)/SNR; 0 turns it off", "Learning", min=0.0, max=20.0, step=0.5)
+    zero_terminal_snr: bool = _f(False, "Zero terminal SNR", "Rescale the noise schedule so its last step is pure noise (v-prediction models trained that way: NoobAI v-pred)", "Learning")
+    scale_v_pred_loss_like_noise_pred: bool = _f(False, "Scale v-pred loss like ε", "v-prediction: weight the loss by SNR/(SNR+1), as kohya's scale_v_pred_loss_like_noise_pred", "Learning")
     noise_offset: float = _f(0.0, "Noise offset", "Adds offset·randn(B,C,1,1) to the noise (darker darks, lighter lights)", "Learning", min=0.0, max=1.0, step=0.01)
     optimizer: str = _f("AdamW8bit", "Optimizer", "AdamW8bit needs bitsandbytes and falls back to torch AdamW without it", "Learning", choices=OPTIMIZERS)
     weight_decay: float = _f(0.1, "Weight decay", "Optimizer weight decay", "Learning", min=0.0, max=1.0)

@@ -1,8 +1,8 @@
 """The model-family seam: every registered family answers all of it, on a tiny model of its own.
 
 A new family fails the first test until its tiny model is listed in ``TINY_MODELS``; then every
-other test here runs on it as well. A family not trained yet (SDXL) answers everything but the adapter,
-which must refuse it; its tiny model needs sgm (``LORAKIT_SGM_DIR``), and its tests skip without.
+other test here runs on it as well. SDXL's tiny model needs sgm (``LORAKIT_SGM_DIR``), and its
+tests skip without.
 """
 
 from __future__ import annotations
@@ -51,9 +51,12 @@ def tiny_sd2_model(request):
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl_model(tiny_sdxl):
-    # Not trained yet, so not loadable from a file: its keys as reading its file would give them.
-    return SimpleNamespace(path=Path("tiny-sdxl.safetensors"), state_dict=file_layout(tiny_sdxl.state_dict()), model=tiny_sdxl)
+def tiny_sdxl_model(tmp_path_factory):
+    from tiny_sdxl import write_tiny_sdxl_checkpoint
+
+    path = write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("tiny-sdxl-file"))
+    model, info = load_sd_checkpoint(path)
+    return SimpleNamespace(path=path, state_dict=read_state_dict(path), model=model, info=info)
 
 
 # Family name → the fixture of its tiny model; shared by the tests of this module, which only read them.
@@ -63,7 +66,7 @@ each_family = pytest.mark.parametrize("family", FAMILIES, ids=lambda family: fam
 
 @pytest.fixture
 def mine(family, request):
-    """``path``, ``state_dict`` and ``model`` (and ``info`` where it trains) of ``family``'s tiny model."""
+    """``path``, ``state_dict``, ``model`` and ``info`` of ``family``'s tiny model."""
     return request.getfixturevalue(TINY_MODELS[family.name])
 
 
@@ -90,13 +93,8 @@ def test_a_family_names_its_files_as_kohya_and_a1111_read_them(family):
 @each_family
 def test_a_family_claims_its_checkpoints_alone_and_refuses_other_widths(family, mine):
     assert [f for f in FAMILIES if f.claims(mine.state_dict)] == [family]
-    refusal = family.training_refusal()
-    if refusal is None:
-        assert detect_family(mine.state_dict, mine.path) is family and mine.info.family is family
-        assert "model" in family.ldm_config()
-    else:
-        with pytest.raises(UserError, match=f"is an {family.label} checkpoint; {re.escape(refusal)}"):
-            detect_family(mine.state_dict, mine.path)
+    assert detect_family(mine.state_dict, mine.path) is family and mine.info.family is family
+    assert "model" in family.model_config(mine.state_dict)
     # The tiny widths are not the full-size ones a file without a .yaml is built at.
     with pytest.raises(UserError, match=f"{family.label} keys but not {family.label}'s layer widths"):
         family.check_standard_widths(mine.state_dict, mine.path)
@@ -108,12 +106,6 @@ def test_a_family_adapts_its_loaded_model(family, mine):
     assert [f for f in FAMILIES if f.owns(sd_model)] == [family] and family_of_model(sd_model) is family
     roots = family.component_roots(sd_model)
     assert set(roots) == set(family.components) and roots["unet"] is sd_model.model.diffusion_model
-    refusal = family.training_refusal()
-    if refusal is not None:
-        assert unsupported_model(sd_model).startswith(refusal)
-        with pytest.raises(UserError, match=re.escape(refusal)):
-            adapter_for(sd_model)
-        return
     assert unsupported_model(sd_model) is None
     model = family.adapter(sd_model, clip_skip=1, max_token_length=75)
     assert model.family is family and model.sd_model is sd_model and type(adapter_for(sd_model)) is type(model)
@@ -123,7 +115,7 @@ def test_a_family_adapts_its_loaded_model(family, mine):
     ids = model.tokenize(["a photo of a cat", "a dog"])
     noisy, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     with torch.no_grad():
-        cond = model.encode_tokens(ids)
+        cond = model.condition(ids, torch.zeros(ids.shape[0], 6))
         assert cond["crossattn"].shape[0] == 2
         assert model.predict(noisy, timesteps, cond).shape == noisy.shape
 
@@ -155,16 +147,11 @@ def test_kohya_names_round_trip_for_every_target_module(family, network_type, mi
 
 
 def test_kinds_no_family_trains_are_refused_by_name():
-    xl = {UNET_INPUT_KEY: torch.zeros(320, 4, 3, 3), "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1280)}
-    with pytest.raises(UserError, match="xl.safetensors is an SDXL checkpoint; SDXL training is not available yet: it comes in a "
-                       "later version of LoRA Kit. LoRA Kit trains SD1 and SD2 models"):
-        detect_family(xl, Path("xl.safetensors"))
-    for mark, value, label in (("is_sdxl", True, "SDXL"), ("conditioner", nn.Module(), "SDXL"), ("is_sd3", True, "SD3")):
-        loaded = nn.Module()
-        setattr(loaded, mark, value)
-        assert unsupported_model(loaded).startswith(f"{label} training is not available")
-        with pytest.raises(UserError, match="load an SD1 or SD2 checkpoint"):
-            adapter_for(loaded)
+    loaded = nn.Module()
+    loaded.is_sd3 = True
+    assert unsupported_model(loaded).startswith("SD3 training is not available")
+    with pytest.raises(UserError, match="load an SD1, SD2 or SDXL checkpoint"):
+        adapter_for(loaded)
     # A1111 sets its flags on every model; False is no refusal.
     plain = nn.Module()
     plain.is_sdxl = plain.is_sd3 = False

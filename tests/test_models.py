@@ -309,7 +309,7 @@ def test_sd2_without_yaml_gets_v_from_a1111s_test(tiny_sd2, tmp_path, monkeypatc
     tensors["model.diffusion_model.out.2.bias"].fill_(out_bias)
     bare = tmp_path / "bare-sd2.safetensors"
     atomic_write_bytes(bare, save(tensors))
-    monkeypatch.setattr(SD2, "ldm_config", lambda: tiny_sd2_config(v=False))
+    monkeypatch.setattr(SD2, "model_config", lambda state_dict: tiny_sd2_config(v=False))
     monkeypatch.setattr(SD2, "widths", TINY_SD2_WIDTHS)
     model, info = load_sd_checkpoint(bare)
     assert (info.family, info.v_parameterization, info.resolution) == (SD2, v, 768 if v else 512)

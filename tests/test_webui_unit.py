@@ -240,9 +240,9 @@ def test_bridge_refuses_what_it_cannot_train(a1111, monkeypatch):
 
     sd = FakeSD()
     assert bridge.refusal(sd) is None
-    sd.is_sdxl = True
-    assert "SDXL" in bridge.refusal(sd)
-    del sd.is_sdxl
+    sd.is_sd3 = True
+    assert "SD3" in bridge.refusal(sd)
+    del sd.is_sd3
     a1111.shared.cmd_opts.lowvram = True
     assert "--lowvram" in bridge.refusal(sd)
     a1111.shared.cmd_opts.lowvram = False

@@ -1,5 +1,5 @@
-"""A tiny SDXL-layout model built from sgm's (Stability-AI/generative-models) own classes and its
-own ``sd_xl_base.yaml``, the config A1111 builds SDXL from.
+"""A tiny SDXL-layout model: sgm's (Stability-AI/generative-models) own ``DiffusionEngine``, built by
+LoRA Kit's own headless builder from its SDXL config at tiny widths.
 
 sgm is not on PyPI: ``LORAKIT_SGM_DIR`` names a checkout (A1111 keeps one in
 ``repositories/generative-models``); without it the tests that need the model skip. Every block,
@@ -10,13 +10,10 @@ wide, bigG 64 wide: GroupNorm needs multiples of 32).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import pytest
@@ -29,67 +26,76 @@ _BIG_G = {"width": 64, "heads": 4, "layers": 32}
 
 
 def sgm_dir() -> Path:
-    """The sgm checkout of ``LORAKIT_SGM_DIR``; skips the calling test without one."""
+    """The sgm checkout of ``LORAKIT_SGM_DIR``, importable; skips the calling test without one."""
     folder = Path(os.environ.get("LORAKIT_SGM_DIR", "")).expanduser()
     if not os.environ.get("LORAKIT_SGM_DIR") or not (folder / "sgm" / "__init__.py").is_file():
         pytest.skip(SGM_SKIP)
-    return folder
-
-
-def _import_sgm(folder: Path):
-    from lorakit_ext.models.ldm_import import import_torchvision
-
-    import_torchvision()  # open_clip and pytorch-lightning import torchvision
-    # sgm imports kornia at module level for image embedders SDXL does not have; A1111 installs it,
-    # this project does not need it.
+    # sgm imports kornia at module level for image embedders SDXL does not have; A1111 installs it
+    # (and LoRA Kit's [sdxl] extra), the test environment need not.
     try:
         import kornia  # noqa: F401
     except ImportError:
         sys.modules["kornia"] = types.ModuleType("kornia")
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    with warnings.catch_warnings():  # pytorch-lightning's pkg_resources deprecation, as import_ldm hides it
-        warnings.simplefilter("ignore")
-        import sgm.util
-
-    return sgm.util
+    return folder
 
 
-def _write_clip_l(folder: Path) -> None:
-    """Embedder 0's ``version`` folder: CLIP's tokenizer and a tiny ``CLIPTextModel``."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def write_tiny_text_encoders(folder: Path) -> tuple[Path, str]:
+    """CLIP-L's tokenizer and tiny config in ``folder/clip-l``, and a tiny bigG architecture
+    registered with open_clip; returns (the CLIP-L folder, the bigG architecture's name)."""
+    from transformers import CLIPTextConfig
 
     from lorakit_ext.models.clip_tokenizer import build_clip_tokenizer_files
+    from lorakit_ext.models.ldm_import import import_torchvision
 
-    build_clip_tokenizer_files(folder)
-    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **_CLIP_L)
-    CLIPTextModel(config).save_pretrained(folder)
-
-
-def build_tiny_sdxl(folder: Path, seed: int = 1234) -> torch.nn.Module:
-    """sgm's ``DiffusionEngine`` at tiny widths, in fp32 on the CPU; writes its text-encoder files into ``folder``."""
-    from omegaconf import OmegaConf
-
-    sgm_util = _import_sgm(sgm_dir())
+    import_torchvision()  # before open_clip, which imports torchvision
     import open_clip
 
-    torch.manual_seed(seed)
     clip_l = folder / "clip-l"
-    _write_clip_l(clip_l)
+    build_clip_tokenizer_files(clip_l)
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", **_CLIP_L)
+    (clip_l / "config.json").write_text(config.to_json_string())
     arch = folder / f"{TINY_OPEN_CLIP}.json"
     vision = {"image_size": 28, "layers": 1, "width": 32, "head_width": 16, "patch_size": 14}
     arch.write_text(json.dumps({"embed_dim": 64, "vision_cfg": vision, "text_cfg": {"context_length": 77, "vocab_size": 49408, **_BIG_G}}))
     open_clip.add_model_config(arch)
+    return clip_l, TINY_OPEN_CLIP
 
-    cfg = OmegaConf.load(sgm_dir() / "configs" / "inference" / "sd_xl_base.yaml").model
-    unet = cfg.params.network_config.params
-    # context: CLIP-L + bigG widths; vector: pooled bigG + 3 size/crop pairs of 256 each.
-    unet.update(model_channels=32, num_head_channels=16, context_dim=32 + 64, adm_in_channels=64 + 6 * 256, use_checkpoint=False)
-    embedders = cfg.params.conditioner_config.params.emb_models
-    embedders[0].params.update(version=str(clip_l), device="cpu")
-    embedders[1].params.update(arch=TINY_OPEN_CLIP, version=None, device="cpu")
-    vae = cfg.params.first_stage_config.params.ddconfig
-    vae.update(ch=32, attn_type="vanilla")
-    # sgm prints every block it builds.
-    with contextlib.redirect_stdout(io.StringIO()):
-        return sgm_util.instantiate_from_config(cfg).eval()
+
+def tiny_sdxl_config(folder: Path, v: bool = False) -> dict:
+    from lorakit_ext.models.sd_configs import SdxlWidths, sdxl_config
+
+    clip_l, big_g = write_tiny_text_encoders(folder)
+    widths = SdxlWidths(model_channels=32, num_head_channels=16, clip_l_width=32, big_g_width=64, vae_channels=32)
+    return sdxl_config(v, clip_l_folder=clip_l, big_g_arch=big_g, widths=widths)
+
+
+def build_tiny_sdxl(folder: Path, seed: int = 1234, v: bool = False) -> torch.nn.Module:
+    """sgm's ``DiffusionEngine`` at tiny widths with random weights, in fp32 on the CPU."""
+    sgm_dir()
+    from lorakit_ext.models.sgm_import import build_sgm
+
+    from lorakit_ext.models.sgm import parameterization_of
+    from lorakit_ext.models.tiny import reset_zero_initialised
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_sgm(tiny_sdxl_config(folder, v), init_weights=True)
+        reset_zero_initialised(model)
+    model.parameterization = parameterization_of(model)
+    return model
+
+
+def write_tiny_sdxl_checkpoint(folder: Path, v: bool = False, seed: int = 1234) -> Path:
+    """The tiny SDXL as users have checkpoints: one fp16 .safetensors in sgm's key layout, its .yaml
+    beside it (no full-size widths to guess from)."""
+    import safetensors.torch
+    from omegaconf import OmegaConf
+
+    from lorakit_ext.models.tiny import fp16_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_sdxl(folder, seed, v)
+    path = folder / ("tiny-sdxl-v.safetensors" if v else "tiny-sdxl.safetensors")
+    safetensors.torch.save_file(fp16_checkpoint(model), str(path))
+    path.with_suffix(".yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(tiny_sdxl_config(folder, v))))
+    return path

@@ -7,6 +7,7 @@ change the run are refused.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from lorakit_ext.cli.output import Result
 from lorakit_ext.cli.progress import ProgressPrinter
 from lorakit_ext.cli.train_options import add_train_options, config_from_args, given_train_options
 from lorakit_ext.errors import UserError
+from lorakit_ext.models.families.sd1 import SD1
+from lorakit_ext.models.sgm_import import SGM_DIR_ENV, sgm_folder_of_a1111
 from lorakit_ext.project import open_project
 from lorakit_ext.project_lock import ProjectLock
 
@@ -26,13 +29,15 @@ _RECORDED = {"base_model": "--base-model", "model_config": "--model-config", "ou
 def register(sub, common) -> None:
     p = sub.add_parser("train", parents=[common], help="train a LoRA on a project's dataset")
     p.add_argument("project")
-    p.add_argument("--base-model", help="SD1/SD2 checkpoint (.safetensors or .ckpt; a .yaml beside it is used)")
-    p.add_argument("--model-config", help="ldm .yaml for the checkpoint (default: beside it, or detected)")
+    p.add_argument("--base-model", help="SD1, SD2 or SDXL-family checkpoint (.safetensors or .ckpt; a .yaml beside it is used)")
+    p.add_argument("--model-config", help="ldm/sgm .yaml for the checkpoint (default: beside it, or detected)")
     p.add_argument("--out", help="folder for the epoch files (default: <project>/output)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its id in <project>/runs/) with its own settings")
     p.add_argument("--force", action="store_true", help="with --resume: continue although the dataset or base model changed")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--weights", choices=DTYPES, help="dtype of the base weights (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--a1111-dir", help="an A1111 install (stable-diffusion-webui folder) whose copy of sgm, SDXL's model "
+                                       "code, LoRA Kit may use; or set LORAKIT_SGM_DIR")
     add_train_options(p)
     p.set_defaults(handler=run)
 
@@ -99,6 +104,9 @@ def run(args) -> Result:
     project = open_project(args.root, args.project)
     if args.force and not args.resume:
         raise UserError("--force only goes with --resume")
+    if args.a1111_dir and not os.environ.get(SGM_DIR_ENV):
+        # The edge where the user's choice becomes the process's: sgm is looked for here.
+        os.environ[SGM_DIR_ENV] = str(sgm_folder_of_a1111(Path(args.a1111_dir)))
     if not args.resume and not args.base_model:
         raise UserError("--base-model is required to start a run (give the checkpoint to train on)")
     with ProjectLock(project.path, "training (CLI)"):
@@ -108,7 +116,13 @@ def run(args) -> Result:
             pre = preflight(project, config, Path(options["out"]), output_stem=point.output_stem)
             check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=None, force=args.force)
         else:
-            point, options, config = None, _options(args, project), config_from_args(args)
+            from lorakit_ext.models.checkpoint import family_of_checkpoint
+
+            options = _options(args, project)
+            # The family's defaults apply; a missing file is reported when it loads, after the
+            # settings and the dataset were checked.
+            family = family_of_checkpoint(options["base_model"]) if Path(options["base_model"]).is_file() else SD1
+            point, config = None, config_from_args(args, family)
             pre = preflight(project, config, Path(options["out"]))
         return _train(args, project, config, options, pre, point)
 

@@ -4,8 +4,13 @@ and a few common flags, all turned into one validated :class:`TrainConfig`."""
 from __future__ import annotations
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.models.families import PRESETS
+from lorakit_ext.models.families import FAMILIES
+from lorakit_ext.models.families.base import ModelFamily
+from lorakit_ext.models.families.sd1 import SD1
 from lorakit_ext.train_config import TrainConfig, load_config_file
+
+# Every family's presets; a run takes those of its checkpoint's family.
+PRESET_NAMES = sorted({name for family in FAMILIES for name in family.presets})
 
 # The options people change most often get their own flags; everything else is --set key=value.
 _FLAGS = {
@@ -19,7 +24,7 @@ _FLAGS = {
 def add_train_options(parser) -> None:
     group = parser.add_argument_group("training options")
     group.add_argument("--config", help="a .json or .toml file of TrainConfig options")
-    group.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset (default: kohya-colab defaults)")
+    group.add_argument("--preset", choices=PRESET_NAMES, help="start from a preset of the model's family (default: kohya-colab's defaults for it)")
     group.add_argument("--repeats", type=int, help="num_repeats (default 10)")
     group.add_argument("--epochs", type=int, help="max_train_epochs (default 10)")
     group.add_argument("--steps", type=int, help="max_train_steps instead of epochs")
@@ -29,8 +34,11 @@ def add_train_options(parser) -> None:
     )
 
 
-def config_from_args(args) -> TrainConfig:
-    values: dict = dict(PRESETS[args.preset]) if args.preset else {}
+def config_from_args(args, family: ModelFamily = SD1) -> TrainConfig:
+    """The options given, over ``family``'s defaults and preset."""
+    if args.preset and args.preset not in family.presets:
+        raise UserError(f"preset {args.preset!r} is not one of {family.label}'s: {', '.join(family.presets)}")
+    values: dict = {**family.defaults, **(family.presets[args.preset] if args.preset else {})}
     if args.config:
         values.update(load_config_file(args.config))
     for item in args.set:

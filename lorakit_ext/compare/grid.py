@@ -38,12 +38,13 @@ def compose_grid(cells: list[list[Image.Image]], column_labels: list[str], row_l
     return grid
 
 
-def render_epoch_grid(model, plan: GridPlan, prompt: str, *, negative: str = "", size=(256, 256), steps: int = 20, weight: float = 1.0) -> Image.Image:
+def render_epoch_grid(model, plan: GridPlan, prompt: str, *, negative: str = "", size=(256, 256), steps: int = 20, weight: float = 1.0,
+                      zero_terminal_snr: bool = False) -> Image.Image:
     from lorakit_ext.compare.sample import lora_merged, sample
 
     cells = [[None] * len(plan.columns) for _ in plan.seeds]
     for c, (_, path) in enumerate(plan.columns):
         with lora_merged(model.sd_model, path, weight, model.family):
             for r, seed in enumerate(plan.seeds):
-                cells[r][c] = sample(model, prompt, negative, seed=seed, size=size, steps=steps)
+                cells[r][c] = sample(model, prompt, negative, seed=seed, size=size, steps=steps, zero_terminal_snr=zero_terminal_snr)
     return compose_grid(cells, [label for label, _ in plan.columns], [f"seed {s}" for s in plan.seeds])

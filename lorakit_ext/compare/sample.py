@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from PIL import Image
 
 from lorakit_ext.export.apply import apply_lora_file, target_weight
 from lorakit_ext.export.writer import read_lora_file
+from lorakit_ext.train.loss import NoiseSchedule
 
 
 @contextlib.contextmanager
@@ -39,26 +39,43 @@ def lora_merged(sd_model, path: Path | None, multiplier: float, family):
                 weight.copy_(saved)
 
 
-@torch.no_grad()
-def sample(model, prompt: str, negative: str, *, seed: int, size: tuple[int, int], steps: int = 20, cfg: float = 7.0) -> Image.Image:
-    """One DDIM sample from a :class:`~lorakit_ext.models.ldm.LdmModel` (ε or v), as a PIL image."""
-    from ldm.models.diffusion.ddim import DDIMSampler
+def ddim_timesteps(steps: int) -> list[int]:
+    """ldm's "uniform" DDIM steps, descending: every ``1000 // steps``-th step, offset by one."""
+    stride = NoiseSchedule.steps // steps
+    return [t + 1 for t in range(0, NoiseSchedule.steps, stride)][::-1]
 
-    sd_model = model.sd_model
+
+@torch.no_grad()
+def sample(model, prompt: str, negative: str, *, seed: int, size: tuple[int, int], steps: int = 20, cfg: float = 7.0,
+           zero_terminal_snr: bool = False) -> Image.Image:
+    """One deterministic DDIM sample (η = 0) from any :class:`~lorakit_ext.models.base.DiffusionModel`,
+    ε or v, through its own conditioning (SDXL's size conditioning: the image's size, no crop), as a
+    PIL image. ``zero_terminal_snr``: the schedule the model was trained with."""
     width, height = size
-    # ldm's sampler conditions on the cross-attention alone, which is all an ldm model takes.
-    cond = model.encode_tokens(model.tokenize([prompt]))["crossattn"]
-    uncond = model.encode_tokens(model.tokenize([negative]))["crossattn"]
-    shape = (4, height // 8, width // 8)
-    noise = torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(seed)).to(model.device)
+    schedule = NoiseSchedule(model.device, zero_terminal=zero_terminal_snr)
+    alphas = schedule.sqrt_alpha**2
+    sizes = torch.tensor([[height, width, 0, 0, height, width]] * 2, dtype=torch.float32, device=model.device)
+    ids = model.tokenize([negative, prompt]).to(model.device)
     dtype = next(model.unet.parameters()).dtype
     autocast = torch.autocast("cuda", dtype=dtype) if model.device.type == "cuda" and dtype != torch.float32 else contextlib.nullcontext()
-    # ldm's sampler prints a banner and a progress bar per image; the caller reports progress.
-    with autocast, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        latents, _ = DDIMSampler(sd_model).sample(
-            S=steps, batch_size=1, shape=shape, conditioning=cond, verbose=False, eta=0.0, x_T=noise,
-            unconditional_guidance_scale=cfg, unconditional_conditioning=uncond,
-        )
-        pixels = sd_model.decode_first_stage(latents.to(dtype))
+    generator = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(model.device)
+    timesteps = ddim_timesteps(steps)
+    with autocast:
+        cond = model.condition(ids, sizes)
+        for i, t in enumerate(timesteps):
+            a = alphas[t]
+            a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else alphas[0]
+            out = model.predict(torch.cat([x, x]).to(dtype), torch.full((2,), t, device=model.device), cond).float()
+            uncond, text = out.chunk(2)
+            guided = uncond + cfg * (text - uncond)
+            if model.parameterization == "v":
+                eps = a.sqrt() * guided + (1 - a).sqrt() * x
+                x0 = a.sqrt() * x - (1 - a).sqrt() * guided
+            else:
+                eps = guided
+                x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        pixels = model.decode_latents(x)
     array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)

@@ -99,18 +99,21 @@ def training_args(config, *, base_model_path: str, dataset_config: str, output_d
         "max_grad_norm": float(config.max_grad_norm),
         "min_snr_gamma": float(config.min_snr_gamma) or None,
         "noise_offset": float(config.noise_offset) or None,
+        "zero_terminal_snr": True if config.zero_terminal_snr else None,
+        "scale_v_pred_loss_like_noise_pred": True if config.scale_v_pred_loss_like_noise_pred else None,
         "training_comment": config.training_comment or None,
         "metadata_trigger_phrase": config.trigger.strip() or None,
     }
     return {k: v for k, v in args.items() if v is not None}
 
 
-def training_toml(config, *, base_model_path: str, **kwargs) -> str:
+def training_toml(config, *, base_model_path: str, script: str = "train_network.py", **kwargs) -> str:
     """``kohya_config.toml``; other keywords as :func:`training_args`. ``base_model_path`` "" (a
-    model A1111 had in memory, from no file) leaves a placeholder and says so."""
+    model A1111 had in memory, from no file) leaves a placeholder and says so. ``script`` is the
+    sd-scripts script of the model's family."""
     lines = [
         "# Reproduces this LoRA Kit run with kohya sd-scripts. From the sd-scripts folder:",
-        "#   accelerate launch train_network.py --config_file <this file>",
+        f"#   accelerate launch {script} --config_file <this file>",
         "# dataset_config names the dataset TOML written beside this file.",
     ]
     if not base_model_path:

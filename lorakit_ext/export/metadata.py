@@ -105,6 +105,8 @@ def training_metadata(
         "ss_seed": config.seed,
         "ss_noise_offset": config.noise_offset,
         "ss_min_snr_gamma": config.min_snr_gamma,
+        "ss_zero_terminal_snr": config.zero_terminal_snr,
+        "ss_scale_v_pred_loss_like_noise_pred": config.scale_v_pred_loss_like_noise_pred,
         "ss_caption_dropout_rate": config.caption_dropout_rate,
         "ss_training_comment": config.training_comment,
         "ss_resolution": (width, height),

@@ -38,8 +38,13 @@ class DiffusionModel(Protocol):
         one encoder) on the CPU; host-side, outside the step, whose captured graph has this one
         static input for them."""
 
-    def encode_tokens(self, ids: torch.Tensor) -> Conditioning:
-        """Token ids on the model's device → the UNet's conditioning."""
+    def condition(self, ids: torch.Tensor, sizes: torch.Tensor) -> Conditioning:
+        """Token ids and each image's size conditioning (``[B, 6]``: original h, w, crop top, left,
+        target h, w; see :func:`~lorakit_ext.train.buckets.size_conditioning`), on the model's
+        device → the UNet's conditioning. Families whose UNet takes no sizes ignore them."""
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → pixels ``[B,3,H,W]`` in about [-1, 1]: for sampling."""
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's output (ε or v) for noisy latents at integer timesteps."""

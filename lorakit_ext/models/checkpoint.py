@@ -17,19 +17,19 @@ import torch
 from ..errors import UserError
 from .families import detect_family
 from .families.base import ModelFamily
-from .ldm_import import build_latent_diffusion
 
-_SD1_TEXT = "cond_stage_model.transformer.text_model."
-# Stored in some checkpoints as floats that no longer round to 0..76; the model's own are exact.
-_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
-
-# Old SD1 files predate transformers' ``text_model`` level; SD2-turbo uses sgm's prefix (A1111 maps both).
+# Old SD1 files predate transformers' ``text_model`` level; SD2-turbo uses sgm's prefix for its one
+# text encoder (A1111 maps both). SDXL keeps sgm's prefixes.
 _KEY_PREFIX_RENAMES = {
     "cond_stage_model.transformer.embeddings.": "cond_stage_model.transformer.text_model.embeddings.",
     "cond_stage_model.transformer.encoder.": "cond_stage_model.transformer.text_model.encoder.",
     "cond_stage_model.transformer.final_layer_norm.": "cond_stage_model.transformer.text_model.final_layer_norm.",
-    "conditioner.embedders.0.": "cond_stage_model.",
 }
+_ONE_SGM_EMBEDDER = ("conditioner.embedders.0.", "cond_stage_model.")
+_SECOND_SGM_EMBEDDER = "conditioner.embedders.1."
+_TEXT_MODEL = ".transformer.text_model."
+# Stored in some checkpoints as floats that no longer round to 0..76; the model's own are exact.
+_POSITION_IDS_SUFFIX = "embeddings.position_ids"
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,24 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return file_layout({k: v for k, v in raw.items() if isinstance(v, torch.Tensor)})
 
 
+def family_of_checkpoint(path: Path | str) -> ModelFamily:
+    """The family of a checkpoint file, before loading it: a .safetensors file's header alone gives
+    every key and shape (a .ckpt is read whole). ``UserError`` as :func:`load_sd_checkpoint` would."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The checkpoint {path} does not exist; check the path.")
+    if path.suffix.lower() != ".safetensors":
+        return detect_family(read_state_dict(path), path)
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except Exception as exc:
+        raise UserError(f"{path} is damaged or not a checkpoint ({_first_line(exc)}); download it again.") from exc
+    return detect_family(file_layout({k: torch.empty(shape, device="meta") for k, shape in shapes.items()}), path)
+
+
 def _read_file(path: Path):
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
@@ -99,28 +117,31 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0].split('. ')[0]}" if lines else type(exc).__name__
 
 
-def _renamed(key: str) -> str:
-    for old, new in _KEY_PREFIX_RENAMES.items():
+def _renamed(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
         if key.startswith(old):
             return new + key[len(old) :]
     return key
 
 
 def file_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys as SD1 checkpoints and A1111 have them (with CLIP's ``text_model.`` level)."""
-    return {_renamed(k): v for k, v in state_dict.items()}
+    """Keys as A1111 has them: SD1's with CLIP's ``text_model.`` level, an sgm file with one text
+    encoder (SD2-turbo) in ldm's, SDXL's as sgm names them."""
+    renames = dict(_KEY_PREFIX_RENAMES)
+    if not any(k.startswith(_SECOND_SGM_EMBEDDER) for k in state_dict):
+        renames[_ONE_SGM_EMBEDDER[0]] = _ONE_SGM_EMBEDDER[1]
+    return {_renamed(k, renames): v for k, v in state_dict.items()}
 
 
 def _model_layout(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Drops CLIP's ``text_model.`` level from the keys when the installed transformers (5.x) has
     no such level in ``CLIPTextModel``."""
-    if any(k.startswith(_SD1_TEXT) for k in model.state_dict()):
+    if any(_TEXT_MODEL in k for k in model.state_dict()):
         return state_dict
-    flat = "cond_stage_model.transformer."
-    return {(flat + k[len(_SD1_TEXT) :] if k.startswith(_SD1_TEXT) else k): v for k, v in state_dict.items()}
+    return {k.replace(_TEXT_MODEL, ".transformer.", 1): v for k, v in state_dict.items()}
 
 
-def _config_for(path: Path, config: Path | None, family: ModelFamily) -> tuple[dict, bool]:
+def _config_for(path: Path, config: Path | None, family: ModelFamily, state_dict) -> tuple[dict, bool]:
     """(config, whether it came from a file); a missing file named by the caller is an error."""
     yaml_path = config if config is not None else path.with_suffix(".yaml")
     if config is not None and not config.is_file():
@@ -134,20 +155,25 @@ def _config_for(path: Path, config: Path | None, family: ModelFamily) -> tuple[d
             raise UserError(
                 f"The model config {yaml_path} is not valid YAML ({_first_line(exc)}); fix or remove it."
             ) from exc
-    return family.ldm_config(), False
+    return family.model_config(state_dict), False
 
 
-def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, family: ModelFamily) -> None:
+def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, family: ModelFamily,
+                  dtype: torch.dtype) -> None:
+    """Puts the file's tensors into ``model`` as its parameters (converted to ``dtype``), without
+    ever writing the model's own uninitialised fp32 storage: peak memory is about the file's size."""
     own = model.state_dict()
-    # Top-level buffers (the noise schedule) are computed from the config; position ids see above.
-    derived = {k for k in own if "." not in k} | {_POSITION_IDS}
+    # Top-level buffers (the noise schedule) are computed from the config; so are the family's
+    # derived keys; position ids see above.
+    derived = {k for k in own if "." not in k or k.startswith(family.derived_keys) or k.endswith(_POSITION_IDS_SUFFIX)}
     missing = [k for k in own if k not in state_dict and k not in derived]
     if missing:
         raise UserError(
             f"{path.name} lacks {len(missing)} of the {family.label} model's weights (first: {missing[0]}); "
             "the file is incomplete or its .yaml config describes another model."
         )
-    wrong = [k for k, v in state_dict.items() if k in own and k != _POSITION_IDS and v.shape != own[k].shape]
+    usable = {k: v for k, v in state_dict.items() if k in own and k not in derived}
+    wrong = [k for k, v in usable.items() if v.shape != own[k].shape]
     if wrong:
         k = wrong[0]
         raise UserError(
@@ -155,8 +181,15 @@ def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], p
             f"(first: {k} is {tuple(state_dict[k].shape)}, expected {tuple(own[k].shape)}); "
             "fix or remove the .yaml beside it."
         )
+    del own
+    converted = {k: v.to(dtype) if v.is_floating_point() else v.to(_dtype_of(model, k)) for k, v in usable.items()}
     with torch.no_grad():
-        model.load_state_dict({k: v for k, v in state_dict.items() if k in own and k != _POSITION_IDS}, strict=False)
+        model.load_state_dict(converted, strict=False, assign=True)
+
+
+def _dtype_of(model: torch.nn.Module, key: str) -> torch.dtype:
+    module_path, _, name = key.rpartition(".")
+    return getattr(model.get_submodule(module_path), name).dtype
 
 
 def load_sd_checkpoint(
@@ -175,19 +208,13 @@ def load_sd_checkpoint(
         raise UserError(f"The checkpoint {path} does not exist; check the path.")
     state_dict = read_state_dict(path)
     family = detect_family(state_dict, path)
-    cfg, from_file = _config_for(path, Path(config) if config is not None else None, family)
+    cfg, from_file = _config_for(path, Path(config) if config is not None else None, family, state_dict)
     if not from_file:
         family.check_standard_widths(state_dict, path)
-    model = build_latent_diffusion(cfg, init_weights=False)
-    _load_weights(model, _model_layout(state_dict, model), path, family)
+    model = family.build(cfg)
+    _load_weights(model, _model_layout(state_dict, model), path, family, dtype)
     del state_dict
-    if not from_file and family.predicts_v(model.model.diffusion_model):
-        model.parameterization = "v"
-        # ldm derives its (unused here) loss weights from the parameterization when it builds the schedule.
-        params = cfg["model"]["params"]
-        model.register_schedule(
-            timesteps=params["timesteps"], linear_start=params["linear_start"], linear_end=params["linear_end"]
-        )
+    family.settle_prediction(model, from_file)
     place_model(model, device, dtype)
     v = model.parameterization == "v"
     sha256, legacy = file_hashes(path)
@@ -197,8 +224,12 @@ def load_sd_checkpoint(
 
 def place_model(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
     """Moves the model to ``device`` and its networks to ``dtype``; the noise schedule stays fp32, as A1111 keeps it."""
-    for part in (model.model, model.first_stage_model, model.cond_stage_model):
-        part.to(dtype=dtype)
+    for name in ("model", "first_stage_model", "cond_stage_model", "conditioner"):
+        part = getattr(model, name, None)
+        if part is not None:
+            part.to(dtype=dtype)
     model.to(device=device)
-    # ldm's text encoders move token ids to this attribute, which defaults to "cuda".
-    model.cond_stage_model.device = torch.device(device)
+    # ldm's and sgm's text encoders move token ids to this attribute, which defaults to "cuda".
+    for module in model.modules():
+        if isinstance(vars(module).get("device"), (str, torch.device)):
+            module.device = torch.device(device)

@@ -65,6 +65,6 @@ def _forward(module: nn.GroupNorm):
 
 
 def use_half_saving_group_norm(unet: nn.Module):
-    """Patches ldm's ``GroupNorm32`` modules; returns the function that removes the patch."""
-    stock = [m for m in unet.modules() if type(m).__name__ == "GroupNorm32" and type(m).__module__.startswith("ldm.") and m.affine]
+    """Patches ldm's and sgm's ``GroupNorm32`` modules (the same class); returns the function that removes the patch."""
+    stock = [m for m in unet.modules() if type(m).__name__ == "GroupNorm32" and type(m).__module__.startswith(("ldm.", "sgm.")) and m.affine]
     return patch_forwards(stock, _forward)

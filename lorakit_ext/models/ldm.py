@@ -42,12 +42,17 @@ class LdmModel:
         posterior = self.sd_model.encode_first_stage(pixels.to(self.device, dtype))
         return self.sd_model.get_first_stage_encoding(posterior).float()
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        return self.sd_model.decode_first_stage(latents.to(self.device, dtype)).float()
+
     # ---- text ---------------------------------------------------------------------------------
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self._text.tokenize(captions)
 
-    def encode_tokens(self, ids: torch.Tensor) -> Conditioning:
-        # ldm's UNet takes cross-attention only; no pooled vector.
+    def condition(self, ids: torch.Tensor, sizes: torch.Tensor) -> Conditioning:
+        # ldm's UNet takes cross-attention only: no pooled vector, no sizes.
         return {"crossattn": self._text.encode(ids.to(self.device))}
 
     # ---- UNet ---------------------------------------------------------------------------------

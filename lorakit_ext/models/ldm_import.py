@@ -75,14 +75,21 @@ def import_ldm() -> ModuleType:
             import ldm.modules.encoders.modules  # noqa: F401
             import ldm.util  # noqa: F401
     except ModuleNotFoundError as exc:
-        missing = exc.name or str(exc)
-        if missing == "ldm" or missing.startswith("ldm."):
-            raise UserError(f"The Stable Diffusion model code (ldm) is not installed: {_INSTALL_LDM}.") from exc
-        raise UserError(f"ldm needs the Python package `{missing}`, which is missing: {_INSTALL_LDM}.") from exc
+        raise missing_code(exc, "ldm", f"The Stable Diffusion model code (ldm) is not installed: {_INSTALL_LDM}.",
+                           _INSTALL_LDM) from exc
     return ldm
 
 
-class _CLIPTextModelFromConfig:
+def missing_code(exc: ModuleNotFoundError, package: str, absent: str, how: str) -> UserError:
+    """The error for model code that failed to import: ``absent`` when ``package`` itself is
+    missing, else which of its dependencies is, and ``how`` to install it."""
+    missing = exc.name or str(exc)
+    if missing == package or missing.startswith(package + "."):
+        return UserError(absent)
+    return UserError(f"{package} needs the Python package `{missing}`, which is missing: {how}.")
+
+
+class CLIPTextModelFromConfig:
     """Stands in for transformers' ``CLIPTextModel`` inside ldm while a model is built: a model of
     the folder's ``config.json``, with no weights file needed (the checkpoint brings them)."""
 
@@ -93,7 +100,7 @@ class _CLIPTextModelFromConfig:
         return CLIPTextModel(CLIPTextConfig.from_pretrained(folder))
 
 
-def _write_clip_l_folder(folder: Path) -> str:
+def write_clip_l_folder(folder: Path) -> str:
     from transformers import CLIPTextConfig
 
     from .clip_tokenizer import build_clip_tokenizer_files
@@ -115,16 +122,24 @@ def _offline_text_encoder(model_params):
     if not target.endswith(".FrozenCLIPEmbedder"):
         yield
         return
-    encoders = sys.modules["ldm.modules.encoders.modules"]
+    with offline_clip_l("ldm.modules.encoders.modules", cond.setdefault("params", {})):
+        yield
+
+
+@contextlib.contextmanager
+def offline_clip_l(encoders_module: str, params: dict):
+    """Makes the CLIP-L embedder of ``encoders_module`` (ldm's or sgm's) build from a folder with
+    its tokenizer and config and no weights file: the config's ``version`` when that is a folder,
+    else one written for the block. The checkpoint brings the weights."""
+    encoders = sys.modules[encoders_module]
     original = encoders.CLIPTextModel
-    encoders.CLIPTextModel = _CLIPTextModelFromConfig
+    encoders.CLIPTextModel = CLIPTextModelFromConfig
     try:
-        params = cond.setdefault("params", {})
         if Path(str(params.get("version", ""))).is_dir():
             yield
         else:
             with tempfile.TemporaryDirectory(prefix="lorakit-clip-l-") as tmp:
-                params["version"] = _write_clip_l_folder(Path(tmp))
+                params["version"] = write_clip_l_folder(Path(tmp))
                 yield
     finally:
         encoders.CLIPTextModel = original
@@ -140,7 +155,7 @@ _RANDOM_INITS = (
 
 
 @contextlib.contextmanager
-def _skip_random_init():
+def skip_random_init():
     """Leaves new weights uninitialised: they are all overwritten by the checkpoint, and random
     init of a full SD model on the CPU takes longer than loading it."""
     try:
@@ -173,7 +188,7 @@ def build_latent_diffusion(config: dict, init_weights: bool = True):
     params.unet_config.params.use_checkpoint = False
     if params.first_stage_config.params.ddconfig.get("attn_type") == "vanilla-xformers":
         params.first_stage_config.params.ddconfig.attn_type = "vanilla"
-    init = contextlib.nullcontext() if init_weights else _skip_random_init()
+    init = contextlib.nullcontext() if init_weights else skip_random_init()
     # ldm prints parameter counts and attention types while it builds.
     with _offline_text_encoder(params), init, contextlib.redirect_stdout(io.StringIO()):
         model = instantiate_from_config(cfg.model)

@@ -1,7 +1,8 @@
-"""Model configs for ldm's ``LatentDiffusion``: the SD1.5 and SD2 layouts, at full or tiny widths.
+"""Model configs for ldm's ``LatentDiffusion`` (the SD1.5 and SD2 layouts) and sgm's
+``DiffusionEngine`` (SDXL base), at full or tiny widths.
 
-Equivalent to ldm's ``v1-inference.yaml``, ``v2-inference.yaml`` and ``v2-inference-v.yaml`` for
-building a model (the training-only keys are left out). Only widths ever change, never depths or
+Equivalent to ldm's ``v1-inference.yaml``, ``v2-inference.yaml``, ``v2-inference-v.yaml`` and sgm's
+``sd_xl_base.yaml`` for building a model (the training-only keys are left out). Only widths ever change, never depths or
 layer kinds, so every module keeps its SD name and LoRA key mapping works the same on a tiny model.
 """
 
@@ -149,3 +150,90 @@ def clip_l_text_config_dict() -> dict:
         "bos_token_id": 49406,
         "eos_token_id": 49407,
     }
+
+
+# ---- SDXL -------------------------------------------------------------------------------------
+SDXL_BIG_G_ARCH = "ViT-bigG-14"
+_SGM = "sgm.modules.diffusionmodules."
+
+
+@dataclass(frozen=True)
+class SdxlWidths:
+    model_channels: int = 320
+    num_head_channels: int = 64
+    clip_l_width: int = 768  # CLIP-L's hidden size
+    big_g_width: int = 1280  # bigG's hidden size, and its pooled output's
+    vae_channels: int = 128
+
+    @property
+    def vector(self) -> int:
+        # Pooled bigG plus three (h, w) pairs of 256-wide size embeddings: 2816 for SDXL base.
+        return self.big_g_width + 6 * 256
+
+
+SDXL_WIDTHS = SdxlWidths()
+
+
+def _size_embedder(key: str) -> dict:
+    return {"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND", "params": {"outdim": 256}}
+
+
+def sdxl_config(v: bool, clip_l_folder: Path | str, big_g_arch: str = SDXL_BIG_G_ARCH, widths: SdxlWidths = SDXL_WIDTHS) -> dict:
+    """SDXL base (and its fine-tunes: Pony, Illustrious, NoobAI, Animagine), ε- or v-prediction.
+    ``clip_l_folder`` holds CLIP-L's tokenizer files and ``config.json``; ``big_g_arch`` is the
+    open_clip architecture of the second text encoder, built without pretrained weights."""
+    scaling = "VScaling" if v else "EpsScaling"
+    unet = {
+        "adm_in_channels": widths.vector,
+        "num_classes": "sequential",
+        "use_checkpoint": False,  # the trainer decides
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": widths.model_channels,
+        "attention_resolutions": [4, 2],
+        "num_res_blocks": 2,
+        "channel_mult": [1, 2, 4],
+        "num_head_channels": widths.num_head_channels,
+        "use_spatial_transformer": True,
+        "use_linear_in_transformer": True,
+        "transformer_depth": [1, 2, 10],
+        "context_dim": widths.clip_l_width + widths.big_g_width,
+        "spatial_transformer_attn_type": "softmax",
+        "legacy": False,
+    }
+    embedders = [
+        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+         "params": {"version": str(clip_l_folder), "device": "cpu", "layer": "hidden", "layer_idx": 11}},
+        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+         "params": {"arch": big_g_arch, "version": None, "device": "cpu", "freeze": True, "layer": "penultimate",
+                    "always_return_pooled": True, "legacy": False}},
+        _size_embedder("original_size_as_tuple"),
+        _size_embedder("crop_coords_top_left"),
+        _size_embedder("target_size_as_tuple"),
+    ]
+    vae = {
+        "embed_dim": 4,
+        "monitor": "val/rec_loss",
+        "ddconfig": {
+            "attn_type": "vanilla", "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+            "ch": widths.vae_channels, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+        },
+        "lossconfig": {"target": "torch.nn.Identity"},
+    }
+    params = {
+        "scale_factor": 0.13025,
+        "disable_first_stage_autocast": True,
+        "denoiser_config": {
+            "target": _SGM + "denoiser.DiscreteDenoiser",
+            "params": {
+                "num_idx": 1000,
+                "weighting_config": {"target": _SGM + "denoiser_weighting.EpsWeighting"},
+                "scaling_config": {"target": _SGM + "denoiser_scaling." + scaling},
+                "discretization_config": {"target": _SGM + "discretizer.LegacyDDPMDiscretization"},
+            },
+        },
+        "network_config": {"target": _SGM + "openaimodel.UNetModel", "params": unet},
+        "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": embedders}},
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": vae},
+    }
+    return {"model": {"target": "sgm.models.diffusion.DiffusionEngine", "params": params}}

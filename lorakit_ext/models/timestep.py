@@ -1,6 +1,6 @@
 """The UNet's sinusoidal timestep embedding, looked up on the device.
 
-ldm builds the embedding's frequencies on the CPU and copies them to the GPU on every call; a copy
+ldm (and sgm, SDXL's) builds the embedding's frequencies on the CPU and copies them to the GPU on every call; a copy
 from host memory cannot live in a CUDA graph. For the trainer's integer timesteps we compute the
 embedding of all 1000 timesteps once on the device (with whatever function is installed, A1111's
 patched one included) and index it: the same numbers, no host copy.
@@ -15,9 +15,10 @@ import torch
 TIMESTEPS = 1000
 
 
-def use_device_timestep_embedding(device: torch.device):
-    """Installs the lookup in ldm's UNet module; returns the function that puts the original back."""
-    unet_module = importlib.import_module("ldm.modules.diffusionmodules.openaimodel")
+def use_device_timestep_embedding(unet: torch.nn.Module, device: torch.device):
+    """Installs the lookup in the module ``unet``'s class comes from (ldm's or sgm's
+    ``openaimodel``); returns the function that puts the original back."""
+    unet_module = importlib.import_module(type(unet).__module__)
     original = unet_module.timestep_embedding
     tables: dict[tuple, torch.Tensor] = {}
 

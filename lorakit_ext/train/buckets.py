@@ -130,6 +130,31 @@ class Placement:
     resized: Size
     crop_box: Box
     aspect_error: float
+    original: Size = (0, 0)  # the image's own upright size, before resizing
+
+
+def sdxl_crop_ltrb(bucket: Size, original: Size) -> tuple[float, float, float, float]:
+    """kohya's ``BucketManager.get_crop_ltrb``: the crop SDXL is told about, computed as Stability
+    AI's preprocessing did — the image fitted *inside* the bucket, so the offsets are those of the
+    letterbox, not of the centre crop the pixels actually get."""
+    bucket_aspect, image_aspect = bucket[0] / bucket[1], original[0] / original[1]
+    if bucket_aspect > image_aspect:
+        width, height = bucket[1] * image_aspect, bucket[1]
+    else:
+        width, height = bucket[0], bucket[0] / image_aspect
+    left, top = (bucket[0] - width) // 2, (bucket[1] - height) // 2
+    return left, top, left + width, top + height
+
+
+def size_conditioning(placement: Placement, flipped: bool) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size and crop conditioning of one image, as kohya's dataset hands it to the UNet:
+    ``(original h, original w, crop top, crop left, target h, target w)``; a mirrored image's
+    crop is measured from the right."""
+    left, top, right, _ = sdxl_crop_ltrb(placement.bucket, placement.original)
+    if flipped:
+        left = placement.bucket[0] - right
+    width, height = placement.original
+    return int(height), int(width), int(top), int(left), placement.bucket[1], placement.bucket[0]
 
 
 def place_image(
@@ -148,7 +173,7 @@ def place_image(
         bucket = assign_bucket(image_size, buckets) if buckets is not None else (resolution, resolution)
         resized = cover_size(image_size, bucket)
     error = bucket[0] / bucket[1] - image_size[0] / image_size[1]
-    return Placement(bucket, resized, center_crop_box(resized, bucket), error)
+    return Placement(bucket, resized, center_crop_box(resized, bucket), error, tuple(image_size))
 
 
 def steps_per_epoch(bucket_counts: Iterable[int], repeats: int, batch_size: int) -> int:

@@ -22,7 +22,7 @@ from lorakit_ext.dataset.captions import read_caption
 from lorakit_ext.dataset.files import dataset_images
 from lorakit_ext.dataset.images import _orientation, normalise
 from lorakit_ext.errors import UserError
-from lorakit_ext.train.buckets import BucketPlan, Size, center_crop_box, cover_size
+from lorakit_ext.train.buckets import BucketPlan, Size, center_crop_box, cover_size, size_conditioning
 from lorakit_ext.train.captions_step import process_caption
 from lorakit_ext.train.events import Interrupted
 
@@ -191,6 +191,9 @@ class Batch:
     bucket: Size
     indices: tuple[int, ...]  # item indices; an image may appear twice through repeats
     flipped: tuple[bool, ...]
+    # [B, 6] float32: each image's size and crop conditioning (buckets.size_conditioning), which
+    # SDXL's UNet takes and SD1/SD2's ignore.
+    sizes: torch.Tensor
 
 
 class EpochBatches:
@@ -216,7 +219,7 @@ class EpochBatches:
         check_batch_size(len(captions), batch_size)
         if not len(cache) == len(captions) == len(plan.placements):
             raise ValueError(f"{len(cache)} latents, {len(captions)} captions, {len(plan.placements)} placements")
-        self._cache, self._captions = cache, list(captions)
+        self._cache, self._captions, self._plan = cache, list(captions), plan
         self._seed, self._epoch = seed, epoch
         self._caption_args = (keep_tokens, shuffle_tags, caption_dropout_rate)
         # String seeds hash with SHA-512 in ``random``, independent of PYTHONHASHSEED.
@@ -255,7 +258,8 @@ class EpochBatches:
         flipped = tuple(self._cache.has_flipped and rng.random() < 0.5 for _ in indices)
         captions = [process_caption(self._captions[i], *self._caption_args, rng) for i in indices]
         latents = torch.stack([self._cache.get(i, f) for i, f in zip(indices, flipped)])
-        return Batch(latents, captions, bucket, indices, flipped)
+        sizes = torch.tensor([size_conditioning(self._plan.placements[i], f) for i, f in zip(indices, flipped)], dtype=torch.float32)
+        return Batch(latents, captions, bucket, indices, flipped, sizes)
 
     def __iter__(self) -> Iterator[Batch]:
         return (self[step] for step in range(len(self)))

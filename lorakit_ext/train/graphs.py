@@ -23,8 +23,8 @@ OFF = "turned off (cuda_graphs = False)"
 
 
 class _Graph:
-    def __init__(self, graph, latents, ids, loss):
-        self.graph, self.latents, self.ids, self.loss = graph, latents, ids, loss
+    def __init__(self, graph, latents, ids, sizes, loss):
+        self.graph, self.latents, self.ids, self.sizes, self.loss = graph, latents, ids, sizes, loss
 
 
 class GraphedStep:
@@ -62,23 +62,25 @@ class GraphedStep:
         log.info("CUDA graphs off, training eagerly: %s", reason)
         self.on_fallback(reason)
 
-    def __call__(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """One step on ``latents`` (on the device), token ``ids`` and image ``sizes`` (on the host)."""
         if self.disabled:
-            return self.step(latents, ids)
+            return self.step(latents, ids.to(latents.device), sizes.to(latents.device))
         key = (tuple(latents.shape), tuple(ids.shape))
         graph = self.graphs.get(key)
         if graph is None:
             if self.seen[key] < self.warmup:
                 self.seen[key] += 1
-                return self._side_stream(latents, ids)
+                return self._side_stream(latents, ids, sizes)
             try:
-                graph = self._capture(key, latents, ids)
+                graph = self._capture(key, latents, ids, sizes)
             except Exception as exc:  # any capture failure: eager is always correct
                 torch.cuda.synchronize()
                 self._fall_back(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-                return self.step(latents, ids)
+                return self.step(latents, ids.to(latents.device), sizes.to(latents.device))
         graph.latents.copy_(latents)
         graph.ids.copy_(ids, non_blocking=True)
+        graph.sizes.copy_(sizes, non_blocking=True)
         graph.graph.replay()
         return graph.loss.clone()
 
@@ -93,18 +95,19 @@ class GraphedStep:
             self._side = torch.cuda.Stream()
         return self._side
 
-    def _side_stream(self, latents, ids) -> torch.Tensor:
+    def _side_stream(self, latents, ids, sizes) -> torch.Tensor:
         # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.
         stream = self._stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            loss = self.step(latents, ids.to(latents.device, non_blocking=True))
+            loss = self.step(latents, ids.to(latents.device, non_blocking=True), sizes.to(latents.device, non_blocking=True))
         torch.cuda.current_stream().wait_stream(stream)
         return loss
 
-    def _capture(self, key, latents, ids) -> _Graph:
+    def _capture(self, key, latents, ids, sizes) -> _Graph:
         static_latents = latents.clone()
         static_ids = ids.to(latents.device).clone()
+        static_sizes = sizes.to(latents.device).clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         # The warm-up's activations sit cached in the side stream's blocks; hand them back so the
@@ -112,10 +115,10 @@ class GraphedStep:
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved()
         with torch.cuda.graph(graph, pool=self.pool, stream=self._stream()):
-            static_loss = self.step(static_latents, static_ids)
+            static_loss = self.step(static_latents, static_ids, static_sizes)
         if self.pool is None:
             self.pool = graph.pool()
-        entry = _Graph(graph, static_latents, static_ids, static_loss)
+        entry = _Graph(graph, static_latents, static_ids, static_sizes, static_loss)
         self.graphs[key] = entry
         log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)",
                  key[0], (torch.cuda.memory_reserved() - reserved) / 2**30, torch.cuda.memory_reserved() / 2**30)

@@ -104,6 +104,11 @@ class Trainer:
     def prepare(self):
         """The dataset and the real schedule (as preflight read them, or read now); raises before any
         slow work."""
+        if self.config.zero_terminal_snr and self.model.parameterization != "v":
+            raise UserError(
+                "zero_terminal_snr trains the last step on pure noise, where an ε-prediction model has nothing to "
+                "predict; turn it off, or load the v-prediction version of the model"
+            )
         data = self.job.dataset or dataset_schedule(self.config, self.job.project.dataset)
         return data.items, data.buckets, data.estimate, data.schedule
 
@@ -115,7 +120,9 @@ class Trainer:
             items,
             buckets,
             self.model.encode_images,
-            vae_batch_size=4 if self.device.type == "cuda" else 1,
+            # Four 512² images per VAE batch on a GPU, fewer at larger sizes (one at SDXL's 1024²),
+            # so the encoder's activations stay about the same size.
+            vae_batch_size=max(1, 4 * 512**2 // self.config.resolution**2) if self.device.type == "cuda" else 1,
             device=self.device,
             flip_aug=self.config.flip_aug,
             progress=progress,
@@ -148,7 +155,7 @@ class Trainer:
         items, buckets, estimate, schedule = self.prepare()
         weight_dtype = next(self.model.unet.parameters()).dtype
         self.precision = resolve_precision(config.mixed_precision, self.device, weight_dtype)
-        self.schedule = NoiseSchedule(self.device)
+        self.schedule = NoiseSchedule(self.device, zero_terminal=config.zero_terminal_snr)
         record.start(config, estimate, schedule, buckets, self.precision.name, self.model, self.job)
         real = f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."
         self.on_progress(Progress("caching", message="\n".join(estimate.lines + [real])))
@@ -178,7 +185,7 @@ class Trainer:
             if self.job.patch_attention:
                 stack.callback(use_sdpa(model.unet))
             if self.device.type == "cuda":
-                stack.callback(use_device_timestep_embedding(self.device))
+                stack.callback(use_device_timestep_embedding(model.unet, self.device))
             optimizer, saver.optimizer_name = build_optimizer(config, network.param_groups(), self.device)
             scheduler = build_scheduler(config, optimizer, schedule.total_steps, schedule.warmup_steps)
             lrs = DeviceLearningRates(optimizer, self.device)
@@ -210,7 +217,7 @@ class Trainer:
                         raise Interrupted()
                     batch = batches[step]
                     latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
-                    pending.append(graphed(latents, model.tokenize(batch.captions)))
+                    pending.append(graphed(latents, model.tokenize(batch.captions), batch.sizes))
                     scheduler.step()
                     lrs.sync()
                     position.global_step += 1

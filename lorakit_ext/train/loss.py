@@ -9,15 +9,28 @@ from __future__ import annotations
 import torch
 
 
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule rescaled so that its last step is pure noise (SNR 0), keeping the first step
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"; kohya's
+    ``--zero_terminal_snr``, A1111's "Zero Terminal SNR" noise schedule)."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    return root**2
+
+
 class NoiseSchedule:
     """SD's DDPM schedule (β 0.00085 → 0.012, scaled-linear, 1000 steps), computed in fp32 by us
-    rather than read from the model, whose buffers may be fp16 inside A1111."""
+    rather than read from the model, whose buffers may be fp16 inside A1111. ``zero_terminal``
+    rescales it with :func:`zero_terminal_snr` (for v-prediction models trained that way)."""
 
     steps = 1000
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, zero_terminal: bool = False):
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, self.steps, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+        if zero_terminal:
+            alphas_cumprod = zero_terminal_snr(alphas_cumprod)
         self.sqrt_alpha = alphas_cumprod.sqrt().float().to(device)
         self.sqrt_one_minus_alpha = (1.0 - alphas_cumprod).sqrt().float().to(device)
         self.snr = (alphas_cumprod / (1.0 - alphas_cumprod)).float().to(device)
@@ -51,10 +64,18 @@ def diffusion_loss(
     snr: torch.Tensor,
     min_snr_gamma: float,
     v_prediction: bool,
+    *,
+    scale_v_like_noise: bool = False,
 ) -> torch.Tensor:
-    """Mean over the batch of per-sample MSE (averaged over C,H,W), min-SNR weighted when γ > 0."""
+    """Mean over the batch of per-sample MSE (averaged over C,H,W), min-SNR weighted when γ > 0
+    (v-prediction: min(SNR, γ)/(SNR + 1)). ``scale_v_like_noise`` (v only) then multiplies by
+    SNR/(SNR + 1), SNR capped at 1000, as kohya's ``--scale_v_pred_loss_like_noise_pred``; both
+    weights are 0 at a zero-terminal-SNR schedule's last step."""
     per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         clipped = torch.clamp(snr, max=min_snr_gamma)
         per_sample = per_sample * (clipped / (snr + 1) if v_prediction else clipped / snr)
+    if scale_v_like_noise and v_prediction:
+        capped = torch.clamp(snr, max=1000.0)
+        per_sample = per_sample * (capped / (capped + 1))
     return per_sample.mean()

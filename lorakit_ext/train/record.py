@@ -70,6 +70,7 @@ class RunRecord:
             training_toml(
                 config,
                 base_model_path=job.base_model_path,
+                script=model.family.kohya_script,
                 dataset_config=str(self.run_dir / "kohya_dataset.toml"),
                 output_dir=str(job.output_dir),
                 output_name=output_name,

@@ -1,4 +1,4 @@
-"""One training step as a function of tensors: ``(latents, token ids) → loss``.
+"""One training step as a function of tensors: ``(latents, token ids, image sizes) → loss``.
 
 Everything inside is device work with no host synchronisation and no host-side decisions: noise
 and timesteps come from the device RNG, gradients are zeroed in place (static), fp16 loss scaling
@@ -73,22 +73,23 @@ class StepFunction:
             return contextlib.nullcontext()
         return torch.autocast(self.model.device.type, dtype=self.precision.autocast)
 
-    def loss(self, latents, ids, noise, timesteps):
+    def loss(self, latents, ids, sizes, noise, timesteps):
         with self._autocast():
             with contextlib.nullcontext() if self.train_te else torch.no_grad():
-                cond = self.model.encode_tokens(ids)
+                cond = self.model.condition(ids, sizes)
             noisy = self.schedule.add_noise(latents, noise, timesteps)
             pred = self.model.predict(noisy, timesteps, cond)
         target = self.schedule.velocity(latents, noise, timesteps) if self.v else noise
-        return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, self.v)
+        return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, self.v,
+                              scale_v_like_noise=self.config.scale_v_pred_loss_like_noise_pred)
 
-    def __call__(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
         noise = draw_noise(latents, None, self.config.noise_offset)
         timesteps = draw_timesteps(latents.shape[0], None, latents.device)
-        loss = self.loss(latents, ids, noise, timesteps)
+        loss = self.loss(latents, ids, sizes, noise, timesteps)
         if self.grad_scaler is not None:
             return self._host_scaled_step(loss)
         if self.loss_scale is not None:

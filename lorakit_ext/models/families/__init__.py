@@ -3,8 +3,7 @@
 Each family is one module here holding a :class:`~.base.ModelFamily` instance, listed in
 :data:`FAMILIES`. Adding a family is that module, its entry there and its tests (``tests/test_families.py``
 checks that every listed family answers the whole seam); when it covers a kind that
-:data:`_UNTRAINED` refuses by name, that entry goes. A family whose adapter is still to come says so
-in :attr:`~.base.ModelFamily.untrained_reason`: its files and names are known, training it is refused.
+:data:`_UNTRAINED` refuses by name, that entry goes.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ _UNTRAINED = (_Untrained("SD3", ("is_sd3",)),)
 
 def trainable(conjunction: str = "or") -> str:
     """The families LoRA Kit trains, for a message: "SD1 or SD2"."""
-    labels = [family.label for family in FAMILIES if family.training_refusal() is None]
+    labels = [family.label for family in FAMILIES]
     return f"{', '.join(labels[:-1])} {conjunction} {labels[-1]}" if len(labels) > 1 else labels[0]
 
 
@@ -71,9 +70,6 @@ def detect_family(state_dict: Mapping[str, torch.Tensor], path: Path) -> ModelFa
         )
     if family is None:
         raise UserError(f"{path.name} has no text encoder weights; choose a full {trainable()} checkpoint.")
-    refusal = family.training_refusal()
-    if refusal:
-        raise UserError(f"{path.name} is an {family.label} checkpoint; {refusal}. LoRA Kit trains {trainable('and')} models here, choose one of those.")
     return family
 
 
@@ -90,9 +86,7 @@ def unsupported_model(sd_model: nn.Module) -> str | None:
     kind = _untrained_kind(sd_model)
     if kind is not None:
         return f"{kind.label} training is not available; load an {trainable()} checkpoint to train"
-    family = _owner(sd_model)
-    refusal = family.training_refusal() if family is not None else None
-    return f"{refusal}; load an {trainable()} checkpoint to train" if refusal else None
+    return None
 
 
 def family_of_model(sd_model: nn.Module) -> ModelFamily:

@@ -75,12 +75,11 @@ class ModelFamily(ABC):
     base_model_version: str  # kohya's ``ss_base_model_version``
     v2: bool  # kohya's ``ss_v2`` and ``--v2``; A1111 tells SD2 LoRAs by ``ss_v2``
     modelspec_implementation: str  # sai_model_spec's ``modelspec.implementation``
+    kohya_script: str = "train_network.py"  # the sd-scripts script that trains this family's LoRAs
     components: Mapping[str, str]  # LoRA component ("unet", "te", …) → its kohya name prefix
     # TrainConfig fields whose default differs for this family; TrainConfig's own are SD1.5's.
     defaults: Mapping[str, object] = MappingProxyType({})
     presets: Mapping[str, Mapping[str, object]]  # preset name → TrainConfig fields over the defaults
-    # Why LoRA Kit cannot train this family yet, or None: its files and names are known, its adapter is not.
-    untrained_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
@@ -95,15 +94,23 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def check_standard_widths(self, state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
-        """``UserError`` for a file :meth:`ldm_config` cannot build: one of other layer widths."""
+        """``UserError`` for a file :meth:`model_config` cannot build: one of other layer widths."""
 
     @abstractmethod
-    def ldm_config(self) -> dict:
-        """The model config of a checkpoint that has no .yaml beside it (ε-prediction; see :meth:`predicts_v`)."""
+    def model_config(self, state_dict: Mapping[str, torch.Tensor]) -> dict:
+        """The model config of a checkpoint that has no .yaml beside it."""
 
     @abstractmethod
-    def predicts_v(self, unet: nn.Module) -> bool:
-        """Whether a UNet built from :meth:`ldm_config` predicts v, for files without a config."""
+    def build(self, config: dict) -> nn.Module:
+        """The model ``config`` describes, built offline on the CPU in fp32 with its weights left
+        uninitialised: the checkpoint's come next."""
+
+    def settle_prediction(self, model: nn.Module, from_file: bool) -> None:
+        """Once the weights are in: sets ``model.parameterization`` ("eps" or "v") where the config
+        alone did not say it (a file with no .yaml beside it)."""
+
+    # Keys a loaded model has that checkpoints do not carry (computed from the config).
+    derived_keys: tuple[str, ...] = ()
 
     @abstractmethod
     def resolution(self, v: bool) -> int:
@@ -168,10 +175,13 @@ class ModelFamily(ABC):
         return targets
 
     def _nameable_linears(self, component: str, root: nn.Module) -> list[tuple[str, str]]:
-        """Every Linear under ``root`` that has a kohya name: a text encoder's targets."""
+        """Every Linear under ``root`` that has a kohya name: a text encoder's targets. The
+        ``out_proj`` of an ``nn.MultiheadAttention`` (OpenCLIP's) is left out: the attention reads
+        its weight directly instead of calling it, so a wrapper around it would never train."""
+        inside_attention = {f"{path}.out_proj" for path, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)}
         out = []
         for path, module in root.named_modules():
-            if module_kind(module) != "linear":
+            if module_kind(module) != "linear" or path in inside_attention:
                 continue
             try:
                 self.kohya_name(component, path)
@@ -179,10 +189,6 @@ class ModelFamily(ABC):
                 continue
             out.append((path, "linear"))
         return out
-
-    def training_refusal(self) -> str | None:
-        """Why a model of this family is not trained, for a message; None when it is."""
-        return f"{self.label} training is not available yet: {self.untrained_reason}" if self.untrained_reason else None
 
     # ---- metadata -----------------------------------------------------------------------------
     @abstractmethod

@@ -50,12 +50,7 @@ class ClipText:
         self.chunks = max(1, max_token_length // CHUNK)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        length = self.chunks * CHUNK + 2
-        ids = self.tokenizer(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
-        if self.chunks == 1:
-            return ids[:, None, :]
-        bos, eos = ids[:, :1], ids[:, -1:]
-        return torch.stack([torch.cat([bos, ids[:, i : i + CHUNK], eos], 1) for i in range(1, length - 1, CHUNK)], 1)
+        return chunked_ids(self.tokenizer, captions, self.chunks)
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         batch, chunks, width = ids.shape
@@ -65,12 +60,29 @@ class ClipText:
             states = self.root.final_layer_norm(out.hidden_states[-self.clip_skip])
         else:
             states = self.clip(input_ids=flat).last_hidden_state
-        states = states.reshape(batch, chunks * width, -1)
-        if chunks == 1:
-            return states
-        # Drop each chunk's own BOS/EOS, keep the first BOS and the last EOS (kohya's layout).
-        middle = [states[:, i : i + CHUNK] for i in range(1, chunks * width, width)]
-        return torch.cat([states[:, :1], *middle, states[:, -1:]], 1)
+        return joined_chunks(states, batch)
+
+
+def chunked_ids(tokenizer, captions: list[str], chunks: int) -> torch.Tensor:
+    """Token ids ``[B, chunks, 77]``: each caption padded to ``chunks × 75`` tokens and cut into
+    75-token chunks, each framed by BOS and EOS, as kohya sd-scripts feeds CLIP long captions."""
+    length = chunks * CHUNK + 2
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=length, return_tensors="pt").input_ids
+    if chunks == 1:
+        return ids[:, None, :]
+    bos, eos = ids[:, :1], ids[:, -1:]
+    return torch.stack([torch.cat([bos, ids[:, i : i + CHUNK], eos], 1) for i in range(1, length - 1, CHUNK)], 1)
+
+
+def joined_chunks(states: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-chunk states ``[B × chunks, 77, C]`` → one sequence ``[B, chunks × 75 + 2, C]``: each
+    chunk's own BOS/EOS dropped, the first BOS and the last EOS kept (kohya's layout)."""
+    width = states.shape[1]
+    states = states.reshape(batch, -1, states.shape[-1])
+    if states.shape[1] == width:
+        return states
+    middle = [states[:, i : i + CHUNK] for i in range(1, states.shape[1], width)]
+    return torch.cat([states[:, :1], *middle, states[:, -1:]], 1)
 
 
 class Sd1Family(LdmFamily):
@@ -85,12 +97,9 @@ class Sd1Family(LdmFamily):
     embedder_attributes = ("transformer", "tokenizer")  # ldm's FrozenCLIPEmbedder
     presets = KOHYA_COLAB_PRESETS
 
-    def ldm_config(self) -> dict:
+    def model_config(self, state_dict) -> dict:
+        # As A1111: an SD1 v-prediction model comes with its .yaml.
         return sd15_config(None)
-
-    def predicts_v(self, unet: nn.Module) -> bool:
-        # As A1111: only SD2 files are tested; an SD1 v-model comes with its .yaml.
-        return False
 
     def architecture(self, v: bool) -> str:
         # sai_model_spec names no v-prediction variant of SD1.

@@ -40,8 +40,16 @@ class Sd2Family(LdmFamily):
     # kohya-colab has no SD2 settings of its own; SD2 trains with SD1.5's.
     presets = KOHYA_COLAB_PRESETS
 
-    def ldm_config(self) -> dict:
+    def model_config(self, state_dict) -> dict:
         return sd2_config(v=False)
+
+    def settle_prediction(self, model: nn.Module, from_file: bool) -> None:
+        if from_file or not self.predicts_v(model.model.diffusion_model):
+            return
+        model.parameterization = "v"
+        # ldm derives its (unused here) loss weights from the parameterization when it builds the schedule.
+        params = self.model_config({})["model"]["params"]
+        model.register_schedule(timesteps=params["timesteps"], linear_start=params["linear_start"], linear_end=params["linear_end"])
 
     def predicts_v(self, unet: nn.Module) -> bool:
         """A1111's test for SD2 checkpoints without a config: at t=999 on a flat input, a v-prediction

@@ -1,14 +1,12 @@
-"""SDXL base and its fine-tunes (Pony, Illustrious, NoobAI, Animagine): sgm's ``DiffusionEngine``,
-the model A1111 holds as ``shared.sd_model`` when ``is_sdxl``.
+"""SDXL base and its fine-tunes (Pony, Illustrious, NoobAI ε and v-pred, Animagine): sgm's
+``DiffusionEngine``, the model A1111 holds as ``shared.sd_model`` when ``is_sdxl``.
 
 Two text encoders sit in ``conditioner.embedders``: 0 is OpenAI's CLIP-L as transformers'
 ``CLIPTextModel`` (sgm's ``FrozenCLIPEmbedder``), 1 is OpenCLIP bigG (``FrozenOpenCLIPEmbedder2``).
 Files are named as kohya sd-scripts' ``sdxl_train_network.py`` writes them: ``lora_unet_`` with the
 UNet's own (compvis) names, ``lora_te1_``/``lora_te2_`` with HF CLIP's layer names for both encoders.
-
-What is known here: checkpoint detection, names, targets, metadata, roots and presets. The adapter
-that trains the model comes later, so :meth:`SdxlFamily.adapter` refuses, and so does
-:func:`~lorakit_ext.models.families.detect_family` for headless training.
+The adapter that trains it is :class:`~lorakit_ext.models.sgm.SgmModel`; headless, sgm comes from
+:mod:`~lorakit_ext.models.sgm_import`.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ BASE_WIDTHS = (320, 2816)  # (UNet model_channels, vector width) of SDXL base
 
 # kohya-colab "XL Lora Trainer" (hollowstrawberry/kohya-colab Lora_Trainer_XL.ipynb): 1024², dim 8 /
 # alpha 4 ("Regular LoRA" in its table), UNet 3e-4, text encoders 6e-5, batch 4, min-SNR 8, 2 repeats,
-# gradient checkpointing on, buckets up to 4096. It passes no clip skip, so kohya uses the last layer.
+# gradient checkpointing on, buckets up to 4096. It passes no clip skip (kohya's SDXL script has none).
 KOHYA_COLAB_XL = {
     "resolution": 1024,
     "max_bucket_reso": 4096,
@@ -49,18 +47,26 @@ KOHYA_COLAB_XL = {
     "gradient_checkpointing": True,
     "clip_skip": 1,
 }
+# The notebook's v-prediction switch (its "NoobAI V-Pred 1.0" model) turns on exactly these.
+V_PREDICTION = {"zero_terminal_snr": True, "scale_v_pred_loss_like_noise_pred": True}
 KOHYA_COLAB_XL_PRESETS: dict[str, dict] = {
     "kohya-colab XL": {},
     # Its "Style LoCon" row: dim 16 / alpha 8, conv dim 16 / alpha 8.
     "kohya-colab XL LoCon": {"network_type": "LoCon", "network_dim": 16, "network_alpha": 8.0, "conv_dim": 16, "conv_alpha": 8.0},
+    # Pony, Illustrious and NoobAI ε train with the notebook's settings as they are: it offers them
+    # as models, not as settings. Named here so a user finds the one to pick.
+    "Pony": {},
+    "Illustrious": {},
+    "NoobAI ε": {},
+    "NoobAI v-pred": V_PREDICTION,
     "UNet only": {"text_encoder_lr": 0.0},
     "Low VRAM": {"train_batch_size": 1, "text_encoder_lr": 0.0},
 }
 
 
-def _holder(embedder: nn.Module, attribute: str, what: str) -> nn.Module:
-    """sgm's embedder holding ``attribute``: the embedder itself, or the original A1111's wrapper
-    keeps as ``.wrapped``; ``UserError`` when neither has it (not SDXL base's layout)."""
+def embedder_part(embedder: nn.Module, attribute: str, what: str) -> nn.Module:
+    """``attribute`` of sgm's embedder: on the embedder itself, or on the original that A1111's
+    wrapper keeps as ``.wrapped``; ``UserError`` when neither has it (not SDXL base's layout)."""
     for holder in (embedder, getattr(embedder, "wrapped", None)):
         if holder is not None and hasattr(holder, attribute):
             return getattr(holder, attribute)
@@ -76,9 +82,11 @@ class SdxlFamily(ModelFamily):
     # sai_model_spec.py gives SDXL LoRAs the generative-models implementation (their keys are sgm's).
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     components = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+    kohya_script = "sdxl_train_network.py"
     defaults = KOHYA_COLAB_XL
     presets = KOHYA_COLAB_XL_PRESETS
-    untrained_reason = "it comes in a later version of LoRA Kit"
+    # The denoiser's sigma table is computed from its discretization, never stored in files.
+    derived_keys = ("denoiser.",)
 
     # ---- checkpoint files ---------------------------------------------------------------------
     def claims(self, state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -106,13 +114,22 @@ class SdxlFamily(ModelFamily):
                 "put its .yaml config beside it with the same name."
             )
 
-    # SDXL models are sgm's, built from sgm's own config: that, and telling a v-prediction file
-    # without a config, belong to the adapter that trains them.
-    def ldm_config(self) -> dict:
-        raise UserError(self.training_refusal())
+    def model_config(self, state_dict) -> dict:
+        # NoobAI v-pred and other v-prediction SDXL files carry an empty "v_pred" key (what ComfyUI and
+        # Forge go by); A1111 needs a .yaml beside them, which _config_for reads first.
+        from lorakit_ext.models.sd_configs import SD1_TEXT_ENCODER_ID, sdxl_config
 
-    def predicts_v(self, unet: nn.Module) -> bool:
-        raise UserError(self.training_refusal())
+        return sdxl_config(v="v_pred" in state_dict, clip_l_folder=SD1_TEXT_ENCODER_ID)
+
+    def build(self, config: dict) -> nn.Module:
+        from lorakit_ext.models.sgm_import import build_sgm
+
+        return build_sgm(config)
+
+    def settle_prediction(self, model: nn.Module, from_file: bool) -> None:
+        from lorakit_ext.models.sgm import parameterization_of
+
+        model.parameterization = parameterization_of(model)
 
     def resolution(self, v: bool) -> int:
         # ε and v-prediction SDXL models (NoobAI v-pred) alike were trained at about 1024².
@@ -124,7 +141,11 @@ class SdxlFamily(ModelFamily):
         return getattr(sd_model, "is_sdxl", False) is True or hasattr(sd_model, "conditioner")
 
     def adapter(self, sd_model: nn.Module, clip_skip: int = 1, max_token_length: int = 225):
-        raise UserError(f"{self.training_refusal()}; load an SD1 or SD2 checkpoint to train")
+        # kohya's sdxl_train_network has no clip skip either: SDXL conditions on CLIP-L's layer 11 and
+        # bigG's penultimate layer, as it was trained; the forms say so.
+        from lorakit_ext.models.sgm import SgmModel
+
+        return SgmModel(sd_model, self, max_token_length=max_token_length)
 
     def component_roots(self, sd_model: nn.Module) -> dict[str, nn.Module]:
         """The roots A1111's Lora loader names from (networks.py): ``diffusion_model_…``,
@@ -135,8 +156,8 @@ class SdxlFamily(ModelFamily):
             raise UserError("this SDXL model has one text encoder (is it the refiner?); load an SDXL base-type checkpoint")
         return {
             "unet": sd_model.model.diffusion_model,
-            "te1": clip_text_transformer(_holder(embedders[0], "transformer", "CLIP-L text encoder (embedder 0)")),
-            "te2": _holder(embedders[1], "model", "OpenCLIP bigG text encoder (embedder 1)"),
+            "te1": clip_text_transformer(embedder_part(embedders[0], "transformer", "CLIP-L text encoder (embedder 0)")),
+            "te2": embedder_part(embedders[1], "model", "OpenCLIP bigG text encoder (embedder 1)"),
         }
 
     # ---- kohya names --------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class LdmFamily(ModelFamily):
     components = {"unet": "lora_unet_", "te": "lora_te_"}
     # sai_model_spec.py: SD1/SD2 LoRAs carry diffusers-style keys, so their implementation is "diffusers".
     modelspec_implementation = "diffusers"
-    widths: Widths  # full-size widths: what :meth:`ldm_config` builds
+    widths: Widths  # full-size widths: what :meth:`model_config` builds
     text_key: str  # a key prefix only this family's text encoder has in a checkpoint
     text_width_key: str  # a text-encoder weight whose length is the text width
     # Attributes that tell this family's text-encoder holder (ldm's embedder class) from others.
@@ -59,6 +59,11 @@ class LdmFamily(ModelFamily):
                 f"{path.name} has {self.label} keys but not {self.label}'s layer widths "
                 f"(UNet {found[0]}, text {found[1]}); put its .yaml config beside it with the same name."
             )
+
+    def build(self, config: dict) -> nn.Module:
+        from lorakit_ext.models.ldm_import import build_latent_diffusion
+
+        return build_latent_diffusion(config, init_weights=False)
 
     def resolution(self, v: bool) -> int:
         # SD2's v-models are its 768-px ones; an ε-model of either family is a 512-px one.

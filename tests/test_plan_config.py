@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from lorakit_ext.cli import main
 from lorakit_ext.errors import UserError
@@ -94,6 +95,23 @@ def test_presets_are_valid_configs():
     assert preset("kohya-colab (photo)").clip_skip == 1
     with pytest.raises(UserError, match="unknown preset"):
         preset("nope")
+
+
+def test_the_forms_offer_every_familys_presets_with_its_defaults():
+    from lorakit_ext.models.families import defaults_of_model
+
+    # SD1's (shared with SD2) first and by their own names; SDXL's named with their family.
+    assert next(iter(PRESETS)) == "kohya-colab (anime)" and preset("kohya-colab (anime)").resolution == 512
+    xl = preset("SDXL · kohya-colab XL")
+    assert (xl.resolution, xl.train_batch_size, xl.unet_lr, xl.network_dim) == (1024, 4, 3e-4, 8)
+    vpred = preset("SDXL · NoobAI v-pred")
+    assert vpred.zero_terminal_snr and vpred.scale_v_pred_loss_like_noise_pred and vpred.resolution == 1024
+    assert not any(label.startswith("SD2 · ") for label in PRESETS)
+    # The HTTP API fills what a request leaves out with the loaded model's family's defaults.
+    sdxl_like = torch.nn.Module()
+    sdxl_like.is_sdxl = True
+    assert defaults_of_model(sdxl_like)["resolution"] == 1024
+    assert defaults_of_model(None) == {}
 
 
 def test_plan_cli_counts_project_images_and_reads_config_files(tmp_path, capsys):

@@ -108,10 +108,31 @@ def adapter_for(sd_model: nn.Module, clip_skip: int = 1, max_token_length: int =
     return family_of_model(sd_model).adapter(sd_model, clip_skip=clip_skip, max_token_length=max_token_length)
 
 
-# Before a model is chosen the forms offer SD1.5's presets: TrainConfig's own defaults are SD1.5's.
-PRESETS = SD1.presets
+def _preset_labels() -> dict[str, tuple[ModelFamily, str]]:
+    """Every family's presets under one name each: SD1's (which SD2 shares) as they are, the others'
+    prefixed with their family ("SDXL · Pony")."""
+    table: dict[str, tuple[ModelFamily, str]] = {}
+    for family in FAMILIES:
+        shared = family is not SD1 and family.presets is SD1.presets
+        for name in () if shared else family.presets:
+            table[name if family is SD1 else f"{family.label} · {name}"] = (family, name)
+    return table
 
 
-def preset(name: str, **overrides) -> TrainConfig:
-    """The config of one of :data:`PRESETS`."""
-    return SD1.train_config(name, **overrides)
+# What the forms offer, SD1.5's first: TrainConfig's own defaults are SD1.5's.
+PRESETS = _preset_labels()
+
+
+def preset(label: str, **overrides) -> TrainConfig:
+    """The config of one of :data:`PRESETS`: its family's defaults, then the preset's values."""
+    if label not in PRESETS:
+        raise UserError(f"unknown preset {label!r}; choose one of: {', '.join(PRESETS)}")
+    family, name = PRESETS[label]
+    return family.train_config(name, **overrides)
+
+
+def defaults_of_model(sd_model: nn.Module | None) -> dict:
+    """The training defaults of a loaded model's family; SD1.5's (TrainConfig's own) for none or
+    a model no family knows."""
+    family = _owner(sd_model) if sd_model is not None else None
+    return dict(family.defaults) if family is not None else {}

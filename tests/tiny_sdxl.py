@@ -69,8 +69,9 @@ def tiny_sdxl_config(folder: Path, v: bool = False) -> dict:
     return sdxl_config(v, clip_l_folder=clip_l, big_g_arch=big_g, widths=widths)
 
 
-def build_tiny_sdxl(folder: Path, seed: int = 1234, v: bool = False) -> torch.nn.Module:
-    """sgm's ``DiffusionEngine`` at tiny widths with random weights, in fp32 on the CPU."""
+def build_tiny_sdxl(folder: Path, seed: int = 1234, v: bool = False, config: dict | None = None) -> torch.nn.Module:
+    """sgm's ``DiffusionEngine`` at tiny widths with random weights, in fp32 on the CPU (of
+    ``config``, or of :func:`tiny_sdxl_config` written into ``folder``)."""
     sgm_dir()
     from lorakit_ext.models.sgm_import import build_sgm
 
@@ -79,7 +80,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 1234, v: bool = False) -> torch.nn
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_sgm(tiny_sdxl_config(folder, v), init_weights=True)
+        model = build_sgm(config or tiny_sdxl_config(folder, v), init_weights=True)
         reset_zero_initialised(model)
     model.parameterization = parameterization_of(model)
     return model
@@ -94,8 +95,10 @@ def write_tiny_sdxl_checkpoint(folder: Path, v: bool = False, seed: int = 1234) 
     from lorakit_ext.models.tiny import fp16_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_sdxl(folder, seed, v)
+    sgm_dir()
+    config = tiny_sdxl_config(folder, v)
+    model = build_tiny_sdxl(folder, seed, v, config)
     path = folder / ("tiny-sdxl-v.safetensors" if v else "tiny-sdxl.safetensors")
     safetensors.torch.save_file(fp16_checkpoint(model), str(path))
-    path.with_suffix(".yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(tiny_sdxl_config(folder, v))))
+    path.with_suffix(".yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     return path

@@ -112,7 +112,7 @@ class SgmModel:
         self._clip = embedder_part(clip_embedder, "transformer", "CLIP-L text encoder (embedder 0)")
         self._tokenizer = embedder_part(clip_embedder, "tokenizer", "CLIP-L tokenizer (embedder 0)")
         # sgm's config says which CLIP-L layer conditions (11 of 12 for SDXL base).
-        self._clip_layer = getattr(getattr(clip_embedder, "wrapped", clip_embedder), "layer_idx", None) or 11
+        self._clip_layer = embedder_part(clip_embedder, "layer_idx", "CLIP-L layer choice (embedder 0)")
         self._big_g = BigGText(roots["te2"])
         self.chunks = max(1, max_token_length // CHUNK)
         self._freqs: torch.Tensor | None = None

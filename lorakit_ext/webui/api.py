@@ -35,14 +35,12 @@ from lorakit_ext.dataset.tags import TagOps, tag_counts
 from lorakit_ext.dataset.trash import list_batches, undo
 from lorakit_ext.errors import UserError
 from lorakit_ext.failures import as_user_error
-from lorakit_ext.models.families import defaults_of_model
 from lorakit_ext.export.card import sd_version_of
 from lorakit_ext.project import Project, confine, create_project, list_projects, open_project, validate_name
 from lorakit_ext.project_lock import ProjectBusy
-from lorakit_ext.train_config import TrainConfig
 from lorakit_ext.train.record import list_runs
 from lorakit_ext.train.plan import plan_for
-from lorakit_ext.webui import host, jobs, limits
+from lorakit_ext.webui import host, jobs, limits, training
 from lorakit_ext.webui.ui_results import cell_for
 
 PREFIX = "/lorakit/v1"
@@ -314,7 +312,7 @@ def edit_tags(name: str, body: Tags) -> dict:
 @_errors
 def plan(name: str, body: Settings) -> dict:
     project = _project(name)
-    config = _config(body.config).validate()
+    config = training.settings(body.config).validate()
     images = len(list_images(project.dataset))
     if not images:
         raise UserError(f"the dataset {project.dataset} has no images; import some first")
@@ -325,15 +323,8 @@ def plan(name: str, body: Settings) -> dict:
 @_errors
 def train(name: str, body: Settings) -> dict:
     project = _project(name)
-    return {"job_id": jobs.start_training(project.name, _config(body.config))}
+    return {"job_id": jobs.start_training(project.name, training.settings(body.config))}
 
-
-def _config(values: dict) -> TrainConfig:
-    """The settings given, over the defaults of the loaded model's family (SDXL: 1024², its
-    kohya-colab XL values), so a request naming only a few options trains as the tab would."""
-    from modules import shared
-
-    return TrainConfig.from_dict({**defaults_of_model(shared.sd_model), **values})
 
 
 class Resume(BaseModel):

@@ -40,6 +40,17 @@ def _training_modules():
     return loop, preflight, resume
 
 
+def settings(values: dict):
+    """A request's settings over the defaults of the loaded model's family (SDXL: 1024², its
+    kohya-colab XL values), so a request naming only a few options trains as the tab would."""
+    from modules import shared
+
+    from lorakit_ext.models.families import defaults_of_model
+    from lorakit_ext.train_config import TrainConfig
+
+    return TrainConfig.from_dict({**defaults_of_model(shared.sd_model), **values})
+
+
 def prepare(project_name: str, config=None, *, resume: str | None = None, force: bool = False, by: str = "the tab") -> PreparedRun:
     """Locks the project and checks the run; the caller must ``lock.release()`` when the run ends
     (or never starts). ``resume``: a run id to continue with its own settings (``config`` unused)."""

@@ -21,12 +21,7 @@ TINY = {"resolution": 64, "enable_bucket": False, "train_batch_size": 2, "num_re
 
 @pytest.fixture(scope="module")
 def project(a1111, new_log_lines, small_grids):
-    name = f"it{int(time.time())}"
-    a1111.lorakit("POST", "/projects", json={"name": name})
-    files = [("files", (f"cat {i}.png", a1111.png(f"{PROMPT} {i}", seed=100 + i), "image/png")) for i in range(4)]
-    report = a1111.lorakit("POST", f"/projects/{name}/import/upload", files=files)
-    assert len(report["imported"]) == 4 and not report["rejected"]
-    return name
+    return a1111.new_project("it", PROMPT)
 
 
 @pytest.fixture(scope="module")

@@ -76,11 +76,7 @@ def sdxl(a1111):
 
 @pytest.fixture(scope="module")
 def project(sdxl, new_log_lines, small_grids):
-    name = f"itxl{int(time.time())}"
-    sdxl.lorakit("POST", "/projects", json={"name": name})
-    files = [("files", (f"cat {i}.png", sdxl.png(f"{PROMPT} {i}", seed=100 + i), "image/png")) for i in range(4)]
-    report = sdxl.lorakit("POST", f"/projects/{name}/import/upload", files=files)
-    assert len(report["imported"]) == 4 and not report["rejected"]
+    name = sdxl.new_project("itxl", PROMPT)
     assert sdxl.lorakit("POST", f"/projects/{name}/tags", json={"trigger": [TRIGGER]})["summary"]["changed"] == 4
     return name
 

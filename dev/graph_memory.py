@@ -124,11 +124,11 @@ def main() -> None:
 
         capture = graphs.GraphedStep._capture
 
-        def reported_capture(self, key, latents, ids, sizes):
+        def reported_capture(self, key, latents, text, sizes):
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             _segments("before the capture, cache emptied")
-            entry = capture(self, key, latents, ids, sizes)
+            entry = capture(self, key, latents, text, sizes)
             _segments("after the capture")
             return entry
 

@@ -50,6 +50,10 @@ class TrainConfig:
     caption_dropout_rate: float = _f(0.0, "Caption dropout", "Chance of training a step with an empty caption", "Dataset", min=0.0, max=0.99, step=0.01)
     max_token_length: int = _f(225, "Max token length", "Caption tokens used: 75, 150 or 225 (in 75-token chunks)", "Dataset", choices=(75, 150, 225))
     cache_latents: bool = _f(True, "Cache latents", "Encode every image once before training (faster; no per-step VAE)", "Dataset")
+    cache_text_encoder_outputs: bool = _f(
+        False, "Cache text-encoder outputs",
+        "Encode every caption once and train the UNet alone, text encoders off the GPU (needs text encoder LR 0, no tag shuffling, no caption dropout)",
+        "Dataset")
 
     max_train_epochs: int = _f(10, "Epochs", "Number of epochs (ignored when Max steps is set)", "Steps", min=1, max=1000)
     max_train_steps: int = _f(0, "Max steps", "Train this many steps instead of counting epochs (0: use epochs)", "Steps", min=0, max=1_000_000)
@@ -131,6 +135,8 @@ class TrainConfig:
                 out.append(f"{spec.name} = {value} is above the maximum {meta['max']}")
         if self.unet_lr == 0 and self.text_encoder_lr == 0:
             out.append("unet_lr and text_encoder_lr are both 0: nothing would be trained")
+        if self.cache_text_encoder_outputs:
+            out += _text_cache_problems(self)
         if self.enable_bucket:
             for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
                 if getattr(self, name) % self.bucket_reso_steps:
@@ -156,6 +162,21 @@ class TrainConfig:
         if problems:
             raise UserError("invalid training settings: " + "; ".join(problems))
         return self
+
+
+def _text_cache_problems(config: TrainConfig) -> list[str]:
+    """Cached text-encoder outputs are right only if every step would encode the same captions with
+    the same encoders (kohya refuses the same combinations)."""
+    changing = [
+        (config.text_encoder_lr > 0, "text_encoder_lr = 0"),
+        (config.shuffle_tags, "shuffle_tags off"),
+        (config.caption_dropout_rate > 0, "caption_dropout_rate = 0"),
+    ]
+    needed = [remedy for on, remedy in changing if on]
+    if not needed:
+        return []
+    return [f"cache_text_encoder_outputs needs frozen text encoders and fixed captions: set {', '.join(needed)}, "
+            "or turn the caching off"]
 
 
 def _coerce(spec: dataclasses.Field, value):

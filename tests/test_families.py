@@ -115,7 +115,7 @@ def test_a_family_adapts_its_loaded_model(family, mine):
     ids = model.tokenize(["a photo of a cat", "a dog"])
     noisy, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
     with torch.no_grad():
-        cond = model.condition(ids, torch.zeros(ids.shape[0], 6))
+        cond = model.condition(model.encode_text(ids), torch.zeros(ids.shape[0], 6))
         assert cond["crossattn"].shape[0] == 2
         assert model.predict(noisy, timesteps, cond).shape == noisy.shape
 

@@ -72,7 +72,7 @@ def test_conditioning_is_what_sgms_conditioner_gives_at_inference(tiny_sdxl):
     captions = ["kat, red hair, smile", "a photo of a dog on a beach"]
     sizes = torch.tensor([[1024, 768, 0, 32, 1024, 768], [832, 1216, 16, 0, 832, 1216]], dtype=torch.float32)
     with torch.no_grad():
-        ours = model.condition(model.tokenize(captions), sizes)
+        ours = model.condition(model.encode_text(model.tokenize(captions)), sizes)
         batch = {"txt": captions, "original_size_as_tuple": sizes[:, 0:2], "crop_coords_top_left": sizes[:, 2:4],
                  "target_size_as_tuple": sizes[:, 4:6]}
         theirs = tiny_sdxl.conditioner(batch)
@@ -86,7 +86,7 @@ def test_long_captions_use_three_chunks_and_the_first_chunks_pooled_output(sdxl)
     # bigG's ids pad with 0 after each chunk's first EOS; CLIP-L's with EOS.
     assert (ids[0, 1, 2] == 0).sum() > 0 and (ids[0, 0, 2] == 0).sum() == 0
     with torch.no_grad():
-        cond = sdxl.condition(ids, torch.zeros(1, 6))
+        cond = sdxl.condition(sdxl.encode_text(ids), torch.zeros(1, 6))
     assert cond["crossattn"].shape == (1, 227, 96) and cond["vector"].shape == (1, 64 + 6 * 256)
 
 
@@ -107,7 +107,7 @@ def test_gradient_checkpointing_gives_lora_the_same_gradients_on_sgm_blocks(sdxl
                 torch.nn.init.normal_(p, std=0.02)
             undo = configure_checkpointing(sdxl.unet, checkpointing)
             try:
-                sdxl.predict(x, t, sdxl.condition(ids, sizes)).square().mean().backward()
+                sdxl.predict(x, t, sdxl.condition(sdxl.encode_text(ids), sizes)).square().mean().backward()
             finally:
                 undo()
             return [p.grad.clone() for p in network.parameters()]

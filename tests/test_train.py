@@ -80,7 +80,7 @@ def test_loss_on_a_fixed_batch_halves(sd_model):
         optimizer = torch.optim.AdamW(network.param_groups())
         losses = []
         for _ in range(40):
-            pred = model.predict(schedule.add_noise(latents, noise, t), t, model.condition(ids, torch.zeros(ids.shape[0], 6)))
+            pred = model.predict(schedule.add_noise(latents, noise, t), t, model.condition(model.encode_text(ids), torch.zeros(ids.shape[0], 6)))
             loss = diffusion_loss(pred, noise, schedule.snr[t], 5.0, False)
             loss.backward()
             optimizer.step()
@@ -185,7 +185,7 @@ def test_v_parameterization_trains_against_velocity(sd_model, project, tmp_path)
     ids = trainer.model.tokenize(["a", "b"])
     with torch.no_grad():
         got = step.loss(latents, ids, torch.zeros(2, 6), noise, t)
-        pred = trainer.model.predict(schedule.add_noise(latents, noise, t), t, trainer.model.condition(ids, torch.zeros(ids.shape[0], 6)))
+        pred = trainer.model.predict(schedule.add_noise(latents, noise, t), t, trainer.model.condition(trainer.model.encode_text(ids), torch.zeros(ids.shape[0], 6)))
         v = schedule.sqrt_alpha[t].view(-1, 1, 1, 1) * noise - schedule.sqrt_one_minus_alpha[t].view(-1, 1, 1, 1) * latents
         snr = schedule.snr[t]
         expected = (((pred - v) ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / (snr + 1)).mean()
@@ -221,7 +221,7 @@ def test_gradient_checkpointing_gives_lora_the_same_gradients(sd_model):
     ids = model.tokenize(["kat"])
 
     def grads(network):
-        model.predict(x, t, model.condition(ids, torch.zeros(ids.shape[0], 6))).square().mean().backward()
+        model.predict(x, t, model.condition(model.encode_text(ids), torch.zeros(ids.shape[0], 6))).square().mean().backward()
         out = [p.grad.clone() for p in network.parameters()]
         for p in network.parameters():
             p.grad = None
@@ -254,8 +254,9 @@ def test_kohya_token_layout_227_states_for_225_tokens(sd_model):
     ids = model.tokenize(["kat, " * 100])
     assert ids.shape == (1, 3, 77)
     assert (ids[:, :, 0] == 49406).all()
-    assert model.condition(ids, torch.zeros(ids.shape[0], 6))["crossattn"].shape == (1, 227, 32)
-    assert LdmModel(sd_model, max_token_length=75).condition(ids[:, :1], torch.zeros(1, 6))["crossattn"].shape == (1, 77, 32)
+    assert model.condition(model.encode_text(ids), torch.zeros(ids.shape[0], 6))["crossattn"].shape == (1, 227, 32)
+    short = LdmModel(sd_model, max_token_length=75)
+    assert short.condition(short.encode_text(ids[:, :1]), torch.zeros(1, 6))["crossattn"].shape == (1, 77, 32)
 
 
 def test_locon_trains_the_resblock_convs_at_conv_dim(sd_model, project, tmp_path):

@@ -62,7 +62,7 @@ def sample(model, prompt: str, negative: str, *, seed: int, size: tuple[int, int
     x = torch.randn((1, 4, height // 8, width // 8), generator=generator).to(model.device)
     timesteps = ddim_timesteps(steps)
     with autocast:
-        cond = model.condition(ids, sizes)
+        cond = model.condition(model.encode_text(ids), sizes)
         for i, t in enumerate(timesteps):
             a = alphas[t]
             a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else alphas[0]

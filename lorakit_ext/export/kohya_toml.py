@@ -80,6 +80,7 @@ def training_args(config, *, base_model_path: str, dataset_config: str, output_d
         "mixed_precision": mixed_precision,
         "sdpa": True,
         "cache_latents": bool(config.cache_latents),
+        "cache_text_encoder_outputs": True if config.cache_text_encoder_outputs else None,
         "gradient_checkpointing": bool(config.gradient_checkpointing),
         "clip_skip": int(config.clip_skip),
         "max_token_length": int(config.max_token_length) if config.max_token_length > 75 else None,

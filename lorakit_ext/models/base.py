@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 # One batch's conditioning, keyed as sgm's conditioner keys it: "crossattn" ``[B, T, C]`` for every
 # family; "vector" ``[B, V]`` (pooled text and size embeddings) for a UNet that takes one (SDXL).
 Conditioning = dict[str, torch.Tensor]
+# What the text encoders give for a batch of captions, before any image enters: "crossattn" for
+# every family, "pooled" ``[B, P]`` where the UNet also takes a vector (SDXL). Per caption, so a
+# run with frozen encoders can compute it once per caption and keep it.
+TextStates = dict[str, torch.Tensor]
 
 
 class DiffusionModel(Protocol):
@@ -38,10 +42,13 @@ class DiffusionModel(Protocol):
         one encoder) on the CPU; host-side, outside the step, whose captured graph has this one
         static input for them."""
 
-    def condition(self, ids: torch.Tensor, sizes: torch.Tensor) -> Conditioning:
-        """Token ids and each image's size conditioning (``[B, 6]``: original h, w, crop top, left,
-        target h, w; see :func:`~lorakit_ext.train.buckets.size_conditioning`), on the model's
-        device → the UNet's conditioning. Families whose UNet takes no sizes ignore them."""
+    def encode_text(self, ids: torch.Tensor) -> TextStates:
+        """Token ids (on any device) → the text encoders' states on the model's device."""
+
+    def condition(self, text: TextStates, sizes: torch.Tensor) -> Conditioning:
+        """Text states and each image's size conditioning (``[B, 6]``: original h, w, crop top,
+        left, target h, w; see :func:`~lorakit_ext.train.buckets.size_conditioning`) → the UNet's
+        conditioning. Families whose UNet takes no sizes ignore them."""
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents → pixels ``[B,3,H,W]`` in about [-1, 1]: for sampling."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit_ext.models.base import Conditioning
+from lorakit_ext.models.base import Conditioning, TextStates
 from lorakit_ext.models.families import family_of_model
 from lorakit_ext.models.families.stable_diffusion import LdmFamily
 
@@ -51,9 +51,12 @@ class LdmModel:
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         return self._text.tokenize(captions)
 
-    def condition(self, ids: torch.Tensor, sizes: torch.Tensor) -> Conditioning:
-        # ldm's UNet takes cross-attention only: no pooled vector, no sizes.
+    def encode_text(self, ids: torch.Tensor) -> TextStates:
         return {"crossattn": self._text.encode(ids.to(self.device))}
+
+    def condition(self, text: TextStates, sizes: torch.Tensor) -> Conditioning:
+        # ldm's UNet takes cross-attention only: no pooled vector, no sizes.
+        return {"crossattn": text["crossattn"]}
 
     # ---- UNet ---------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

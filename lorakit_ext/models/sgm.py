@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from lorakit_ext.models.base import Conditioning
+from lorakit_ext.models.base import Conditioning, TextStates
 from lorakit_ext.models.families.sd1 import CHUNK, chunked_ids, joined_chunks
 from lorakit_ext.models.families.sdxl import SdxlFamily, embedder_part
 
@@ -141,19 +141,22 @@ class SgmModel:
         ids = chunked_ids(self._tokenizer, captions, self.chunks)
         return torch.stack([ids, open_clip_ids(ids, self._tokenizer.eos_token_id)], 1)
 
-    def condition(self, ids: torch.Tensor, sizes: torch.Tensor) -> Conditioning:
+    def encode_text(self, ids: torch.Tensor) -> TextStates:
         ids = ids.to(self.device)
         batch, _, chunks, width = ids.shape
         clip_ids, big_g_ids = ids[:, 0].reshape(-1, width), ids[:, 1].reshape(-1, width)
         clip_states = self._clip(input_ids=clip_ids, output_hidden_states=True).hidden_states[self._clip_layer]
         big_g_states, pooled = self._big_g.encode(big_g_ids)
         crossattn = torch.cat([joined_chunks(clip_states, batch), joined_chunks(big_g_states, batch).to(clip_states.dtype)], -1)
+        # kohya conditions on the first chunk's pooled output.
+        return {"crossattn": crossattn, "pooled": pooled.reshape(batch, chunks, -1)[:, 0]}
+
+    def condition(self, text: TextStates, sizes: torch.Tensor) -> Conditioning:
         if self._freqs is None or self._freqs.device != self.device:
             self._freqs = size_frequencies(self.device)
-        # kohya conditions on the first chunk's pooled output.
-        pooled = pooled.reshape(batch, chunks, -1)[:, 0]
+        pooled = text["pooled"]
         vector = torch.cat([pooled, size_embedding(sizes.to(self.device), self._freqs).to(pooled.dtype)], -1)
-        return {"crossattn": crossattn, "vector": vector}
+        return {"crossattn": text["crossattn"], "vector": vector}
 
     # ---- UNet ---------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

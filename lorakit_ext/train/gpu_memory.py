@@ -32,8 +32,9 @@ def prime_workspaces(device: torch.device) -> None:
 def park(module: nn.Module, training_device: torch.device) -> Callable[[], None]:
     """Moves ``module`` to the CPU if it sits on ``training_device`` (a GPU); returns the undo.
 
-    For the VAE once latents are cached: idle until the run ends (kohya moves it for the same
-    reason), 160 MB in fp16 (320 MB with --no-half-vae). ``Module.to`` keeps the parameter
+    For the VAE once latents are cached, and the text encoders once their outputs are: idle until
+    the run ends (kohya moves them for the same reason); SD1's VAE is 160 MB in fp16, SDXL's two
+    text encoders 1.6 GB. ``Module.to`` keeps the parameter
     objects, so moving back restores the user's VAE exactly.
     """
     param = next(module.parameters(), None)

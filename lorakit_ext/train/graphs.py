@@ -1,4 +1,4 @@
-"""Training steps captured in CUDA graphs: one graph per (batch, latent size, token layout).
+"""Training steps captured in CUDA graphs: one graph per (batch, latent size, text layout).
 
 Small-batch LoRA training is bound by the CPU launching thousands of small kernels per step (about
 6 000 for SD1.5; the README's "Speed and memory" has the measurements); replaying a captured step
@@ -22,9 +22,18 @@ NOT_CUDA = "not a CUDA device"
 OFF = "turned off (cuda_graphs = False)"
 
 
+def _parts(text) -> list[torch.Tensor]:
+    """The step's text input as a list of tensors: token ids, or cached text states (a dict)."""
+    return [text[k] for k in sorted(text)] if isinstance(text, dict) else [text]
+
+
+def _mapped(text, fn):
+    return {k: fn(v) for k, v in text.items()} if isinstance(text, dict) else fn(text)
+
+
 class _Graph:
-    def __init__(self, graph, latents, ids, sizes, loss):
-        self.graph, self.latents, self.ids, self.sizes, self.loss = graph, latents, ids, sizes, loss
+    def __init__(self, graph, latents, text, sizes, loss):
+        self.graph, self.latents, self.text, self.sizes, self.loss = graph, latents, text, sizes, loss
 
 
 class GraphedStep:
@@ -62,27 +71,33 @@ class GraphedStep:
         log.info("CUDA graphs off, training eagerly: %s", reason)
         self.on_fallback(reason)
 
-    def __call__(self, latents: torch.Tensor, ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """One step on ``latents`` (on the device), token ``ids`` and image ``sizes`` (on the host)."""
+    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor) -> torch.Tensor:
+        """One step on ``latents`` (on the device), ``text`` (token ids on the host, or cached
+        text states on the device) and image ``sizes`` (on the host)."""
         if self.disabled:
-            return self.step(latents, ids.to(latents.device), sizes.to(latents.device))
-        key = (tuple(latents.shape), tuple(ids.shape))
+            return self._eager(latents, text, sizes)
+        key = (tuple(latents.shape), tuple(tuple(part.shape) for part in _parts(text)))
         graph = self.graphs.get(key)
         if graph is None:
             if self.seen[key] < self.warmup:
                 self.seen[key] += 1
-                return self._side_stream(latents, ids, sizes)
+                return self._side_stream(latents, text, sizes)
             try:
-                graph = self._capture(key, latents, ids, sizes)
+                graph = self._capture(key, latents, text, sizes)
             except Exception as exc:  # any capture failure: eager is always correct
                 torch.cuda.synchronize()
                 self._fall_back(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-                return self.step(latents, ids.to(latents.device), sizes.to(latents.device))
+                return self._eager(latents, text, sizes)
         graph.latents.copy_(latents)
-        graph.ids.copy_(ids, non_blocking=True)
+        for static, part in zip(_parts(graph.text), _parts(text)):
+            static.copy_(part, non_blocking=True)
         graph.sizes.copy_(sizes, non_blocking=True)
         graph.graph.replay()
         return graph.loss.clone()
+
+    def _eager(self, latents, text, sizes) -> torch.Tensor:
+        device = latents.device
+        return self.step(latents, _mapped(text, lambda t: t.to(device, non_blocking=True)), sizes.to(device, non_blocking=True))
 
     def _stream(self) -> torch.cuda.Stream:
         # One side stream for every warm-up and capture: cached memory belongs to a stream (a new
@@ -95,18 +110,18 @@ class GraphedStep:
             self._side = torch.cuda.Stream()
         return self._side
 
-    def _side_stream(self, latents, ids, sizes) -> torch.Tensor:
+    def _side_stream(self, latents, text, sizes) -> torch.Tensor:
         # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.
         stream = self._stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            loss = self.step(latents, ids.to(latents.device, non_blocking=True), sizes.to(latents.device, non_blocking=True))
+            loss = self._eager(latents, text, sizes)
         torch.cuda.current_stream().wait_stream(stream)
         return loss
 
-    def _capture(self, key, latents, ids, sizes) -> _Graph:
+    def _capture(self, key, latents, text, sizes) -> _Graph:
         static_latents = latents.clone()
-        static_ids = ids.to(latents.device).clone()
+        static_text = _mapped(text, lambda t: t.to(latents.device).clone())
         static_sizes = sizes.to(latents.device).clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
@@ -115,10 +130,10 @@ class GraphedStep:
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved()
         with torch.cuda.graph(graph, pool=self.pool, stream=self._stream()):
-            static_loss = self.step(static_latents, static_ids, static_sizes)
+            static_loss = self.step(static_latents, static_text, static_sizes)
         if self.pool is None:
             self.pool = graph.pool()
-        entry = _Graph(graph, static_latents, static_ids, static_sizes, static_loss)
+        entry = _Graph(graph, static_latents, static_text, static_sizes, static_loss)
         self.graphs[key] = entry
         log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)",
                  key[0], (torch.cuda.memory_reserved() - reserved) / 2**30, torch.cuda.memory_reserved() / 2**30)

@@ -40,6 +40,7 @@ from lorakit_ext.train.record import RunRecord, has_saved_state
 from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
+from lorakit_ext.train.text_cache import TextCache
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,13 @@ class Trainer:
             should_stop=self.should_stop,
         )
 
+    def _cache_text(self, step_fn: StepFunction, captions: list[str]) -> TextCache:
+        def progress(done, total):
+            self.on_progress(Progress("caching", step=done, total_steps=total, message=f"caching text-encoder outputs {done}/{total}"))
+
+        return TextCache.build(captions, lambda chunk: step_fn.encode_text(self.model.tokenize(chunk)),
+                               progress=progress, should_stop=self.should_stop)
+
     # ---- the run ------------------------------------------------------------------------------
     def run(self, resume_state: dict | None = None) -> RunResult:
         """Trains; ``run.json`` ends ``finished``, ``interrupted`` or ``failed`` (with the reason)
@@ -189,7 +197,13 @@ class Trainer:
             optimizer, saver.optimizer_name = build_optimizer(config, network.param_groups(), self.device)
             scheduler = build_scheduler(config, optimizer, schedule.total_steps, schedule.warmup_steps)
             lrs = DeviceLearningRates(optimizer, self.device)
-            step_fn = StepFunction(model, self.schedule, config, self.precision, network.parameters(), optimizer, config.text_encoder_lr > 0)
+            step_fn = StepFunction(model, self.schedule, config, self.precision, network.parameters(), optimizer,
+                                   config.text_encoder_lr > 0, text_cached=config.cache_text_encoder_outputs)
+            text_cache = None
+            if config.cache_text_encoder_outputs:
+                text_cache = self._cache_text(step_fn, captions)
+                for encoder in model.text_encoders.values():
+                    stack.callback(park(encoder, self.device))
             graphed = GraphedStep(step_fn, on_fallback=lambda reason: self.on_progress(Progress("training", message=f"CUDA graphs off: {reason}")))
             stack.callback(graphed.release)
             position, losses = Position(0, 0, 0), []
@@ -217,7 +231,8 @@ class Trainer:
                         raise Interrupted()
                     batch = batches[step]
                     latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
-                    pending.append(graphed(latents, model.tokenize(batch.captions), batch.sizes))
+                    text = text_cache.states(batch.indices) if text_cache else model.tokenize(batch.captions)
+                    pending.append(graphed(latents, text, batch.sizes))
                     scheduler.step()
                     lrs.sync()
                     position.global_step += 1

@@ -1,4 +1,8 @@
-"""One training step as a function of tensors: ``(latents, token ids, image sizes) → loss``.
+"""One training step as a function of tensors: ``(latents, text, image sizes) → loss``.
+
+``text`` is the captions' token ids, or, when the text encoders are frozen and their outputs were
+cached (``cache_text_encoder_outputs``), the encoders' states for them
+(:class:`~lorakit_ext.train.text_cache.TextCache`).
 
 Everything inside is device work with no host synchronisation and no host-side decisions: noise
 and timesteps come from the device RNG, gradients are zeroed in place (static), fp16 loss scaling
@@ -43,7 +47,7 @@ class DeviceLossScale:
 
 
 class StepFunction:
-    def __init__(self, model, schedule, config, precision, params, optimizer, train_te: bool):
+    def __init__(self, model, schedule, config, precision, params, optimizer, train_te: bool, text_cached: bool = False):
         self.model = model
         self.schedule = schedule
         self.config = config
@@ -51,6 +55,7 @@ class StepFunction:
         self.params = params
         self.optimizer = optimizer
         self.train_te = train_te
+        self.text_cached = text_cached
         self.v = model.parameterization == "v"
         self.loss_scale = self.grad_scaler = None
         if precision.scaler and is_fused_adamw(optimizer):
@@ -73,23 +78,33 @@ class StepFunction:
             return contextlib.nullcontext()
         return torch.autocast(self.model.device.type, dtype=self.precision.autocast)
 
-    def loss(self, latents, ids, sizes, noise, timesteps):
+    @torch.no_grad()
+    def encode_text(self, ids: torch.Tensor):
+        """The frozen encoders' states for ``ids``, as this step computes them (same precision)."""
         with self._autocast():
-            with contextlib.nullcontext() if self.train_te else torch.no_grad():
-                cond = self.model.condition(ids, sizes)
+            return self.model.encode_text(ids)
+
+    def loss(self, latents, text, sizes, noise, timesteps):
+        with self._autocast():
+            if self.text_cached:
+                states = text
+            else:
+                with contextlib.nullcontext() if self.train_te else torch.no_grad():
+                    states = self.model.encode_text(text)
+            cond = self.model.condition(states, sizes)
             noisy = self.schedule.add_noise(latents, noise, timesteps)
             pred = self.model.predict(noisy, timesteps, cond)
         target = self.schedule.velocity(latents, noise, timesteps) if self.v else noise
         return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, self.v,
                               scale_v_like_noise=self.config.scale_v_pred_loss_like_noise_pred)
 
-    def __call__(self, latents: torch.Tensor, ids: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
         noise = draw_noise(latents, None, self.config.noise_offset)
         timesteps = draw_timesteps(latents.shape[0], None, latents.device)
-        loss = self.loss(latents, ids, sizes, noise, timesteps)
+        loss = self.loss(latents, text, sizes, noise, timesteps)
         if self.grad_scaler is not None:
             return self._host_scaled_step(loss)
         if self.loss_scale is not None:

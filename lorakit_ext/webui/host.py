@@ -100,3 +100,11 @@ def networks_module():
 def refresh_loras() -> None:
     """Re-reads the Lora folder so new epoch files show up in Extra Networks and ``<lora:…>``."""
     networks_module().list_available_networks()
+
+
+def model_in_memory():
+    """The checkpoint A1111 holds now, or None. Reads ``sd_models.model_data.sd_model``:
+    ``shared.sd_model`` would load one when none is loaded, which a page load must not do."""
+    from modules import sd_models
+
+    return sd_models.model_data.sd_model

@@ -22,8 +22,8 @@ def build_tab() -> tuple:
                 dataset, dataset_changes = ui_dataset.build(project)
             with gr.Tab("Captions", id="lorakit_captions", elem_id="lorakit_tab_captions"):
                 captions = ui_captions.build(project)
-            with gr.Tab("Train", id="lorakit_train", elem_id="lorakit_tab_train"):
-                trained, planned = ui_train.build(project)
+            with gr.Tab("Train", id="lorakit_train", elem_id="lorakit_tab_train") as train_tab:
+                trained, planned, follow_model = ui_train.build(project)
             with gr.Tab("Compare", id="lorakit_compare", elem_id="lorakit_tab_compare"):
                 compared, promoted = ui_compare.build(project)
         # What one sub-tab changes on disk, the others show at once: new or removed images in the
@@ -36,4 +36,8 @@ def build_tab() -> tuple:
         promoted.then(**dataset)
         for spec in (projects, dataset, *captions, planned, compared):
             blocks.load(**spec)
+        # The checkpoint can change between page loads (the checkpoint list), so the form checks
+        # its family whenever the Train tab is opened.
+        for event in (blocks.load, train_tab.select):
+            event(**follow_model).then(**planned)
     return blocks, TAB_TITLE, TAB_ID

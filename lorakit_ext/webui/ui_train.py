@@ -13,7 +13,7 @@ import json
 import gradio as gr
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.models.families import PRESETS
+from lorakit_ext.models.families import PRESETS, family_of_preset, first_preset, known_family
 from lorakit_ext.webui import ui_form, ui_plan, ui_results, ui_shared, ui_tables
 
 SPECS = ui_form.form_specs()
@@ -30,6 +30,24 @@ def component(spec: ui_form.FieldSpec):
     if spec.kind == "number":
         return gr.Number(precision=spec.precision, **common)
     return gr.Textbox(**common)
+
+
+def _follow_loaded_model(form_family, *current):
+    """When the checkpoint in memory is of another family than the form's settings (the user
+    loaded an SDXL model), the form takes that family's first preset: SD1.5's 512² settings would
+    train an SDXL LoRA badly. The Output fields stay; nothing changes while the family is the same,
+    so the user's own edits survive every page load."""
+    from lorakit_ext.webui.host import model_in_memory
+
+    family = known_family(model_in_memory())
+    if family is None or family.name == form_family:
+        return [gr.update()] * (2 + len(current))
+    label = first_preset(family)
+    return [family.name, label, *ui_form.preset_values(SPECS, label, current)]
+
+
+def _choose_preset(label, *current):
+    return [family_of_preset(label).name, *ui_form.preset_values(SPECS, label, current)]
 
 
 def loss_plot(points):
@@ -113,10 +131,13 @@ def _interrupt(task_id):
 
 
 def build(project):
-    """The sub-tab; returns (the Start event, the plan refresh spec)."""
+    """The sub-tab; returns (the Start event, the plan refresh spec, the spec that sets the form
+    for the loaded model's family)."""
     from modules.ui_components import FormRow
 
     task = ui_shared.task_id_box()
+    # The family whose defaults the form holds: TrainConfig's own defaults are SD1.5's.
+    form_family = gr.State(family_of_preset(ui_form.DEFAULT_PRESET).name)
     with gr.Row():
         with gr.Column(scale=3, elem_id="lorakit_train_form"):
             preset = gr.Dropdown(
@@ -160,9 +181,9 @@ def build(project):
         fields[name].input(**planned)
     project.change(**planned)
     project.change(resumable_runs, inputs=[project], outputs=[resume_run], show_progress="hidden")
-    preset.input(
-        lambda name, *current: ui_form.preset_values(SPECS, name, current), inputs=[preset, *values], outputs=values
-    ).then(**planned)
+    preset.input(_choose_preset, inputs=[preset, *values], outputs=[form_family, *values]).then(**planned)
+    follow = dict(fn=_follow_loaded_model, inputs=[form_family, *values], outputs=[form_family, preset, *values],
+                  show_progress="hidden")
     results = [chart, files, samples, status]
     started = ui_shared.job_button(start, _start, [task, project, *values], results, "lorakit_start_training")
     resumed = ui_shared.job_button(resume, _resume, [task, project, resume_run], results, "lorakit_start_training")
@@ -176,4 +197,4 @@ def build(project):
         **ui_shared.js("lorakit_train_task"),
     )
     stop.click(ui_shared.guarded(1)(_interrupt), inputs=[task], outputs=[status], **ui_shared.js("lorakit_train_task"))
-    return started, planned
+    return started, planned, follow

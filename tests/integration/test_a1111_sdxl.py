@@ -305,3 +305,34 @@ def test_a_v_prediction_sdxl_trains_on_velocity_and_says_so(xl, velocity_calls, 
     assert before.changes(bridge.fingerprint(sd_model)) == []
     monkeypatch.undo()
     assert xl.txt2img(PROMPT, seed=3).tobytes() == image
+
+
+def test_cached_text_encoder_outputs_train_the_unet_alone_and_give_the_model_back(xl):
+    from lorakit_ext.webui import bridge
+
+    sd_model, name = xl.shared.sd_model, new_project(xl, "t")
+    bridge.unmerge_networks(sd_model)
+    before, image = bridge.fingerprint(sd_model), xl.txt2img(PROMPT, seed=3).tobytes()
+    files, status, job = train_button("task(lkxl-cached)", name, output_name=f"{name}t", text_encoder_lr=0.0,
+                                      shuffle_tags=False, cache_text_encoder_outputs=True)
+    assert job["status"] == "finished", (status, job)
+    for path in files:
+        assert {k.split("_", 2)[1] for k in read_lora(path)[0]} == {"unet"}
+        assert bridge.check_lora_file(Path(path)) > 0
+    assert before.changes(bridge.fingerprint(sd_model)) == []
+    assert xl.txt2img(PROMPT, seed=3).tobytes() == image
+
+
+def test_the_train_form_takes_the_sdxl_defaults_when_an_sdxl_model_is_loaded(xl):
+    from lorakit_ext.train_config import TrainConfig
+    from lorakit_ext.webui import ui_form, ui_train
+
+    sd15_form = ui_form.config_values(ui_train.SPECS, TrainConfig(output_name="mine", trigger="kat"))
+    family, preset, *values = ui_train._follow_loaded_model("sd1", *sd15_form)
+    assert (family, preset) == ("sdxl", "SDXL · kohya-colab XL")
+    shown = dict(zip([spec.name for spec in ui_train.SPECS], values))
+    assert shown["resolution"] == 1024 and shown["network_dim"] == 8 and shown["unet_lr"] == 3e-4
+    assert (shown["output_name"], shown["trigger"]) == ("mine", "kat")  # the user's typing stays
+    # Once set for SDXL, a page load or a tab switch leaves the user's edits alone.
+    unchanged = ui_train._follow_loaded_model("sdxl", *values)
+    assert all(update == {"__type__": "generic_update"} for update in unchanged)

@@ -131,6 +131,21 @@ def preset(label: str, **overrides) -> TrainConfig:
     return family.train_config(name, **overrides)
 
 
+def known_family(sd_model: nn.Module | None) -> ModelFamily | None:
+    """The family of a loaded model, or None for no model or one no family knows."""
+    return _owner(sd_model) if sd_model is not None else None
+
+
+def family_of_preset(label: str) -> ModelFamily:
+    return PRESETS[label][0] if label in PRESETS else SD1
+
+
+def first_preset(family: ModelFamily | None) -> str:
+    """The preset a form starts with for a family's model: its first (SD1's for none)."""
+    family = family or SD1
+    return next(label for label, (owner, _) in PRESETS.items() if owner is family or (owner is SD1 and family.presets is SD1.presets))
+
+
 def defaults_of_model(sd_model: nn.Module | None) -> dict:
     """The training defaults of a loaded model's family; SD1.5's (TrainConfig's own) for none or
     a model no family knows."""

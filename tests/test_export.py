@@ -26,6 +26,7 @@ from lorakit_ext.export.writer import (
     write_lora_file,
 )
 from lorakit_ext.models.checkpoint import load_sd_checkpoint
+from lorakit_ext.models.families.names import PACKED_QKV
 from lorakit_ext.models.families.sd1 import SD1, clip_text_transformer
 from lorakit_ext.models.families.sd2 import SD2
 from lorakit_ext.train_config import TrainConfig
@@ -211,20 +212,29 @@ def test_full_sd15_target_counts_match_kohya():
     assert (len(locon["unet"]), len(locon["te"])) == (192 + 22 * 3 + 14 + 6, 72)
 
 
+def module_a1111_maps(root: nn.Module, path: str, kind: str) -> nn.Module:
+    """The module A1111's loader attaches a LoRA target to: q/k/v of an OpenCLIP attention name
+    rows of its packed weight, so A1111 maps them to the ``nn.MultiheadAttention``."""
+    if kind == "attention" and path.endswith(PACKED_QKV):
+        return root.get_submodule(path.rpartition(".")[0])
+    return root.get_submodule(path)
+
+
 def test_sd2_names_round_trip_and_a1111_finds_them(tiny_sd2_model):
     sd = tiny_sd2_model
     r = SD2.component_roots(sd)
     targets = SD2.target_modules(r, "LoCon")
-    # Linear proj_in/proj_out in SD2; OpenCLIP's attention reads its packed q/k/v and out_proj
-    # weights directly, so a wrapper there would not train: the MLP's 2 per layer.
-    assert len(targets["unet"]) == 278 and len(targets["te"]) == 2 * 2
+    # Linear proj_in/proj_out in SD2; OpenCLIP's 2 layers train kohya's 6 each: q/k/v/out of the
+    # attention (in weight space) and the MLP's 2.
+    assert len(targets["unet"]) == 278 and len(targets["te"]) == 2 * 6
+    assert sum(kind == "attention" for _, kind in targets["te"]) == 2 * 4
     assert sum(kind == "conv1x1" for _, kind in SD2.target_modules({"unet": r["unet"]}, "LoRA")["unet"]) == 0
     mapping = a1111_layer_mapping(sd.cond_stage_model, sd.model)
     for component, entries in targets.items():
-        for path, _ in entries:
+        for path, kind in entries:
             name = SD2.kohya_name(component, path)
             assert SD2.module_path_from_kohya(name) == (component, path)
-            assert a1111_module(mapping, name, is_sd2=True) is r[component].get_submodule(path), name
+            assert a1111_module(mapping, name, is_sd2=True) is module_a1111_maps(r[component], path, kind), name
     assert SD2.kohya_name("te", "transformer.resblocks.1.mlp.c_fc") == "lora_te_text_model_encoder_layers_1_mlp_fc1"
     assert SD2.kohya_name("te", "transformer.resblocks.0.attn.out_proj") == "lora_te_text_model_encoder_layers_0_self_attn_out_proj"
     q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"

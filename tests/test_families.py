@@ -137,11 +137,13 @@ def test_kohya_names_round_trip_for_every_target_module(family, network_type, mi
     assert set(targets) == set(roots) and all(targets.values())
     names = []
     for component, entries in targets.items():
-        for path, _ in entries:
+        for path, kind in entries:
             name = family.kohya_name(component, path)
             assert name.startswith(family.components[component]) and "." not in name
             assert family.module_path_from_kohya(name) == (component, path)
-            roots[component].get_submodule(path)
+            # An attention target's q/k/v name rows of its MultiheadAttention's packed weight.
+            module = roots[component].get_submodule(path.rpartition(".")[0] if kind == "attention" else path)
+            assert isinstance(module, nn.MultiheadAttention) if kind == "attention" else module is not None
             names.append(name)
     assert len(set(names)) == len(names)
 

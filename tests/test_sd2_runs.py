@@ -36,6 +36,8 @@ def test_an_sd2_run_trains_and_its_files_say_which_sd2(tmp_path, capsys, v, arch
     assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
     ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
     assert any(t.abs().max() > 0 for t in ups)  # trained: up weights start at zero
+    # OpenCLIP's attention trains too (in weight space: its MHA reads the packed q/k/v weight).
+    assert tensors["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"].abs().max() > 0
     losses = [float(line.split(",")[1]) for line in (Path(out["run_dir"]) / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     kohya = load_config_file(Path(out["run_dir"]) / "kohya_config.toml")

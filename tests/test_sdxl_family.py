@@ -29,7 +29,7 @@ from lorakit_ext.models.families.base import UNET_INPUT_KEY
 from lorakit_ext.models.families.names import PACKED_QKV
 from lorakit_ext.models.families.sdxl import ADM_KEY, BASE_TEXT_KEY, SDXL
 from lorakit_ext.train_config import NETWORK_TYPES
-from test_export import make_metadata
+from test_export import make_metadata, module_a1111_maps
 
 # Names as kohya's sdxl_train_network.py writes them (and the harness's LoRAs have them) ↔ module paths.
 KNOWN_NAMES = [
@@ -180,8 +180,8 @@ def test_a1111_finds_the_module_of_every_name_we_write(tiny_sdxl, network_type):
     mapping = a1111_layer_mapping(tiny_sdxl)
     targets = SDXL.target_modules(roots, network_type)
     for component, entries in targets.items():
-        for path, _ in entries:
-            assert a1111_module(mapping, SDXL.kohya_name(component, path)) is roots[component].get_submodule(path)
+        for path, kind in entries:
+            assert a1111_module(mapping, SDXL.kohya_name(component, path)) is module_a1111_maps(roots[component], path, kind)
     for name in _te2_packed_names():
         _, path = SDXL.module_path_from_kohya(name)
         assert isinstance(a1111_module(mapping, name), nn.MultiheadAttention)
@@ -190,10 +190,10 @@ def test_a1111_finds_the_module_of_every_name_we_write(tiny_sdxl, network_type):
 
 def test_lora_targets_are_kohyas_full_sdxl_set(tiny_sdxl):
     # kohya's SDXL LoRA: 722 UNet modules (70 transformer blocks × 10 Linears + 22 proj_in/out), 6 per
-    # CLIP-L layer (12); bigG's 32 layers are named all 6 ways, but its attention reads the packed
-    # q/k/v and out_proj weights directly, so only the MLP's 2 per layer train.
+    # CLIP-L layer (12) and per bigG layer (32): bigG's q/k/v/out train in weight space, as its
+    # attention reads the packed weights directly.
     targets = SDXL.target_modules(SDXL.component_roots(tiny_sdxl), "LoRA")
-    assert {component: len(entries) for component, entries in targets.items()} == {"unet": 722, "te1": 72, "te2": 64}
+    assert {component: len(entries) for component, entries in targets.items()} == {"unet": 722, "te1": 72, "te2": 192}
     assert len(_te2_packed_names()) == 96
 
 
@@ -206,8 +206,8 @@ def test_a_kohya_sdxl_lora_names_our_modules_and_merges(tiny_sdxl):
     roots = SDXL.component_roots(tiny_sdxl)
     ours = {SDXL.kohya_name(c, p) for c, entries in SDXL.target_modules(roots, "LoRA").items() for p, _ in entries}
     locon = {SDXL.kohya_name(c, p) for c, entries in SDXL.target_modules(roots, "LoCon").items() for p, _ in entries}
-    # Every module kohya's LoRA has is one we train or (te2's q/k/v) name; the rest are LoCon's convs.
-    assert ours | set(_te2_packed_names()) <= names and names - ours - set(_te2_packed_names()) <= locon
+    # Every module kohya's LoRA has is one we train; the rest are LoCon's convs.
+    assert set(_te2_packed_names()) <= ours <= names and names - ours <= locon
     assert sd_version_of(metadata) == "SDXL"
     model = copy.deepcopy(tiny_sdxl)
     assert apply_lora_file(model, Path(lora), SDXL) == len(names)

@@ -145,7 +145,7 @@ def test_an_sdxl_run_trains_headless_and_its_files_are_kohyas_sdxl_files(tmp_pat
     prefixes = {k.split("_", 2)[1] for k in tensors}
     assert prefixes == {"unet", "te1", "te2"}
     ups = {k: t for k, t in tensors.items() if k.endswith("lora_up.weight")}
-    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te2_text_model_encoder_layers_0_self_attn_"):
         assert any(t.abs().max() > 0 for k, t in ups.items() if k.startswith(prefix)), prefix
     losses = [float(line.split(",")[1]) for line in (Path(out["run_dir"]) / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)

@@ -1,5 +1,8 @@
 """LoRA / LoCon injection into the user's model with peft, and its exact removal.
 
+OpenCLIP's attention projections, which no wrapper can reach, train in weight space instead
+(:mod:`lorakit_ext.train.attention_lora`).
+
 The model is the user's (A1111's ``shared.sd_model``): after training — success, interrupt or
 exception — every injected wrapper is replaced by the original module object and each parameter's
 ``requires_grad``, each module's train/eval mode and every weight are as before.
@@ -17,7 +20,9 @@ from torch import nn
 
 from lorakit_ext.export.collect import collect_peft_weights
 from lorakit_ext.export.writer import ModuleWeights
+from lorakit_ext.models.families.base import ATTENTION
 from lorakit_ext.models.patching import patch_forwards
+from lorakit_ext.train import attention_lora
 
 ADAPTER = "lorakit"
 
@@ -55,6 +60,7 @@ class Component:
     root: nn.Module
     alphas: dict[str, float] = field(default_factory=dict)
     params: list[nn.Parameter] = field(default_factory=list)
+    attentions: list[attention_lora.AttentionLora] = field(default_factory=list)
 
 
 def _config(targets, dim, alpha, conv_dim, conv_alpha, dropout) -> tuple[LoraConfig, dict[str, float]]:
@@ -128,27 +134,33 @@ class LoraNetwork:
         # disturbing the RNG stream of the host application.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            for name, paths in targets.items():
-                if not paths:
+            for name, entries in targets.items():
+                if not entries:
                     continue
-                peft_config, alphas = _config(paths, c.network_dim, c.network_alpha, c.conv_dim, c.conv_alpha, c.network_dropout)
                 root = roots[name]
-                inject_adapter_in_model(peft_config, root, adapter_name=ADAPTER)
-                # No undo needed: the layers themselves go away in remove().
-                patch_forwards([m for m in root.modules() if isinstance(m, LoraLayer)], _lora_forward)
-                params = []
-                for pname, param in root.named_parameters():
-                    if "lora_" in pname:
-                        # LoRA weights train in fp32 whatever the base model's dtype.
-                        param.data = param.data.float()
-                        param.requires_grad_(True)
-                        params.append(param)
-                self.components.append(Component(name, root, alphas, params))
+                wrapped = [(path, kind) for path, kind in entries if kind != ATTENTION]
+                alphas = {}
+                if wrapped:
+                    peft_config, alphas = _config(wrapped, c.network_dim, c.network_alpha, c.conv_dim, c.conv_alpha, c.network_dropout)
+                    inject_adapter_in_model(peft_config, root, adapter_name=ADAPTER)
+                    # No undo needed: the layers themselves go away in remove().
+                    patch_forwards([m for m in root.modules() if isinstance(m, LoraLayer)], _lora_forward)
+                component = Component(name, root, alphas)
+                self.components.append(component)
+                for path in attention_lora.attention_paths(entries):
+                    component.attentions.append(attention_lora.attach(root, path, c.network_dim, c.network_alpha))
+                for _, param in _named_lora_parameters(component):
+                    # LoRA weights train in fp32 whatever the base model's dtype.
+                    param.data = param.data.float()
+                    param.requires_grad_(True)
+                    component.params.append(param)
         for comp in self.components:
             comp.root.train()
 
     def remove(self) -> None:
         for comp in self.components:
+            for attention in comp.attentions:
+                attention.remove()
             _remove_lora_layers(comp.root)
         if self._state is not None:
             self._state.restore()
@@ -169,15 +181,10 @@ class LoraNetwork:
         return [p for comp in self.components for p in comp.params]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{comp.name}.{n}": p.detach().clone()
-            for comp in self.components
-            for n, p in comp.root.named_parameters()
-            if "lora_" in n
-        }
+        return {f"{comp.name}.{n}": p.detach().clone() for comp in self.components for n, p in _named_lora_parameters(comp)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        mine = {f"{comp.name}.{n}": p for comp in self.components for n, p in comp.root.named_parameters() if "lora_" in n}
+        mine = {f"{comp.name}.{n}": p for comp in self.components for n, p in _named_lora_parameters(comp)}
         missing = set(mine) - set(state)
         if missing:
             raise ValueError(f"resume state lacks {len(missing)} LoRA weights, e.g. {sorted(missing)[0]}")
@@ -189,7 +196,15 @@ class LoraNetwork:
         out = []
         for comp in self.components:
             out += collect_peft_weights(comp.root, comp.name, self.model.family, comp.alphas.__getitem__)
+            for attention in comp.attentions:
+                out += attention.module_weights(lambda path, comp=comp: self.model.family.kohya_name(comp.name, path))
         return out
+
+
+def _named_lora_parameters(comp: Component) -> list[tuple[str, nn.Parameter]]:
+    """peft's LoRA weights under the component's root, then the attention LoRAs' beside it."""
+    own = [(n, p) for n, p in comp.root.named_parameters() if "lora_" in n]
+    return own + [pair for attention in comp.attentions for pair in attention.named_parameters()]
 
 
 @contextlib.contextmanager

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 # The UNet's first conv: every Stable Diffusion checkpoint has it, one input channel per latent channel.
 UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 KINDS = ("linear", "conv1x1", "conv3x3")
+# A q/k/v/out projection of an ``nn.MultiheadAttention`` (OpenCLIP's text encoders): the attention
+# reads these weights directly, so their LoRA trains in weight space (train.attention_lora).
+ATTENTION = "attention"
+ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -174,20 +178,23 @@ class ModelFamily(ABC):
                     raise UserError(f"this model's layout is not {self.label}'s, so its LoRA could not be saved: {exc}") from None
         return targets
 
-    def _nameable_linears(self, component: str, root: nn.Module) -> list[tuple[str, str]]:
-        """Every Linear under ``root`` that has a kohya name: a text encoder's targets. The
-        ``out_proj`` of an ``nn.MultiheadAttention`` (OpenCLIP's) is left out: the attention reads
-        its weight directly instead of calling it, so a wrapper around it would never train."""
-        inside_attention = {f"{path}.out_proj" for path, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    def _text_encoder_targets(self, component: str, root: nn.Module) -> list[tuple[str, str]]:
+        """A text encoder's targets: every Linear under ``root`` that has a kohya name, and the four
+        projections of every ``nn.MultiheadAttention`` (OpenCLIP's), kind :data:`ATTENTION`. An
+        MHA's ``out_proj`` is one of those four, not a Linear target: the attention reads its
+        weight directly, so a wrapper around it would never train."""
+        attentions = [path for path, m in root.named_modules() if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None]
+        inside_attention = {f"{path}.out_proj" for path in attentions}
+        candidates = [(path, "linear") for path, module in root.named_modules()
+                      if module_kind(module) == "linear" and path not in inside_attention]
+        candidates += [(f"{path}.{leaf}", ATTENTION) for path in attentions for leaf in ATTENTION_LEAVES]
         out = []
-        for path, module in root.named_modules():
-            if module_kind(module) != "linear" or path in inside_attention:
-                continue
+        for path, kind in candidates:
             try:
                 self.kohya_name(component, path)
             except ValueError:
                 continue
-            out.append((path, "linear"))
+            out.append((path, kind))
         return out
 
     # ---- metadata -----------------------------------------------------------------------------

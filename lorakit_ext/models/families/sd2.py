@@ -71,8 +71,7 @@ class Sd2Family(LdmFamily):
         return OpenClipText(embedder, self.text_root(embedder))
 
     # OpenCLIP keeps q, k and v in the packed in_proj_weight of nn.MultiheadAttention, not in Linear
-    # modules, so peft cannot wrap them: SD2 trains attn.out_proj, mlp.c_fc and mlp.c_proj only. Files
-    # from elsewhere may still name q/k/v, which merging puts into their third of in_proj_weight.
+    # modules: they train in weight space (train.attention_lora) and merge into their third of it.
     def _te_name(self, module_path: str) -> str:
         return open_clip_name(module_path)
 

@@ -162,9 +162,8 @@ class SdxlFamily(ModelFamily):
         }
 
     # ---- kohya names --------------------------------------------------------------------------
-    # te2 is OpenCLIP, whose q/k/v are thirds of the packed in_proj_weight, not Linear modules: the
-    # names map both ways (A1111 merges them there), but only out_proj and the MLP are targets until
-    # the adapter trains the packed projection as kohya's HF-CLIP bigG does.
+    # te2 is OpenCLIP, whose q/k/v are thirds of the packed in_proj_weight, not Linear modules: named
+    # as kohya's HF-CLIP bigG names them (A1111 merges them there), trained in weight space.
     def _name_in(self, component: str, module_path: str) -> str:
         return {"unet": sgm_unet_name, "te1": hf_clip_name, "te2": open_clip_name}[component](module_path)
 
@@ -174,7 +173,7 @@ class SdxlFamily(ModelFamily):
     def _targets_in(self, component: str, root: nn.Module, network_type: str) -> list[tuple[str, str]]:
         if component == "unet":
             return unet_targets(root, network_type)
-        return self._nameable_linears(component, root)
+        return self._text_encoder_targets(component, root)
 
     # ---- metadata -----------------------------------------------------------------------------
     def architecture(self, v: bool) -> str:

@@ -124,4 +124,4 @@ class LdmFamily(ModelFamily):
         ResBlocks, Downsamples and Upsamples (3×3 convs train at conv dim/alpha)."""
         if component == "unet":
             return unet_targets(root, network_type)
-        return self._nameable_linears(component, root)
+        return self._text_encoder_targets(component, root)

@@ -49,6 +49,10 @@ class TrainConfig:
     keep_tokens: int = _f(1, "Keep tokens", "Leading tags never shuffled (the activation tag)", "Dataset", min=0, max=32)
     caption_dropout_rate: float = _f(0.0, "Caption dropout", "Chance of training a step with an empty caption", "Dataset", min=0.0, max=0.99, step=0.01)
     max_token_length: int = _f(225, "Max token length", "Caption tokens used: 75, 150 or 225 (in 75-token chunks)", "Dataset", choices=(75, 150, 225))
+    validation_split: float = _f(
+        0.1, "Validation share",
+        "Share of the images held out of training to measure validation loss each epoch (at least 1; below 20 images none are held out and training images are measured)",
+        "Dataset", min=0.0, max=0.5, step=0.05)
     cache_latents: bool = _f(True, "Cache latents", "Encode every image once before training (faster; no per-step VAE)", "Dataset")
     cache_text_encoder_outputs: bool = _f(
         False, "Cache text-encoder outputs",
@@ -59,6 +63,7 @@ class TrainConfig:
     max_train_steps: int = _f(0, "Max steps", "Train this many steps instead of counting epochs (0: use epochs)", "Steps", min=0, max=1_000_000)
     train_batch_size: int = _f(2, "Batch size", "Images per step", "Steps", min=1, max=64)
     save_every_n_epochs: int = _f(1, "Save every N epochs", "Write an epoch file every N epochs (the last epoch is always saved)", "Steps", min=1, max=1000)
+    validate_every_n_epochs: int = _f(1, "Validate every N epochs", "Measure the validation loss every N epochs (the last epoch always; 0: never)", "Steps", min=0, max=1000)
     keep_only_last_n_epochs: int = _f(10, "Keep last N epochs", "Delete this run's older epoch files beyond N (0: keep all)", "Steps", min=0, max=1000)
 
     unet_lr: float = _f(5e-4, "UNet learning rate", "Learning rate of the UNet LoRA", "Learning", min=0.0, max=10.0)

@@ -126,8 +126,10 @@ def test_plan_cli_counts_project_images_and_reads_config_files(tmp_path, capsys)
     capsys.readouterr()
     assert main(["plan", "kat", "--root", str(root), "--config", str(cfg), "--epochs", "5", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
-    assert plan["lines"][0] == "Found 30 images with 8 repeats, equaling 240 steps."
-    assert plan["total_steps"] == 300
+    # 3 of the 30 are held out for validation loss (validation_split 0.1), and the plan says so.
+    assert plan["lines"][0] == "Found 27 images with 8 repeats, equaling 216 steps."
+    assert plan["lines"][-1] == "Validation loss: 3 of 30 images held out of training (10%)."
+    assert plan["total_steps"] == 270
 
 
 def test_plan_cli_errors_are_one_line(tmp_path, capsys):

@@ -82,8 +82,11 @@ def _train(tiny_sd15_dir, project, tmp_path, name, **overrides):
 def test_a_cached_run_trains_on_the_same_numbers_without_running_the_encoder_at_any_step(tiny_sd15_dir, project, tmp_path):
     live, live_calls = _train(tiny_sd15_dir, project, tmp_path, "live")
     cached, cached_calls = _train(tiny_sd15_dir, project, tmp_path, "cached", cache_text_encoder_outputs=True)
-    assert live_calls == live.steps  # one encoder call per step
-    assert cached_calls == 1  # 4 distinct captions: one call before the first step
+    # One encoder call per step, and one per validation batch (1 per epoch here).
+    assert live_calls == live.steps + 2
+    # 4 distinct captions: one call for the training captions and one for validation's, before the first step.
+    assert cached_calls == 2
+    assert [v for _, _, v in cached.validation] == pytest.approx([v for _, _, v in live.validation], rel=1e-4)
     assert len(cached.losses) == live.steps == 8
     assert cached.losses == pytest.approx(live.losses, rel=1e-4, abs=1e-6)
     live_tensors, _ = read_lora_file(live.files[-1])

@@ -258,7 +258,10 @@ def test_tag_count_rows():
 # ---- runs, losses, files -------------------------------------------------------------------------
 def test_loss_columns():
     assert ui_results.loss_columns([]) is None
-    assert ui_results.loss_columns([[1, 0.5], [10, 0.25]]) == {"step": [1, 10], "loss": [0.5, 0.25]}
+    assert ui_results.loss_columns([[1, 0.5], [10, 0.25]]) == {"step": [1, 10], "loss": [0.5, 0.25], "series": ["training"] * 2}
+    # Validation losses are a line of their own, at the step their epoch ended.
+    both = ui_results.loss_columns([[1, 0.5], [10, 0.25]], [[1, 10, 0.3]])
+    assert both == {"step": [1, 10, 10], "loss": [0.5, 0.25, 0.3], "series": ["training", "training", "validation"]}
 
 
 def test_file_and_sample_rows(tmp_path):

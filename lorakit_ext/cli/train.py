@@ -128,6 +128,7 @@ def run(args) -> Result:
 
 
 def _train(args, project, config, options, pre, point) -> Result:
+    from lorakit_ext.compare.epoch_report import report_lines
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
     from lorakit_ext.train.events import Interrupted
@@ -157,12 +158,28 @@ def _train(args, project, config, options, pre, point) -> Result:
     finally:
         signal.signal(signal.SIGINT, previous)
     files = [str(f) for f in result.files]
+    report = _epoch_report(job.run_dir)
+    compare = f"python -m lorakit_ext compare {project.name} --root {project.root} --run {job.run_dir.name}"
     text = "\n".join(
         [f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else f"trained {result.steps} steps"]
         + [f"  {f}" for f in files]
-        + [f"run record: {job.run_dir}"]
+        + [f"run record: {job.run_dir}", *report_lines(report),
+           f"to see each epoch and check it for no effect or overcooking: {compare}"]
     )
-    return Result({"status": result.status, "files": files, "steps": result.steps, "run": job.run_dir.name, "run_dir": str(job.run_dir)}, text)
+    data = {"status": result.status, "files": files, "steps": result.steps, "run": job.run_dir.name, "run_dir": str(job.run_dir),
+            "epochs": report["epochs"], "suggestion": report["suggestion"]}
+    return Result(data, text)
+
+
+def _epoch_report(run_dir: Path) -> dict:
+    """The validation-loss report of a finished run, kept in the run folder for the tab and
+    ``compare`` (which adds what the grid shows)."""
+    from lorakit_ext.compare.epoch_report import report_of_run, write_report
+    from lorakit_ext.train.record import read_run
+
+    report = report_of_run(read_run(run_dir))
+    write_report(run_dir, report)
+    return report
 
 
 def _interrupted(project, run_dir: Path, reason: str) -> Result:

@@ -40,9 +40,11 @@ def lora_merged(sd_model, path: Path | None, multiplier: float, family):
 
 
 def ddim_timesteps(steps: int) -> list[int]:
-    """ldm's "uniform" DDIM steps, descending: every ``1000 // steps``-th step, offset by one."""
+    """ldm's "uniform" DDIM steps, descending: every ``1000 // steps``-th step, offset by one.
+    Exactly ``steps`` of them: where 1000 is no multiple of ``steps`` ldm's own list gets one more,
+    ending at 1000, past the schedule's last index."""
     stride = NoiseSchedule.steps // steps
-    return [t + 1 for t in range(0, NoiseSchedule.steps, stride)][::-1]
+    return [t + 1 for t in range(0, NoiseSchedule.steps, stride)][:steps][::-1]
 
 
 @torch.no_grad()

@@ -92,7 +92,8 @@ def run_demo(root: Path, *, train: bool = True, say: Callable[[str], None] = pri
 
 def _train_and_compare(root: Path, project, config, result: DemoResult, say) -> None:
     from lorakit_ext.cli.progress import ProgressPrinter
-    from lorakit_ext.compare.grid import epoch_grid_plan, render_epoch_grid
+    from lorakit_ext.compare.epoch_report import measure_grid, report_lines, report_of_run, training_thumbnails, write_report
+    from lorakit_ext.compare.grid import epoch_grid_plan, grid_of_cells, render_epoch_cells
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
     from lorakit_ext.models.tiny import build_tiny_sd15
@@ -100,6 +101,7 @@ def _train_and_compare(root: Path, project, config, result: DemoResult, say) -> 
     from lorakit_ext.train.launch import BaseModel, open_run
     from lorakit_ext.train.loop import Trainer
     from lorakit_ext.train.preflight import preflight
+    from lorakit_ext.train.record import read_run
 
     checkpoint = build_tiny_sd15(root / "models")
     sd_model, info = load_sd_checkpoint(checkpoint)
@@ -116,7 +118,12 @@ def _train_and_compare(root: Path, project, config, result: DemoResult, say) -> 
         say(f"     {path}")
     say(f"   run record (config, plan, loss.csv, kohya_config.toml, resumable state): {run.run_dir}")
     prompt = f"{TRIGGER}, 1girl, red hair, smile"
-    grid = render_epoch_grid(model, epoch_grid_plan(run.files, seeds=[1, 2]), prompt, size=(128, 128), steps=12)
+    plan = epoch_grid_plan(run.files, seeds=[1, 2])
+    cells = render_epoch_cells(model, plan, prompt, size=(128, 128), steps=12)
+    report = report_of_run(read_run(run.run_dir), measure_grid(cells, plan.columns[0][0], training_thumbnails(project.dataset)))
+    write_report(run.run_dir, report)
     result.grid = run.run_dir / "grid.png"
-    grid.save(result.grid)
+    grid_of_cells(plan, cells, marked=report["suggestion"]["label"]).save(result.grid)
     say(f"9. comparison grid (no LoRA + each epoch × 2 seeds, prompt '{prompt}'): {result.grid}")
+    say("10. the epochs measured (the demo's model has random weights, so expect little effect):\n   "
+        + "\n   ".join(report_lines(report)))

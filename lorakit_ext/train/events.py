@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PHASES = ("caching", "training", "saving", "captioning")
+PHASES = ("caching", "training", "validating", "saving", "captioning")
 
 
 def clock(seconds: float) -> str:
@@ -38,6 +38,7 @@ class Progress:
     it_per_s: float | None = None
     eta_s: float | None = None
     message: str = ""
+    validation_loss: float | None = None  # with phase "validating", once measured
 
     def __post_init__(self):
         if self.phase not in PHASES:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +41,8 @@ from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
 from lorakit_ext.train.text_cache import TextCache
+from lorakit_ext.train.validation import ValidationSet
+from lorakit_ext.train.buckets import bucket_plan_for
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class RunResult:
     losses: list[float]
     steps: int
     run_dir: Path
+    validation: list[tuple[int, int, float]] = field(default_factory=list)  # (epoch, step, loss)
 
 
 @dataclass
@@ -103,15 +106,14 @@ class Trainer:
 
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self):
-        """The dataset and the real schedule (as preflight read them, or read now); raises before any
-        slow work."""
+        """The dataset and the real schedule (a :class:`~lorakit_ext.train.preflight.DatasetSchedule`,
+        as preflight read it, or read now); raises before any slow work."""
         if self.config.zero_terminal_snr and self.model.parameterization != "v":
             raise UserError(
                 "zero_terminal_snr trains the last step on pure noise, where an ε-prediction model has nothing to "
                 "predict; turn it off, or load the v-prediction version of the model"
             )
-        data = self.job.dataset or dataset_schedule(self.config, self.job.project.dataset)
-        return data.items, data.buckets, data.estimate, data.schedule
+        return self.job.dataset or dataset_schedule(self.config, self.job.project.dataset)
 
     def _cache_latents(self, items, buckets) -> LatentCache:
         def progress(done, total):
@@ -129,6 +131,20 @@ class Trainer:
             progress=progress,
             should_stop=self.should_stop,
         )
+
+    def _validation_set(self, data, cache: LatentCache) -> ValidationSet | None:
+        """The images validation measures: the held-out ones (their latents encoded now, from a
+        random stream of their own so training's is unchanged), else the training images."""
+        if not self.config.validate_every_n_epochs:
+            return None
+        if not data.validation_items:
+            return ValidationSet.build(cache, [item.caption for item in data.items], data.buckets, self.config.seed, held_out=False)
+        plan = bucket_plan_for(self.config, [item.size for item in data.validation_items])
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.seed + 1)
+            held = LatentCache.build(data.validation_items, plan, self.model.encode_images, device=self.device,
+                                     should_stop=self.should_stop)
+        return ValidationSet.build(held, [item.caption for item in data.validation_items], plan, self.config.seed, held_out=True)
 
     def _cache_text(self, step_fn: StepFunction, captions: list[str]) -> TextCache:
         def progress(done, total):
@@ -160,7 +176,8 @@ class Trainer:
 
     def _run(self, record: RunRecord, resume_state: dict | None) -> RunResult:
         config = self.config
-        items, buckets, estimate, schedule = self.prepare()
+        data = self.prepare()
+        items, buckets, estimate, schedule = data.items, data.buckets, data.estimate, data.schedule
         weight_dtype = next(self.model.unet.parameters()).dtype
         self.precision = resolve_precision(config.mixed_precision, self.device, weight_dtype)
         self.schedule = NoiseSchedule(self.device, zero_terminal=config.zero_terminal_snr)
@@ -174,12 +191,14 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(config.seed)
             cache = self._cache_latents(items, buckets)
+            validation = self._validation_set(data, cache)
             saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name)
-            position, losses = self._train(cache, [item.caption for item in items], buckets, schedule, saver, record, resume_state)
-        record.finish("finished", losses, saver.files)
-        return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir)
+            position, losses = self._train(cache, [item.caption for item in items], buckets, schedule, saver, record,
+                                           resume_state, validation)
+        record.finish("finished", losses, saver.files, self.validation_losses)
+        return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir, list(self.validation_losses))
 
-    def _train(self, cache, captions, buckets, schedule, saver, record, resume_state):
+    def _train(self, cache, captions, buckets, schedule, saver, record, resume_state, validation):
         config, model = self.config, self.model
         channels_last = self.device.type == "cuda" if self.job.channels_last is None else self.job.channels_last
         with contextlib.ExitStack() as stack:
@@ -199,23 +218,41 @@ class Trainer:
             lrs = DeviceLearningRates(optimizer, self.device)
             step_fn = StepFunction(model, self.schedule, config, self.precision, network.parameters(), optimizer,
                                    config.text_encoder_lr > 0, text_cached=config.cache_text_encoder_outputs)
-            text_cache = None
+            text_cache = validation_text = None
             if config.cache_text_encoder_outputs:
                 text_cache = self._cache_text(step_fn, captions)
+                if validation is not None:
+                    validation_text = self._cache_text(step_fn, validation.captions)
                 for encoder in model.text_encoders.values():
                     stack.callback(park(encoder, self.device))
             graphed = GraphedStep(step_fn, on_fallback=lambda reason: self.on_progress(Progress("training", message=f"CUDA graphs off: {reason}")))
             stack.callback(graphed.release)
-            position, losses = Position(0, 0, 0), []
+            position, losses, self.validation_losses = Position(0, 0, 0), [], []
             if resume_state is not None:
                 position, losses = restore_state(resume_state, network=network, optimizer=optimizer, scheduler=scheduler, step=step_fn, device=self.device)
                 lrs.sync()
                 saver.files = [Path(p) for p in resume_state.get("files", [])]
+                self.validation_losses = [tuple(row) for row in resume_state.get("validation", [])]
 
             def save(pos: Position) -> None:
                 save_state(self.job.run_dir, network=network, optimizer=optimizer, scheduler=scheduler,
                            scaler_state=step_fn.scaler_state(), position=pos, device=self.device,
-                           config=config.to_dict(), losses=losses, files=saver.files)
+                           config=config.to_dict(), losses=losses, files=saver.files, validation=self.validation_losses)
+
+            def validate(epoch: int) -> float | None:
+                due = validation is not None and (epoch % config.validate_every_n_epochs == 0 or epoch == schedule.epochs)
+                if not due:
+                    return None
+                self.on_progress(Progress("validating", epoch=epoch, epochs=schedule.epochs, step=position.global_step,
+                                          total_steps=schedule.total_steps))
+                text_states = (validation_text.states if validation_text is not None
+                               else lambda indices: step_fn.encode_text(model.tokenize([validation.captions[i] for i in indices])))
+                value = self._validation_loss(network, step_fn, validation, text_states, channels_last)
+                self.validation_losses.append((epoch, position.global_step, value))
+                self.on_progress(Progress("validating", epoch=epoch, epochs=schedule.epochs, step=position.global_step,
+                                          total_steps=schedule.total_steps, validation_loss=value,
+                                          message=f"epoch {epoch}: validation loss {value:.4f}"))
+                return value
 
             pending: list[torch.Tensor] = []
             started, first_step = time.perf_counter(), position.global_step
@@ -227,7 +264,7 @@ class Trainer:
                     if self.should_stop():
                         self._flush(pending, losses, position.global_step)
                         save(Position(epoch, step, position.global_step))
-                        record.finish("interrupted", losses, saver.files, resumable=True)
+                        record.finish("interrupted", losses, saver.files, self.validation_losses, resumable=True)
                         raise Interrupted()
                     batch = batches[step]
                     latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
@@ -241,14 +278,27 @@ class Trainer:
                     self._report(epoch, schedule, position.global_step, losses, scheduler, started, first_step)
                 self._flush(pending, losses, position.global_step)
                 position = Position(epoch + 1, 0, position.global_step)
+                validation_loss = validate(epoch + 1)
                 self.on_progress(Progress("saving", epoch=epoch + 1, epochs=schedule.epochs, step=position.global_step, total_steps=schedule.total_steps))
-                for path in saver.save_epoch(network, epoch + 1, position.global_step, losses):
+                for path in saver.save_epoch(network, epoch + 1, position.global_step, validation_loss):
                     self.on_epoch_file(path)
                 save(position)
-                record.update(losses, saver.files)
+                record.update(losses, saver.files, self.validation_losses)
                 if position.global_step >= schedule.total_steps:
                     break
         return position, losses
+
+    @staticmethod
+    def _validation_loss(network, step_fn, validation, text_states, channels_last: bool) -> float:
+        # Eval mode turns network dropout off; training mode comes back for the next step.
+        roots = [comp.root for comp in network.components]
+        for root in roots:
+            root.eval()
+        try:
+            return validation.loss(step_fn.prediction_error, text_states, channels_last=channels_last)
+        finally:
+            for root in roots:
+                root.train()
 
     def _flush(self, pending: list[torch.Tensor], losses: list[float], global_step: int) -> None:
         """Reads the losses accumulated on the device (one host sync) and stops on NaN/inf."""

@@ -5,12 +5,18 @@ Pure arithmetic: the trainer reports the real number of steps after bucketing ne
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import asdict, dataclass, field
 
 # The notebook aborts above this; we warn, because a long run can be deliberate.
 STEP_WARNING = 10_000
 # kohya-colab's advice: images × repeats per epoch in this range trains a character well.
 IMAGE_STEPS_HINT = (200, 400)
+# Below this many images every one of them is needed for training; validation then measures
+# training images (with fixed noise), at most MAX_VALIDATION_IMAGES of them.
+MIN_IMAGES_TO_HOLD_OUT = 20
+MAX_VALIDATION_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,45 @@ def make_plan(
     )
 
 
+def held_out_share(config) -> float:
+    """The share of images a run holds out: none when it never validates."""
+    return config.validation_split if config.validate_every_n_epochs else 0.0
+
+
+def held_out_count(images: int, split: float) -> int:
+    if split <= 0 or images < MIN_IMAGES_TO_HOLD_OUT:
+        return 0
+    return max(1, round(images * split))
+
+
+def split_items(items: list, split: float, seed: int) -> tuple[list, list]:
+    """``(training items, held-out items)`` of a dataset's items (in name order), each in that
+    order; the choice depends only on the seed and the number of images, so a resumed run and the
+    plan hold out the same ones."""
+    count = held_out_count(len(items), split)
+    chosen = set(random.Random(f"lorakit-validation:{seed}:{len(items)}").sample(range(len(items)), count))
+    return [x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen]
+
+
+def validation_line(images: int, split: float) -> str:
+    held = held_out_count(images, split)
+    if held:
+        return f"Validation loss: {held} of {images} images held out of training ({split:.0%})."
+    why = "validation_split is 0" if split <= 0 else f"fewer than {MIN_IMAGES_TO_HOLD_OUT} images, none held out"
+    return f"Validation loss: measured on {min(images, MAX_VALIDATION_IMAGES)} training images with fixed noise ({why})."
+
+
 def plan_for(config, images: int) -> Plan:
-    """The plan of a :class:`~lorakit_ext.train_config.TrainConfig` over ``images`` images."""
-    return make_plan(
-        images,
+    """The plan of a :class:`~lorakit_ext.train_config.TrainConfig` over a dataset of ``images``
+    images, of which those held out for validation do not train."""
+    plan = make_plan(
+        images - held_out_count(images, held_out_share(config)),
         config.num_repeats,
         config.train_batch_size,
         config.max_train_epochs,
         config.max_train_steps,
         config.lr_warmup_ratio,
     )
+    if not config.validate_every_n_epochs:
+        return plan
+    return dataclasses.replace(plan, lines=[*plan.lines, validation_line(images, held_out_share(config))])

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit_ext.errors import UserError
@@ -20,7 +20,7 @@ from lorakit_ext.export.writer import SUFFIX
 from lorakit_ext.fsutil import stale_temp_files
 from lorakit_ext.train.buckets import bucket_plan_for
 from lorakit_ext.train.data import check_batch_size, load_train_items
-from lorakit_ext.train.plan import plan_for
+from lorakit_ext.train.plan import held_out_share, plan_for, split_items
 
 
 @dataclass
@@ -45,20 +45,26 @@ def real_schedule(config, steps_per_epoch: int) -> Schedule:
 
 @dataclass
 class DatasetSchedule:
-    items: list
-    buckets: object  # BucketPlan
+    items: list  # the images that train
+    buckets: object  # BucketPlan of ``items``
     estimate: object  # the kohya-colab plan text
     schedule: Schedule
+    validation_items: list = field(default_factory=list)  # held out of training, for validation loss
+
+    @property
+    def all_items(self) -> list:
+        return [*self.items, *self.validation_items]
 
 
 def dataset_schedule(config, dataset_dir: Path) -> DatasetSchedule:
     """Reads the dataset and computes the real schedule; raises :class:`UserError` for an empty
-    dataset or a batch larger than it."""
-    items = load_train_items(dataset_dir)
+    dataset or a batch larger than the images that train."""
+    every = load_train_items(dataset_dir)
+    items, held_out = split_items(every, held_out_share(config), config.seed)
     check_batch_size(len(items), config.train_batch_size)
     buckets = bucket_plan_for(config, [item.size for item in items])
     steps_per_epoch = buckets.steps_per_epoch(config.num_repeats, config.train_batch_size)
-    return DatasetSchedule(items, buckets, plan_for(config, len(items)), real_schedule(config, steps_per_epoch))
+    return DatasetSchedule(items, buckets, plan_for(config, len(every)), real_schedule(config, steps_per_epoch), held_out)
 
 
 def dataset_fingerprint(items) -> str:
@@ -139,4 +145,5 @@ def preflight(project, config, output_dir: Path, *, output_stem: str | None = No
     clean_stale_temp(project, Path(output_dir), [name])
     stem = output_stem or (free_output_stem(names_under, name, recursive=True) if names_under
                            else free_output_stem(Path(output_dir), name))
-    return Preflight(data, stem, dataset_fingerprint(data.items))
+    # In name order, as the dataset lists them, whichever are held out.
+    return Preflight(data, stem, dataset_fingerprint(sorted(data.all_items, key=lambda item: item.image_path.name)))

@@ -97,11 +97,14 @@ class RunRecord:
         })
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
-    def update(self, losses: list[float], files: list[Path]) -> None:
-        rows = "".join(f"{i + 1},{loss:.6f}\n" for i, loss in enumerate(losses))
-        atomic_write_text(self.run_dir / "loss.csv", "step,loss\n" + rows)
+    def update(self, losses: list[float], files: list[Path], validation: list[tuple[int, int, float]] = ()) -> None:
+        """``validation``: ``(epoch, step, loss)`` rows; each loss goes beside its step's."""
+        at_step = {step: loss for _, step, loss in validation}
+        rows = "".join(f"{i + 1},{loss:.6f},{_number(at_step.get(i + 1))}\n" for i, loss in enumerate(losses))
+        atomic_write_text(self.run_dir / "loss.csv", "step,loss,validation_loss\n" + rows)
         self.info["files"] = [str(f) for f in files]
         self.info["steps_done"] = len(losses)
+        self.info["validation"] = [{"epoch": e, "step": s, "loss": v} for e, s, v in validation]
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
     def fail(self, error: str) -> None:
@@ -113,9 +116,13 @@ class RunRecord:
         self.info.update(status=status, finished_at=time.time(), **details)
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
-    def finish(self, status: str, losses: list[float], files: list[Path], **details) -> None:
+    def finish(self, status: str, losses: list[float], files: list[Path], validation=(), **details) -> None:
         self.info.update(status=status, finished_at=time.time(), **details)
-        self.update(losses, files)
+        self.update(losses, files, validation)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
 
 
 def read_run(run_dir: Path) -> dict:

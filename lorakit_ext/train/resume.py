@@ -56,7 +56,9 @@ def resume_point(project, run: str) -> ResumePoint:
     if "output_dir" not in record or "output_name" not in record:
         raise UserError(f"run {run_dir.name} was recorded by an older LoRA Kit without its output folder; start a new run")
     state = load_state(run_dir)
-    return ResumePoint(run_dir, record, state, TrainConfig.from_dict(state["config"]).validate())
+    # A run saved before validation_split existed held nothing out; it goes on that way.
+    config = TrainConfig.from_dict({"validation_split": 0.0, **state["config"]}).validate()
+    return ResumePoint(run_dir, record, state, config)
 
 
 def check_unchanged(point: ResumePoint, *, fingerprint: str, model_sha256: str | None, force: bool) -> None:

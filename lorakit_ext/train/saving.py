@@ -63,13 +63,15 @@ class EpochSaver:
             mixed_precision=self.precision,
         )
 
-    def save_epoch(self, network, epoch: int, steps: int, losses) -> list[Path]:
+    def save_epoch(self, network, epoch: int, steps: int, validation_loss: float | None = None) -> list[Path]:
         if not self._due(epoch):
             return []
         path = self.job.output_dir / epoch_file_name(self.output_name, epoch)
         ours = path.is_file() and read_lora_metadata(path).get(RUN_KEY) == self.job.run_id
+        # Not kohya's: the epoch's validation loss travels with the file, for tools that compare epochs.
+        measured = {"ss_validation_loss": f"{validation_loss:.6f}"} if validation_loss is not None else {}
         try:
-            write_lora_file(path, network.export(), {**self.metadata(epoch, steps), RUN_KEY: self.job.run_id}, replace=ours)
+            write_lora_file(path, network.export(), {**self.metadata(epoch, steps), **measured, RUN_KEY: self.job.run_id}, replace=ours)
         except FileExistsError:
             raise UserError(
                 f"{path} already exists and was not written by this run; LoRA Kit never replaces a file it did "

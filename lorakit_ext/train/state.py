@@ -39,7 +39,8 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_state(run_dir: Path, *, network, optimizer, scheduler, scaler_state: dict | None, position: Position, device: torch.device, config: dict, losses: list[float], files: list[Path]) -> Path:
+def save_state(run_dir: Path, *, network, optimizer, scheduler, scaler_state: dict | None, position: Position, device: torch.device, config: dict, losses: list[float], files: list[Path],
+               validation: list[tuple[int, int, float]] = ()) -> Path:
     state = {
         "format": 1,
         "network": network.state_dict(),
@@ -51,6 +52,7 @@ def save_state(run_dir: Path, *, network, optimizer, scheduler, scaler_state: di
         "config": config,
         "losses": losses,
         "files": [str(f) for f in files],
+        "validation": [list(row) for row in validation],
     }
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -84,19 +84,34 @@ class StepFunction:
         with self._autocast():
             return self.model.encode_text(ids)
 
-    def loss(self, latents, text, sizes, noise, timesteps):
+    def _text_states(self, text):
+        if self.text_cached:
+            return text
+        with contextlib.nullcontext() if self.train_te else torch.no_grad():
+            return self.model.encode_text(text)
+
+    def _prediction(self, latents, states, sizes, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's output for the noised latents, and what it should have been."""
         with self._autocast():
-            if self.text_cached:
-                states = text
-            else:
-                with contextlib.nullcontext() if self.train_te else torch.no_grad():
-                    states = self.model.encode_text(text)
             cond = self.model.condition(states, sizes)
             noisy = self.schedule.add_noise(latents, noise, timesteps)
             pred = self.model.predict(noisy, timesteps, cond)
         target = self.schedule.velocity(latents, noise, timesteps) if self.v else noise
+        return pred, target
+
+    def loss(self, latents, text, sizes, noise, timesteps):
+        with self._autocast():
+            states = self._text_states(text)
+        pred, target = self._prediction(latents, states, sizes, noise, timesteps)
         return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, self.v,
                               scale_v_like_noise=self.config.scale_v_pred_loss_like_noise_pred)
+
+    @torch.no_grad()
+    def prediction_error(self, latents, states, sizes, noise, timesteps) -> torch.Tensor:
+        """Each image's plain mean squared error (no loss weighting) given text ``states``: what
+        validation measures."""
+        pred, target = self._prediction(latents, states, sizes, noise, timesteps)
+        return (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
 
     def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]

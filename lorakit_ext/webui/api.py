@@ -38,9 +38,9 @@ from lorakit_ext.failures import as_user_error
 from lorakit_ext.export.card import sd_version_of
 from lorakit_ext.project import Project, confine, create_project, list_projects, open_project, validate_name
 from lorakit_ext.project_lock import ProjectBusy
-from lorakit_ext.train.record import list_runs
+from lorakit_ext.train.record import find_run_dir, list_runs
 from lorakit_ext.train.plan import plan_for
-from lorakit_ext.webui import host, jobs, limits, training
+from lorakit_ext.webui import host, jobs, limits, suggestion, training
 from lorakit_ext.webui.ui_results import cell_for
 
 PREFIX = "/lorakit/v1"
@@ -326,7 +326,6 @@ def train(name: str, body: Settings) -> dict:
     return {"job_id": jobs.start_training(project.name, training.settings(body.config))}
 
 
-
 class Resume(BaseModel):
     force: bool = False  # resume although the dataset or the loaded model changed
 
@@ -335,6 +334,13 @@ class Resume(BaseModel):
 @_errors
 def runs(name: str) -> dict:
     return {"runs": list_runs(_project(name))}
+
+
+@router.get("/projects/{name}/runs/{run_id}/epochs")
+@_errors
+def epochs(name: str, run_id: str) -> dict:
+    """Each epoch's validation loss and grid measures, and the suggested epoch with its reason."""
+    return suggestion.saved_report(find_run_dir(_project(name), validate_name(run_id, "run id")))
 
 
 @router.post("/projects/{name}/runs/{run_id}/resume", status_code=202)

@@ -24,8 +24,8 @@ def textinfo(p: Progress) -> str:
         parts.append(f"loss {p.loss:.4f}")
     if p.it_per_s:
         parts.append(f"{p.it_per_s:.1f} it/s")
-    if p.phase == "saving":
-        parts.append("saving")
+    if p.phase in ("saving", "validating"):
+        parts.append(p.phase)
     return " · ".join(parts)
 
 

@@ -22,7 +22,7 @@ from lorakit_ext.failures import as_user_error
 from lorakit_ext.project import open_project
 from lorakit_ext.train_config import TrainConfig
 from lorakit_ext.train.events import Interrupted, Progress
-from lorakit_ext.webui import bridge, host, training
+from lorakit_ext.webui import bridge, host, suggestion, training
 from lorakit_ext.webui.job_progress import StateMirror
 from lorakit_ext.webui.settings import parse_seeds, setting
 
@@ -54,9 +54,11 @@ class Job:
     eta_s: float | None = None
     message: str = ""
     losses: list = field(default_factory=list)  # [[step, loss], …]
+    validation: list = field(default_factory=list)  # [[epoch, step, validation loss], …]
     files: list = field(default_factory=list)
     samples: list = field(default_factory=list)
     grid: str | None = None
+    suggestion: dict | None = None  # {"epoch", "label", "reason"}: the suggested epoch of the trained run
     error: str | None = None
     run_dir: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -81,11 +83,14 @@ class Job:
             # in between, so a new value marks the step it belongs to; repeats are not points.
             if p.loss is not None and (not self.losses or self.losses[-1][1] != p.loss):
                 self.losses.append([p.step, p.loss])
+            if p.validation_loss is not None:
+                self.validation.append([p.epoch, p.step, p.validation_loss])
 
     def to_dict(self) -> dict:
         with _lock:
             data = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("cancel", "grid_cells")}
             data["losses"] = [list(point) for point in self.losses]
+            data["validation"] = [list(point) for point in self.validation]
             data["files"], data["samples"] = list(self.files), list(self.samples)
         return data
 
@@ -217,6 +222,7 @@ def _train(job: Job, prepared) -> None:
     )
     job.set(files=[str(f) for f in result.files], losses=[[i + 1, loss] for i, loss in enumerate(result.losses)],
             message=f"trained {result.steps} steps into {len(result.files)} file(s) in {prepared.output_dir}")
+    _suggest(job, suggestion.saved_report(result.run_dir))
     output_name = prepared.config.output_name or prepared.project.name
     if setting("lorakit_auto_grid") and result.files:
         _auto_grid(job, [f.stem for f in result.files], trigger=prepared.config.trigger or output_name,
@@ -282,6 +288,13 @@ def _grid(job: Job, request: dict) -> None:
     result = xyz.run_epoch_grid(**request)
     job.set(grid=str(result.path), grid_cells=dict(result.cells))
     _note(job, f"grid saved to {result.path}")
+    if job.run_dir:
+        project = open_project(host.projects_root(), job.project)
+        _suggest(job, suggestion.measured_report(project, Path(job.run_dir), result.cells))
+
+
+def _suggest(job: Job, report: dict) -> None:
+    job.set(suggestion=dict(report["suggestion"]))
 
 
 # ---- front doors -------------------------------------------------------------------------------
@@ -364,6 +377,8 @@ def status_html(data: dict) -> str:
         lines.append(f"<span class='error'>{html.escape(data['error'])}</span>")
     if data["message"]:
         lines.append(html.escape(data["message"]))
+    if data.get("suggestion"):
+        lines.append(f"<b>{html.escape(data['suggestion']['reason'])}</b> (Compare tab: promote it or choose another)")
     lines += [html.escape(f) for f in data["files"]]
     if data["run_dir"]:
         lines.append(f"run record: {html.escape(data['run_dir'])}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.webui import ui_results, ui_shared
+from lorakit_ext.webui import suggestion, ui_results, ui_shared
 from lorakit_ext.webui.limits import GRID_CFG, GRID_SIZE, GRID_STEPS, PREFERRED_WEIGHT
 from lorakit_ext.webui.settings import parse_seeds, setting
 
@@ -35,23 +35,35 @@ def _prompt(run: dict) -> str:
     return grid_prompt(setting("lorakit_test_prompt"), run["trigger"] or run["output_name"], run["output_name"], names[0])
 
 
+def _run_dir(project_name, run: dict):
+    return ui_shared.current_project(project_name).runs / run["id"]
+
+
+def _promote_choice(names: list[str], report: dict):
+    """The Promote dropdown, set to the suggested epoch (the last one without a suggestion)."""
+    label = report["suggestion"]["label"]
+    return gr.update(choices=names, value=label if label in names else (names[-1] if names else None))
+
+
 def _select(project_name, choice=None):
     """Run ``choice`` (None: the newest, as after a project change or a training): its epochs,
-    the test prompt and its trigger."""
+    the test prompt, its trigger and its epoch report with the suggested epoch."""
     runs = _runs(project_name)
     if not runs:
         empty = gr.update(choices=[], value=None)
-        return gr.update(choices=[], value=None), empty, empty, "", "", ui_shared.ok("No training runs in this project yet.")
+        return gr.update(choices=[], value=None), empty, empty, "", "", ui_shared.ok("No training runs in this project yet."), ""
     run = next((r for r in runs if ui_results.run_choice(r) == choice), runs[0])
     names = _epoch_names(run)
     info = f"{run['output_name']}: {len(names)} epoch files in {run.get('output_dir', '?')}; run {run.get('status', '?')}."
+    report = suggestion.saved_report(_run_dir(project_name, run))
     return (
         gr.update(choices=[ui_results.run_choice(r) for r in runs], value=ui_results.run_choice(run)),
         gr.update(choices=names, value=names),
-        gr.update(choices=names, value=names[-1] if names else None),
+        _promote_choice(names, report),
         _prompt(run),
         run["trigger"],
         ui_shared.ok(info),
+        suggestion.report_text(report),
     )
 
 
@@ -62,9 +74,10 @@ def _grid_args(names, seeds_text, weights_text):
     return list(names), parse_seeds(seeds_text), weights
 
 
-def _grid(id_task, names, prompt, negative, seeds_text, weights_text, baseline, steps, size, cfg):
+def _grid(id_task, project_name, choice, names, prompt, negative, seeds_text, weights_text, baseline, steps, size, cfg):
     from lorakit_ext.webui import xyz
 
+    run = ui_results.find_run(_runs(project_name), choice)
     names, seeds, weights = _grid_args(names, seeds_text, weights_text)
     result = xyz.run_epoch_grid(
         names,
@@ -78,7 +91,11 @@ def _grid(id_task, names, prompt, negative, seeds_text, weights_text, baseline, 
         height=int(size),
         cfg_scale=float(cfg),
     )
-    return [(result.image, "epoch grid")], result, ui_shared.ok(f"Grid saved as {result.path}.")
+    report = suggestion.measured_report(ui_shared.current_project(project_name), _run_dir(project_name, run), result.cells)
+    label = report["suggestion"]["label"]
+    caption = f"epoch grid — suggested: {label}" if label else "epoch grid — no epoch suggested"
+    return ([(result.image, caption)], result, suggestion.report_text(report), _promote_choice(_epoch_names(run), report),
+            ui_shared.ok(f"Grid saved as {result.path}."))
 
 
 def _promote(project_name, choice, epoch, weight, description, trigger, remove_others, grid):
@@ -197,6 +214,11 @@ def build(project):
             grid_message = ui_shared.job_message("lorakit_grid_progress")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Grid", columns=1, elem_id="lorakit_grid_gallery")
+    report = gr.Textbox(
+        label="Epochs and the suggested one", lines=6, interactive=False, elem_id="lorakit_compare_report",
+        info="validation loss per epoch; a grid with the no-LoRA column also measures each epoch's effect, its "
+             "likeness to the training images, and flags epochs with no visible effect or overcooked ones",
+    )
     with gr.Accordion("Promote the best epoch", open=True):
         with FormRow():
             epoch = gr.Dropdown(label="Epoch to promote", choices=[], elem_id="lorakit_promote_epoch")
@@ -217,14 +239,15 @@ def build(project):
     infotext = gr.Textbox(visible=False, elem_id="lorakit_xyz_infotext")
     send = gr.Button(visible=False, elem_id="lorakit_xyz_send")
 
-    selected = [run, epochs, epoch, prompt, trigger, info]
+    selected = [run, epochs, epoch, prompt, trigger, info, report]
     refresh = dict(fn=ui_shared.guarded(len(selected))(_select), inputs=[project], outputs=selected, show_progress="hidden")
     project.change(**refresh)
     reload.click(**refresh)
     reselect = dict(fn=ui_shared.guarded(len(selected))(_select), inputs=[project, run], outputs=selected, show_progress="hidden")
     run.input(**reselect)
     grid_inputs = [epochs, prompt, negative, seeds, weights, baseline, steps, grid_size, cfg]
-    ui_shared.job_button(draw, _grid, [task, *grid_inputs], [gallery, grid_state, grid_message], "lorakit_render_grid")
+    ui_shared.job_button(draw, _grid, [task, project, run, *grid_inputs], [gallery, grid_state, report, epoch, grid_message],
+                         "lorakit_render_grid")
     promoted_event = promote_button.click(
         ui_shared.guarded(1)(_promote),
         inputs=[project, run, epoch, weight, description, trigger, remove_others, grid_state],

@@ -12,7 +12,7 @@ from lorakit_ext.dataset.files import list_images
 from lorakit_ext.errors import UserError
 from lorakit_ext.train.buckets import bucket_plan_for
 from lorakit_ext.train_config import TrainConfig
-from lorakit_ext.train.plan import plan_for
+from lorakit_ext.train.plan import held_out_share, plan_for, split_items
 
 # The fields the plan depends on: a change to any of them redraws the box.
 PLAN_FIELDS = (
@@ -27,6 +27,8 @@ PLAN_FIELDS = (
     "max_bucket_reso",
     "bucket_reso_steps",
     "bucket_no_upscale",
+    "validation_split",
+    "seed",  # which images validation holds out
 )
 
 _sizes: dict[tuple[str, int, int], tuple[int, int]] = {}
@@ -51,7 +53,8 @@ def real_counts(config: TrainConfig, sizes: list[tuple[int, int]]) -> str:
     # The trainer's module pulls in peft; loaded on first use so the form builds without it.
     from lorakit_ext.train.preflight import real_schedule
 
-    buckets = bucket_plan_for(config, sizes)
+    training, _ = split_items(sizes, held_out_share(config), config.seed)
+    buckets = bucket_plan_for(config, training)
     schedule = real_schedule(config, buckets.steps_per_epoch(config.num_repeats, config.train_batch_size))
     used = len(buckets.counts())
     return (

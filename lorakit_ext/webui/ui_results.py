@@ -14,13 +14,18 @@ from lorakit_ext.webui.ui_tables import file_size
 FILE_HEADERS = ("epoch file", "size")
 
 
-def loss_columns(points) -> dict[str, list] | None:
-    """``{"step": […], "loss": […]}`` for a line plot of ``[[step, loss], …]``; None with no points
-    (an empty chart would draw axes around nothing)."""
-    points = [(int(s), float(v)) for s, v in points or []]
-    if not points:
+TRAINING, VALIDATION = "training", "validation"
+
+
+def loss_columns(points, validation=()) -> dict[str, list] | None:
+    """``{"step": […], "loss": […], "series": […]}`` for a line plot of the training losses
+    ``[[step, loss], …]`` and the validation losses ``[[epoch, step, loss], …]`` (one line each);
+    None with no points (an empty chart would draw axes around nothing)."""
+    rows = [(int(s), float(v), TRAINING) for s, v in points or []]
+    rows += [(int(s), float(v), VALIDATION) for _, s, v in validation or []]
+    if not rows:
         return None
-    return {"step": [s for s, _ in points], "loss": [v for _, v in points]}
+    return {"step": [r[0] for r in rows], "loss": [r[1] for r in rows], "series": [r[2] for r in rows]}
 
 
 def file_rows(files) -> list[list]:

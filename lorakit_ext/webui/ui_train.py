@@ -50,8 +50,8 @@ def _choose_preset(label, *current):
     return [family_of_preset(label).name, *ui_form.preset_values(SPECS, label, current)]
 
 
-def loss_plot(points):
-    columns = ui_results.loss_columns(points)
+def loss_plot(points, validation=()):
+    columns = ui_results.loss_columns(points, validation)
     if columns is None:
         return None
     import pandas as pd
@@ -81,8 +81,8 @@ def _start(id_task, project_name, *values):
     ui_shared.current_project(project_name)
     config = ui_form.config_from_values(SPECS, values)
     losses, files, grid, status = jobs.train_in_gradio(id_task, project_name, json.dumps(config.to_dict()))
-    samples = jobs.job_status(id_task)["samples"]
-    return loss_plot(losses), files_table(files), ui_results.sample_items(samples, grid), status
+    data = jobs.job_status(id_task)
+    return loss_plot(losses, data["validation"]), files_table(files), ui_results.sample_items(data["samples"], grid), status
 
 
 def _resume(id_task, project_name, run_id):
@@ -92,7 +92,8 @@ def _resume(id_task, project_name, run_id):
     if not run_id:
         raise UserError("choose an interrupted run to resume (runs that finished or never saved a state are not listed)")
     losses, files, grid, status = jobs.train_in_gradio(id_task, project_name, json.dumps({jobs.RESUME_KEY: run_id}))
-    return loss_plot(losses), files_table(files), ui_results.sample_items(jobs.job_status(id_task)["samples"], grid), status
+    data = jobs.job_status(id_task)
+    return loss_plot(losses, data["validation"]), files_table(files), ui_results.sample_items(data["samples"], grid), status
 
 
 def resumable_runs(project_name):
@@ -114,7 +115,7 @@ def _show(task_id):
 
     data = jobs.job_status(task_id or None)
     return (
-        loss_plot(data["losses"]),
+        loss_plot(data["losses"], data["validation"]),
         files_table(data["files"]),
         ui_results.sample_items(data["samples"], data["grid"]),
         jobs.status_html(data),
@@ -166,9 +167,10 @@ def build(project):
             chart = gr.LinePlot(
                 x="step",
                 y="loss",
+                color="series",
                 label="Loss",
-                title="Loss per step",
-                tooltip=["step", "loss"],
+                title="Training loss per step, validation loss per epoch",
+                tooltip=["series", "step", "loss"],
                 height=240,
                 elem_id="lorakit_train_loss",
             )

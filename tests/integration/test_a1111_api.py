@@ -77,6 +77,13 @@ def test_the_model_is_unchanged_and_an_epoch_changes_the_output(a1111, trained, 
 
 def test_the_grid_after_training_and_on_demand(a1111, project, trained):
     assert trained["grid"] and "failed" not in trained["message"], trained["message"]
+    # The grid after training measures each epoch from A1111's own cells and suggests one (or says why not).
+    run_id = trained["run_dir"].rsplit("/", 1)[-1]
+    report = a1111.lorakit("GET", f"/projects/{project}/runs/{run_id}/epochs")
+    assert report["grid_measured"] is True and [row["epoch"] for row in report["epochs"]] == [1, 2]
+    assert all(row["validation_loss"] is not None and row["effect"] >= 0 for row in report["epochs"])
+    assert trained["suggestion"]["reason"] == report["suggestion"]["reason"] and "suggest" in report["suggestion"]["reason"]
+    assert a1111.lorakit("GET", f"/projects/{project}/runs/no-such-run/epochs", expect=400)["detail"].startswith("no run")
     names = [f"{project}-02"]
     job_id = a1111.lorakit("POST", f"/projects/{project}/grid", json={"lora_names": names, "seeds": [7]}, expect=202)["job_id"]
     job = a1111.wait(job_id)

@@ -282,17 +282,26 @@ def test_train_then_compare_and_promote_from_the_tab(tab, projects, a1111, monke
     )
     assert "Finished" in status and "Time taken" in status, status
     assert [row[0] for row in files["data"]] == ["uikat-01.safetensors", "uikat-02.safetensors"]
-    assert isinstance(chart, pd.DataFrame) and list(chart.columns) == ["step", "loss"] and len(chart) >= 1
+    assert isinstance(chart, pd.DataFrame) and list(chart.columns) == ["step", "loss", "series"]
+    # The training loss per step and the validation loss of both epochs, as two lines.
+    assert set(chart["series"]) == {"training", "validation"} and (chart["series"] == "validation").sum() == 2
     assert ui_train._show("task(uitest1)")[1] == files
+    assert "suggested: uikat-0" in status and "no grid" in status
 
-    run, epochs, epoch, prompt, trigger, info = ui_compare._select("kat")
-    assert epochs["value"] == ["uikat-01", "uikat-02"] and epoch["value"] == "uikat-02" and trigger == "kat3r1na"
+    run, epochs, epoch, prompt, trigger, info, report = ui_compare._select("kat")
+    assert epochs["value"] == ["uikat-01", "uikat-02"] and trigger == "kat3r1na"
+    # Promote starts at the suggested epoch, which the report names with its validation loss.
+    assert f"suggested: {epoch['value']} — lowest validation loss" in report, report
     assert prompt.startswith("kat3r1na, a photograph") and "<lora:uikat-01:1>" in prompt
-    gallery, grid, message = handler(tab[0], "lorakit_grid_start")(
-        "task(uitest2)", epochs["value"], prompt, "", "1, 2", "", True, 2, 64, 7.0
+    gallery, grid, report, epoch, message = handler(tab[0], "lorakit_grid_start")(
+        "task(uitest2)", "kat", run["value"], epochs["value"], prompt, "", "1, 2", "", True, 2, 64, 7.0
     )
     assert "Grid saved as" in message, message
     assert sorted(grid.cells) == sorted((c, s, 1.0) for c in ("no LoRA", "uikat-01", "uikat-02") for s in (1, 2))
+    # Measured from A1111's own cells: every epoch row has an effect number, and the mark is explained.
+    rows = [line for line in report.splitlines() if line.startswith("uikat-0")]
+    assert len(rows) == 2 and all("–" not in row.split()[2] for row in rows), report
+    assert gallery[0][1].startswith("epoch grid — ") and "suggest" in report.splitlines()[-1], report
     result = ui_compare._promote("kat", run["value"], "uikat-02", 0.8, "test card", "kat3r1na", True, grid)
     lora_dir = Path(a1111.cmd_opts.lora_dir)
     assert "Promoted uikat-02.safetensors as uikat-gen0.safetensors" in result

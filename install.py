@@ -7,6 +7,11 @@ dependency can never upgrade or replace torch, transformers, gradio, numpy or Pi
 would have to change, pip fails instead and the WebUI keeps working (LoRA Kit then says what is
 missing when training starts).
 
+The optional optimisers (bitsandbytes for AdamW8bit, lion-pytorch, prodigyopt, dadaptation) are
+installed only when the WebUI starts with ``LORAKIT_INSTALL_OPTIMIZERS=1`` (e.g. in
+``webui-user.sh``/``.bat``), under the same constraints; a run that asks for a missing one is
+refused with the command that installs it.
+
 peft must also *import* with the host's transformers and accelerate, which its declared
 requirements do not guarantee: on A1111 v1.10.1's pins (transformers 4.30.2, accelerate 0.21.0)
 peft 0.14 fails on ``from transformers import Cache`` and 0.15+ on accelerate's missing
@@ -32,6 +37,9 @@ IMAGEHASH = "imagehash>=4.3"
 # Below either version the newest peft is known not to import (see the module docstring).
 NEW_HOST = {"transformers": (4, 38), "accelerate": (0, 26)}
 PEFT_IMPORT_CHECK = "import peft; from peft import LoraConfig, inject_adapter_in_model"
+INSTALL_OPTIMIZERS_ENV = "LORAKIT_INSTALL_OPTIMIZERS"
+# pip package → the module it provides.
+OPTIMIZERS = {"bitsandbytes": "bitsandbytes", "lion-pytorch": "lion_pytorch", "prodigyopt": "prodigyopt", "dadaptation": "dadaptation"}
 
 
 def installed(name: str) -> str | None:
@@ -93,6 +101,8 @@ def main() -> None:
         wanted.append(peft_requirement(versions))
     if not launch.is_installed("imagehash"):
         wanted.append(IMAGEHASH)
+    if os.environ.get(INSTALL_OPTIMIZERS_ENV, "").strip() not in ("", "0"):
+        wanted += [package for package, module in OPTIMIZERS.items() if not launch.is_installed(module)]
     if not wanted:
         return
     fd, path = tempfile.mkstemp(prefix="lorakit-constraints-", suffix=".txt")

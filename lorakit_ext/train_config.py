@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit_ext.errors import UserError
+from lorakit_ext.kohya_options import flat_dataset, ours
+from lorakit_ext.optimizer_options import ADAPTIVE, ADAPTIVE_MIN_LR, OPTIMIZERS, parse_optimizer_args
 
-OPTIMIZERS = ("AdamW8bit", "AdamW", "Lion", "Prodigy", "Adafactor")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 NETWORK_TYPES = ("LoRA", "LoCon")
 PRECISIONS = ("auto", "fp16", "bf16", "no")
@@ -75,7 +76,8 @@ class TrainConfig:
     zero_terminal_snr: bool = _f(False, "Zero terminal SNR", "Rescale the noise schedule so its last step is pure noise (v-prediction models trained that way: NoobAI v-pred)", "Learning")
     scale_v_pred_loss_like_noise_pred: bool = _f(False, "Scale v-pred loss like ε", "v-prediction: weight the loss by SNR/(SNR+1), as kohya's scale_v_pred_loss_like_noise_pred", "Learning")
     noise_offset: float = _f(0.0, "Noise offset", "Adds offset·randn(B,C,1,1) to the noise (darker darks, lighter lights)", "Learning", min=0.0, max=1.0, step=0.01)
-    optimizer: str = _f("AdamW8bit", "Optimizer", "AdamW8bit needs bitsandbytes and falls back to torch AdamW without it", "Learning", choices=OPTIMIZERS)
+    optimizer: str = _f("AdamW8bit", "Optimizer", "AdamW8bit needs bitsandbytes (without it: torch AdamW, said and recorded); Lion, Prodigy and DAdaptAdam their own packages; Prodigy and DAdaptAdam want learning rates near 1.0", "Learning", choices=OPTIMIZERS)
+    optimizer_args: str = _f("", "Optimizer arguments", "kohya's optimizer_args: space-separated key=value, e.g. 'decouple=True d_coef=2 use_bias_correction=True safeguard_warmup=True' (Prodigy) or 'relative_step=True scale_parameter=True warmup_init=True' (Adafactor)", "Learning")
     weight_decay: float = _f(0.1, "Weight decay", "Optimizer weight decay", "Learning", min=0.0, max=1.0)
     adam_beta1: float = _f(0.9, "Beta 1", "First moment decay (AdamW, Lion, Prodigy)", "Learning", min=0.0, max=0.9999)
     adam_beta2: float = _f(0.99, "Beta 2", "Second moment decay (AdamW, Lion, Prodigy)", "Learning", min=0.0, max=0.99999)
@@ -101,11 +103,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        """Builds a config from strings or typed values (forms, JSON, TOML); unknown keys are errors."""
+        """Builds a config from strings or typed values (forms, JSON, TOML), in LoRA Kit's names or
+        kohya sd-scripts' (:mod:`lorakit_ext.kohya_options`); options neither knows are errors."""
         specs = {f.name: f for f in cls.field_specs()}
-        unknown = sorted(set(values) - set(specs))
-        if unknown:
-            raise UserError(f"unknown training option(s): {', '.join(unknown)}")
+        values = ours(values, set(specs))
+        if isinstance(values.get("optimizer_args"), list):
+            # kohya's TOML holds them as a list of "key=value" strings.
+            values = {**values, "optimizer_args": " ".join(map(str, values["optimizer_args"]))}
         kwargs = {name: _coerce(specs[name], value) for name, value in values.items()}
         return cls(**kwargs)
 
@@ -142,6 +146,7 @@ class TrainConfig:
             out.append("unet_lr and text_encoder_lr are both 0: nothing would be trained")
         if self.cache_text_encoder_outputs:
             out += _text_cache_problems(self)
+        out += _optimizer_problems(self)
         if self.enable_bucket:
             for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
                 if getattr(self, name) % self.bucket_reso_steps:
@@ -167,6 +172,17 @@ class TrainConfig:
         if problems:
             raise UserError("invalid training settings: " + "; ".join(problems))
         return self
+
+
+def _optimizer_problems(config: TrainConfig) -> list[str]:
+    try:
+        parse_optimizer_args(config.optimizer_args)
+    except ValueError as exc:
+        return [f"optimizer_args: {exc}"]
+    if config.optimizer in ADAPTIVE and 0 < max(config.unet_lr, config.text_encoder_lr) < ADAPTIVE_MIN_LR:
+        return [f"{config.optimizer} finds its own step size and expects learning rates near 1.0, not "
+                f"{max(config.unet_lr, config.text_encoder_lr):g}: set unet_lr (and text_encoder_lr, unless 0) to 1.0"]
+    return []
 
 
 def _text_cache_problems(config: TrainConfig) -> list[str]:
@@ -223,19 +239,40 @@ def _finite(value):
     return value
 
 
+# A comment line of the kohya TOML LoRA Kit writes: the settings sd-scripts has no option for, as
+# JSON. A comment, because sd-scripts reads every key of every table as one of its options.
+LORAKIT_LINE = "# lorakit: "
+
+
 def load_config_file(path: Path) -> dict:
-    """Reads a ``.json`` or ``.toml`` file of options. TOML files may hold them under ``[train]``."""
-    path = Path(path)
+    """Reads a ``.json`` or ``.toml`` file of options. A TOML file's tables are read as one, as
+    sd-scripts reads its ``--config_file``; the ``dataset_config`` it names, when that file exists,
+    adds its dataset options, and LoRA Kit's own line (:data:`LORAKIT_LINE`) comes last."""
+    data = _read_table(Path(path))
+    if Path(path).suffix.lower() != ".toml":
+        return data
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for table in (v for v in data.values() if isinstance(v, dict)):
+        flat.update(table)
+    dataset = flat.get("dataset_config")
+    if isinstance(dataset, str) and Path(dataset).is_file():
+        flat.update(flat_dataset(_read_table(Path(dataset))))
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith(LORAKIT_LINE):
+            try:
+                flat.update(json.loads(line[len(LORAKIT_LINE):]))
+            except ValueError as exc:
+                raise UserError(f"config file {path}: its '{LORAKIT_LINE.strip()}' line is not valid JSON ({exc})") from None
+    return flat
+
+
+def _read_table(path: Path) -> dict:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        if path.suffix.lower() == ".toml":
-            data = _toml_loads(raw.decode("utf-8"))
-            data = data.get("train", data)
-        else:
-            data = json.loads(raw.decode("utf-8"))
+        data = _toml_loads(raw.decode("utf-8")) if path.suffix.lower() == ".toml" else json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
     if not isinstance(data, dict):

@@ -117,6 +117,23 @@ def test_install_pins_the_host_and_falls_back_when_new_peft_does_not_import(monk
     assert calls == []
 
 
+def test_install_adds_the_optional_optimizers_only_when_asked_and_never_moves_torch(monkeypatch):
+    install = load_install()
+    calls = []
+    monkeypatch.setitem(sys.modules, "launch", SimpleNamespace(
+        is_installed=lambda name: name in ("imagehash", "lion_pytorch"),
+        run_pip=lambda command, desc: calls.append(command)))
+    monkeypatch.setattr(install, "installed", {"peft": "0.13.2", "torch": "2.1.2", "transformers": "4.30.2", "accelerate": "0.21.0"}.get)
+    monkeypatch.delenv(install.INSTALL_OPTIMIZERS_ENV, raising=False)
+    install.main()
+    assert calls == []  # not asked: nothing to install
+    monkeypatch.setenv(install.INSTALL_OPTIMIZERS_ENV, "1")
+    install.main()
+    # What is missing, each under the constraints that pin torch and the rest of the host.
+    assert [c.split('"')[1] for c in calls] == ["bitsandbytes", "prodigyopt", "dadaptation"]
+    assert all(' -c "' in c for c in calls)
+
+
 # ---- host -------------------------------------------------------------------------------------
 def test_server_paths_outside_the_projects_and_lora_folders_are_refused_when_access_is_disabled(a1111, tmp_path):
     from lorakit_ext.webui import host

@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorakit_ext.optimizer_options import kohya_args, optimizer_kwargs, relative_step
+from lorakit_ext.train_config import LORAKIT_LINE
+
 # Stands in for the base model when A1111 trained on a model that came from no file.
 MODEL_PLACEHOLDER = "<absolute path of the base checkpoint>"
 NETWORK_MODULE = "networks.lora"
@@ -40,14 +43,15 @@ def render_train_table(args: dict) -> str:
 
 
 def _optimizer_args(config) -> list[str]:
-    if config.optimizer == "Adafactor":
-        # As LoRA Kit builds it: a fixed rate driven by the scheduler. sd-scripts would otherwise
-        # default to relative_step=True, and Adafactor takes no betas.
-        return ["scale_parameter=False", "relative_step=False", "warmup_init=False", f"weight_decay={float(config.weight_decay)}"]
-    return [f"weight_decay={float(config.weight_decay)}", f"betas=({float(config.adam_beta1)},{float(config.adam_beta2)})"]
+    # As LoRA Kit builds the optimiser; Adafactor's three switches are written out because
+    # sd-scripts would otherwise default to relative_step=True.
+    return kohya_args(optimizer_kwargs(config))
 
 
 def _scheduler_args(config, warmup_steps: int) -> dict:
+    if relative_step(config):
+        # sd-scripts' name for Adafactor's own schedule, with the initial rate after the colon.
+        return {"lr_scheduler": f"adafactor:{float(config.unet_lr)}"}
     args = {"lr_scheduler": config.lr_scheduler}
     if config.lr_scheduler != "constant":
         args["lr_warmup_steps"] = int(warmup_steps)
@@ -108,10 +112,22 @@ def training_args(config, *, base_model_path: str, dataset_config: str, output_d
     return {k: v for k, v in args.items() if v is not None}
 
 
+def lorakit_values(config, args: dict) -> dict:
+    """The settings that ``args`` and the dataset TOML do not carry as they are (LoRA Kit's own,
+    or rounded on the way: the warmup ratio becomes whole steps), so that reading the pair back
+    gives ``config`` exactly."""
+    from lorakit_ext.kohya_options import flat_dataset
+
+    rebuilt = type(config).from_dict({**args, **flat_dataset(_dataset_tables(config, Path(".")))})
+    return {k: v for k, v in config.to_dict().items() if getattr(rebuilt, k) != v}
+
+
 def training_toml(config, *, base_model_path: str, script: str = "train_network.py", **kwargs) -> str:
     """``kohya_config.toml``; other keywords as :func:`training_args`. ``base_model_path`` "" (a
     model A1111 had in memory, from no file) leaves a placeholder and says so. ``script`` is the
-    sd-scripts script of the model's family."""
+    sd-scripts script of the model's family. What sd-scripts has no option for
+    (:func:`lorakit_values`) goes into a comment line that LoRA Kit reads back
+    (:data:`~lorakit_ext.train_config.LORAKIT_LINE`) and sd-scripts never sees."""
     lines = [
         "# Reproduces this LoRA Kit run with kohya sd-scripts. From the sd-scripts folder:",
         f"#   accelerate launch {script} --config_file <this file>",
@@ -122,11 +138,12 @@ def training_toml(config, *, base_model_path: str, script: str = "train_network.
             "# pretrained_model_name_or_path: the run trained on the model A1111 had loaded, which came "
             "from no file; replace the placeholder with that checkpoint's absolute path."
         )
-    return "\n".join(lines) + "\n" + render_train_table(training_args(config, base_model_path=base_model_path, **kwargs))
+    args = training_args(config, base_model_path=base_model_path, **kwargs)
+    lines.append(LORAKIT_LINE + json.dumps(lorakit_values(config, args), sort_keys=True, ensure_ascii=False))
+    return "\n".join(lines) + "\n" + render_train_table(args)
 
 
-def dataset_toml(config, dataset_dir: Path) -> str:
-    """``kohya_dataset.toml``: one DreamBooth-style subset, the project's dataset folder itself."""
+def _dataset_tables(config, dataset_dir: Path) -> dict:
     general = {
         "resolution": int(config.resolution),
         "enable_bucket": bool(config.enable_bucket),
@@ -141,9 +158,15 @@ def dataset_toml(config, dataset_dir: Path) -> str:
         "caption_extension": ".txt",
     }
     subset = {"image_dir": str(Path(dataset_dir).resolve()), "num_repeats": int(config.num_repeats)}
+    return {"general": general, "datasets": [{"subsets": [subset]}]}
+
+
+def dataset_toml(config, dataset_dir: Path) -> str:
+    """``kohya_dataset.toml``: one DreamBooth-style subset, the project's dataset folder itself."""
+    tables = _dataset_tables(config, dataset_dir)
     return (
         "# The dataset of the same run; the training TOML names this file as its dataset_config.\n"
-        + _table("[general]", general)
+        + _table("[general]", tables["general"])
         + "\n[[datasets]]\n\n"
-        + _table("[[datasets.subsets]]", subset)
+        + _table("[[datasets.subsets]]", tables["datasets"][0]["subsets"][0])
     )

@@ -213,7 +213,10 @@ class Trainer:
                 stack.callback(use_sdpa(model.unet))
             if self.device.type == "cuda":
                 stack.callback(use_device_timestep_embedding(model.unet, self.device))
-            optimizer, saver.optimizer_name = build_optimizer(config, network.param_groups(), self.device)
+            optimizer, choice = build_optimizer(config, network.param_groups(), self.device)
+            saver.optimizer_name = choice.name
+            if choice.note:
+                self.on_progress(Progress("training", message=choice.note))
             scheduler = build_scheduler(config, optimizer, schedule.total_steps, schedule.warmup_steps)
             lrs = DeviceLearningRates(optimizer, self.device)
             step_fn = StepFunction(model, self.schedule, config, self.precision, network.parameters(), optimizer,

@@ -1,66 +1,96 @@
-"""Optimiser and learning-rate schedule for a run, from ``TrainConfig``."""
+"""Optimiser and learning-rate schedule for a run, from ``TrainConfig``.
+
+Every optimiser either runs as asked or is refused before training with the command that installs
+it; the one substitution, AdamW8bit → torch AdamW without bitsandbytes (the same update with
+32-bit state), is said to the user and recorded as what ran (``ss_optimizer``).
+"""
 
 from __future__ import annotations
 
 import importlib
-import logging
+import sys
+from dataclasses import dataclass
 
 import torch
 from transformers import get_scheduler
 from transformers.optimization import (
+    Adafactor,
+    AdafactorSchedule,
     get_cosine_with_hard_restarts_schedule_with_warmup,
     get_polynomial_decay_schedule_with_warmup,
 )
 
 from lorakit_ext.errors import UserError
+from lorakit_ext.optimizer_options import PACKAGES, optimizer_kwargs, relative_step
 
-log = logging.getLogger(__name__)
+INSTALL_ENV = "LORAKIT_INSTALL_OPTIMIZERS"
 
-# Optional optimisers: (module, class, pip package).
-_OPTIONAL = {
-    "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
-    "Lion": ("lion_pytorch", "Lion", "lion-pytorch"),
-    "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
-}
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    name: str  # what runs
+    cls: type
+    note: str | None = None  # a substitution, in words, for the user
+
+
+def install_hint(package: str) -> str:
+    return (f"`{sys.executable} -m pip install {package}` (inside A1111: start it once with {INSTALL_ENV}=1 and "
+            "LoRA Kit's install.py adds it)")
 
 
 def _optional_class(name: str):
-    module, cls, package = _OPTIONAL[name]
+    module, cls, package = PACKAGES[name]
     try:
         return getattr(importlib.import_module(module), cls)
     except Exception as exc:  # bitsandbytes raises RuntimeError/OSError on machines without CUDA
-        raise ModuleNotFoundError(f"{name} needs the '{package}' package ({exc})") from None
+        raise ModuleNotFoundError(f"{name} needs the '{package}' package ({type(exc).__name__}: {exc})") from None
 
 
-def build_optimizer(config, groups: list[dict], device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """Returns the optimiser and the name actually used (AdamW8bit falls back to AdamW)."""
-    betas = (config.adam_beta1, config.adam_beta2)
-    name = config.optimizer
-    if name == "AdamW8bit":
-        try:
-            return _optional_class(name)(groups, betas=betas, weight_decay=config.weight_decay), name
-        except ModuleNotFoundError as exc:
-            log.info("%s; using torch AdamW instead (same update, 32-bit state)", exc)
-            name = "AdamW"
+def choose_optimizer(name: str) -> OptimizerChoice:
+    """The optimiser class for ``name``; :class:`UserError` with the install command when missing."""
     if name == "AdamW":
-        cuda = device.type == "cuda"
+        return OptimizerChoice(name, torch.optim.AdamW)
+    if name == "Adafactor":
+        return OptimizerChoice(name, Adafactor)
+    try:
+        return OptimizerChoice(name, _optional_class(name))
+    except ModuleNotFoundError as exc:
+        if name == "AdamW8bit":
+            note = (f"{exc}; training with torch AdamW instead (the same update with 32-bit state). "
+                    f"To train with AdamW8bit: {install_hint(PACKAGES[name][2])}")
+            return OptimizerChoice("AdamW", torch.optim.AdamW, note)
+        raise UserError(f"optimizer {name} is not available: {exc}; install it with {install_hint(PACKAGES[name][2])}, "
+                        "or choose AdamW") from None
+
+
+def build_optimizer(config, groups: list[dict], device: torch.device) -> tuple[torch.optim.Optimizer, OptimizerChoice]:
+    """The optimiser over ``groups`` and the choice that made it; bad ``optimizer_args`` are a
+    :class:`UserError` naming the optimiser."""
+    choice = choose_optimizer(config.optimizer)
+    kwargs = optimizer_kwargs(config)
+    if choice.cls is torch.optim.AdamW and "fused" not in kwargs and device.type == "cuda":
         # Fused and capturable on CUDA: one kernel for all LoRA weights, and no host sync, so the
         # step can live in a CUDA graph.
-        return torch.optim.AdamW(groups, betas=betas, weight_decay=config.weight_decay, fused=cuda, capturable=cuda), name
-    if name == "Adafactor":
-        from transformers.optimization import Adafactor
-
-        # kohya-colab's recommended arguments: a fixed learning rate driven by our scheduler.
-        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=config.weight_decay), name
+        kwargs.update(fused=True, capturable=True)
     try:
-        cls = _optional_class(name)
-    except ModuleNotFoundError as exc:
-        raise UserError(f"optimizer {name} is not available: {exc}; install it or choose AdamW") from None
-    return cls(groups, betas=betas, weight_decay=config.weight_decay), name
+        return choice.cls(groups, **kwargs), choice
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{choice.name} refuses these arguments ({exc}); check optimizer_args") from None
+
+
+def check_optimizer(config) -> OptimizerChoice:
+    """Builds the optimiser once over a stand-in parameter, before any model loads, so a missing
+    package or a wrong argument stops the run in seconds."""
+    probe = torch.zeros(1, requires_grad=True)
+    _, choice = build_optimizer(config, [{"params": [probe], "lr": max(config.unet_lr, config.text_encoder_lr)}], torch.device("cpu"))
+    return choice
 
 
 def build_scheduler(config, optimizer, total_steps: int, warmup_steps: int):
     name = config.lr_scheduler
+    if relative_step(config):
+        # Reports Adafactor's own rates; it takes no schedule from outside.
+        return AdafactorSchedule(optimizer, initial_lr=float(config.unet_lr))
     if name == "cosine_with_restarts":
         return get_cosine_with_hard_restarts_schedule_with_warmup(
             optimizer, warmup_steps, total_steps, num_cycles=config.lr_scheduler_num_cycles

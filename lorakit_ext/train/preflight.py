@@ -20,6 +20,7 @@ from lorakit_ext.export.writer import SUFFIX
 from lorakit_ext.fsutil import stale_temp_files
 from lorakit_ext.train.buckets import bucket_plan_for
 from lorakit_ext.train.data import check_batch_size, load_train_items
+from lorakit_ext.train.optim import check_optimizer
 from lorakit_ext.train.plan import held_out_share, plan_for, split_items
 
 
@@ -139,6 +140,7 @@ def preflight(project, config, output_dir: Path, *, output_stem: str | None = No
     gets a free output stem (free in ``output_dir``, or anywhere under ``names_under``: A1111's Lora
     folder); a resumed one passes the stem it started with."""
     config.validate()
+    check_optimizer(config)
     data = dataset_schedule(config, project.dataset)
     _check_writable(Path(output_dir))
     name = config.output_name or project.name

@@ -1,0 +1,166 @@
+"""kohya sd-scripts' option names, read as ``TrainConfig`` fields.
+
+A kohya user's ``--config_file`` TOML (``[train]``-style tables, optionally beside the
+``--dataset_config`` TOML it names) comes in as it is: every option LoRA Kit has is mapped to its
+field (the table below), options that change nothing here are accepted and listed in
+:data:`NO_EFFECT`, and every other option is refused by name — training without something the user
+asked for would be a silent difference.
+
+Pure: no torch; :mod:`lorakit_ext.train_config` calls :func:`ours` for any key that is not a field.
+"""
+
+from __future__ import annotations
+
+from lorakit_ext.errors import UserError
+from lorakit_ext.optimizer_options import OPTIMIZERS, parse_optimizer_args
+
+# kohya option → LoRA Kit field, where the names differ.
+RENAMED = {
+    "save_last_n_epochs": "keep_only_last_n_epochs",
+    "optimizer_type": "optimizer",
+    "shuffle_caption": "shuffle_tags",
+    "metadata_trigger_phrase": "trigger",
+    "batch_size": "train_batch_size",
+}
+# Options that LoRA Kit decides itself or that only say where things are: accepted, no effect.
+NO_EFFECT = {
+    "pretrained_model_name_or_path": "the base model is --base-model (or A1111's loaded model)",
+    "dataset_config": "its dataset options are read with the training file",
+    "output_dir": "epoch files go to --out (or A1111's Lora folder)",
+    "logging_dir": "LoRA Kit keeps loss.csv in the run folder",
+    "save_model_as": "always safetensors",
+    "save_precision": "always fp16",
+    "sdpa": "always PyTorch SDPA", "xformers": "always PyTorch SDPA", "mem_eff_attn": "always PyTorch SDPA",
+    "cache_latents_to_disk": "latents are cached in memory",
+    "caption_extension": "captions are the .txt beside each image",
+    "v2": "read from the model", "v_parameterization": "read from the model",
+    "no_half_vae": "the VAE encodes in fp32 where fp16 would overflow",
+    "persistent_data_loader_workers": "no data loader workers", "max_data_loader_n_workers": "no data loader workers",
+    "lowram": "the model is loaded once", "highvram": "the model is loaded once",
+    "image_dir": "the dataset is the project's dataset folder",
+    "learning_rate": "read as unet_lr (and text_encoder_lr) when those are not given",
+    "network_train_unet_only": "read as text_encoder_lr = 0",
+    "network_module": "read as network_type", "network_args": "read as conv_dim/conv_alpha",
+    "lr_warmup_steps": "read as lr_warmup_ratio", "lr_scheduler_power": "read as the polynomial's power",
+}
+_NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+
+
+def _single_rate(value) -> float:
+    rates = value if isinstance(value, list) else [value]
+    if len(set(rates)) > 1:
+        raise UserError(f"text_encoder_lr = {value}: separate rates for two text encoders are not supported; give one")
+    return float(rates[0])
+
+
+def _network(values: dict, out: dict) -> None:
+    module = values.get("network_module", "networks.lora")
+    if module not in _NETWORK_MODULES:
+        raise UserError(f"network_module = {module!r} is not supported; LoRA Kit trains networks.lora (LoRA, LoCon)")
+    args = dict(arg.split("=", 1) for arg in values.get("network_args", []) if "=" in arg)
+    unsupported = sorted(set(args) - {"conv_dim", "conv_alpha", "algo"})
+    if unsupported:
+        raise UserError(f"network_args {', '.join(unsupported)} are not supported (LoRA Kit reads conv_dim, conv_alpha)")
+    algo = args.get("algo", "locon" if "conv_dim" in args else "lora")
+    if algo not in ("lora", "locon"):
+        raise UserError(f"network_args algo={algo} is not supported yet; LoRA Kit trains LoRA and LoCon")
+    out["network_type"] = "LoCon" if algo == "locon" or "conv_dim" in args else "LoRA"
+    for key in ("conv_dim", "conv_alpha"):
+        if key in args:
+            out[key] = float(args[key]) if key == "conv_alpha" else int(args[key])
+
+
+def _optimizer(values: dict, out: dict) -> None:
+    args = parse_optimizer_args(" ".join(values.get("optimizer_args", [])))
+    if "weight_decay" in args:
+        out["weight_decay"] = float(args.pop("weight_decay"))
+    betas = args.get("betas")
+    if isinstance(betas, (tuple, list)) and len(betas) == 2:
+        out["adam_beta1"], out["adam_beta2"] = map(float, args.pop("betas"))
+    if str(out.get("optimizer", values.get("optimizer_type", ""))).lower() == "adafactor":
+        # LoRA Kit's Adafactor default (a fixed rate) needs no arguments to say so.
+        for key in ("scale_parameter", "relative_step", "warmup_init"):
+            if args.get(key) is False:
+                args.pop(key)
+    out["optimizer_args"] = " ".join(f"{k}={_arg_text(v)}" for k, v in args.items())
+
+
+def _arg_text(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(repr, value))
+    return value if isinstance(value, str) else repr(value)
+
+
+def ours(values: dict, fields: set[str]) -> dict:
+    """``values`` (kohya names or ours; ours win) as LoRA Kit fields. :class:`UserError` names every
+    option that is neither a field, a kohya option LoRA Kit reads, nor one without effect here."""
+    unknown = sorted(k for k in values if k not in fields and k not in RENAMED and k not in NO_EFFECT)
+    if unknown:
+        raise UserError(f"training option(s) LoRA Kit does not support: {', '.join(unknown)}; remove them "
+                        "(the README lists what a kohya config may hold)")
+    out = {RENAMED[k]: v for k, v in values.items() if k in RENAMED}
+    out.update({k: v for k, v in values.items() if k in fields})
+    if "optimizer" in out:
+        known = {name.lower(): name for name in OPTIMIZERS}
+        out["optimizer"] = known.get(str(out["optimizer"]).lower(), out["optimizer"])
+    if "learning_rate" in values:
+        out.setdefault("unet_lr", values["learning_rate"])
+        out.setdefault("text_encoder_lr", values["learning_rate"])
+    if "text_encoder_lr" in out:
+        out["text_encoder_lr"] = _single_rate(out["text_encoder_lr"])
+    if values.get("network_train_unet_only"):
+        out["text_encoder_lr"] = 0.0
+    if "network_module" in values or "network_args" in values:
+        _network(values, out)
+    if "optimizer_args" in values and isinstance(values["optimizer_args"], list):
+        _optimizer(values, out)
+    if isinstance(out.get("lr_scheduler"), str) and out["lr_scheduler"].startswith("adafactor"):
+        out["lr_scheduler"] = "constant"  # Adafactor's own schedule, chosen by relative_step
+    if "max_token_length" in values and values["max_token_length"] is None:
+        out["max_token_length"] = 75
+    if "resolution" in out:
+        out["resolution"] = _square(out["resolution"])
+    _steps(values, out)
+    return out
+
+
+def _steps(values: dict, out: dict) -> None:
+    """Steps, epochs and warmup as LoRA Kit counts them."""
+    total = values.get("max_train_steps")
+    if values.get("max_train_epochs"):
+        out["max_train_steps"] = 0  # sd-scripts lets max_train_epochs override max_train_steps
+    if "lr_scheduler_power" in values:
+        out.setdefault("lr_scheduler_num_cycles", int(values["lr_scheduler_power"]))
+    warmup = values.get("lr_warmup_steps")
+    if warmup is None or "lr_warmup_ratio" in values:
+        return
+    if 0 <= warmup < 1:
+        out["lr_warmup_ratio"] = float(warmup)  # sd-scripts reads a value below 1 as a ratio
+    elif total:
+        out["lr_warmup_ratio"] = float(warmup) / float(total)
+    else:
+        raise UserError(f"lr_warmup_steps = {warmup} needs max_train_steps to become a ratio; give lr_warmup_ratio instead")
+
+
+def _square(value):
+    """kohya's resolution: ``512``, ``"512,512"`` or ``[512, 512]``; LoRA Kit trains square sides."""
+    sides = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        numbers = {int(str(side).strip()) for side in sides}
+    except ValueError:
+        return value  # left for the field's own check to name
+    if len(numbers) != 1:
+        raise UserError(f"resolution = {value!r}: LoRA Kit trains a square resolution (buckets keep each image's shape); give one side")
+    return numbers.pop()
+
+
+def flat_dataset(dataset: dict) -> dict:
+    """The options of a kohya dataset TOML (``[general]``, one ``[[datasets]]`` with one
+    ``[[datasets.subsets]]``) in one table; several folders or regularisation images are refused."""
+    datasets = dataset.get("datasets", [])
+    subsets = [subset for d in datasets for subset in d.get("subsets", [])]
+    if len(datasets) > 1 or len(subsets) > 1 or any(subset.get("is_reg") for subset in subsets):
+        raise UserError("the dataset config has several folders or regularisation images, which LoRA Kit does not "
+                        "support yet; keep one subset (the project's dataset)")
+    first = datasets[0] if datasets else {}
+    return {**dataset.get("general", {}), **{k: v for k, v in first.items() if k != "subsets"}, **(subsets[0] if subsets else {})}

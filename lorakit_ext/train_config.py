@@ -49,6 +49,8 @@ class TrainConfig:
     shuffle_tags: bool = _f(True, "Shuffle tags", "Shuffle caption tags every step, keeping the first `keep tokens` in place", "Dataset")
     keep_tokens: int = _f(1, "Keep tokens", "Leading tags never shuffled (the activation tag)", "Dataset", min=0, max=32)
     caption_dropout_rate: float = _f(0.0, "Caption dropout", "Chance of training a step with an empty caption", "Dataset", min=0.0, max=0.99, step=0.01)
+    caption_tag_dropout_rate: float = _f(0.0, "Tag dropout", "Chance of leaving out each tag after the kept ones, every step", "Dataset", min=0.0, max=0.99, step=0.01)
+    caption_dropout_every_n_epochs: int = _f(0, "Empty captions every N epochs", "Train every N-th epoch with empty captions (kohya's caption_dropout_every_n_epochs; 0: never)", "Dataset", min=0, max=1000)
     max_token_length: int = _f(225, "Max token length", "Caption tokens used: 75, 150 or 225 (in 75-token chunks)", "Dataset", choices=(75, 150, 225))
     validation_split: float = _f(
         0.1, "Validation share",
@@ -75,6 +77,9 @@ class TrainConfig:
     min_snr_gamma: float = _f(5.0, "Min-SNR gamma", "Loss weight min(SNR, γ)/SNR; 0 turns it off", "Learning", min=0.0, max=20.0, step=0.5)
     zero_terminal_snr: bool = _f(False, "Zero terminal SNR", "Rescale the noise schedule so its last step is pure noise (v-prediction models trained that way: NoobAI v-pred)", "Learning")
     scale_v_pred_loss_like_noise_pred: bool = _f(False, "Scale v-pred loss like ε", "v-prediction: weight the loss by SNR/(SNR+1), as kohya's scale_v_pred_loss_like_noise_pred", "Learning")
+    multires_noise_iterations: int = _f(0, "Multires noise iterations", "kohya's pyramid noise: levels of coarser noise added (6–10 typical; 0: off; not with noise offset; CUDA graphs off)", "Learning", min=0, max=20)
+    multires_noise_discount: float = _f(0.3, "Multires noise discount", "Weight of each coarser level (discountⁱ)", "Learning", min=0.0, max=1.0, step=0.05)
+    ip_noise_gamma: float = _f(0.0, "Input perturbation γ", "kohya's ip_noise_gamma: noise the latents with noise + γ·randn while the target stays noise (0.1 typical; 0: off)", "Learning", min=0.0, max=1.0, step=0.01)
     noise_offset: float = _f(0.0, "Noise offset", "Adds offset·randn(B,C,1,1) to the noise (darker darks, lighter lights)", "Learning", min=0.0, max=1.0, step=0.01)
     optimizer: str = _f("AdamW8bit", "Optimizer", "AdamW8bit needs bitsandbytes (without it: torch AdamW, said and recorded); Lion, Prodigy and DAdaptAdam their own packages; Prodigy and DAdaptAdam want learning rates near 1.0", "Learning", choices=OPTIMIZERS)
     optimizer_args: str = _f("", "Optimizer arguments", "kohya's optimizer_args: space-separated key=value, e.g. 'decouple=True d_coef=2 use_bias_correction=True safeguard_warmup=True' (Prodigy) or 'relative_step=True scale_parameter=True warmup_init=True' (Adafactor)", "Learning")
@@ -147,6 +152,9 @@ class TrainConfig:
         if self.cache_text_encoder_outputs:
             out += _text_cache_problems(self)
         out += _optimizer_problems(self)
+        if self.noise_offset and self.multires_noise_iterations:
+            out.append("noise_offset and multires_noise_iterations are alternatives (sd-scripts would apply only the "
+                       "offset); set one of them to 0")
         if self.enable_bucket:
             for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
                 if getattr(self, name) % self.bucket_reso_steps:
@@ -192,6 +200,8 @@ def _text_cache_problems(config: TrainConfig) -> list[str]:
         (config.text_encoder_lr > 0, "text_encoder_lr = 0"),
         (config.shuffle_tags, "shuffle_tags off"),
         (config.caption_dropout_rate > 0, "caption_dropout_rate = 0"),
+        (config.caption_tag_dropout_rate > 0, "caption_tag_dropout_rate = 0"),
+        (config.caption_dropout_every_n_epochs > 0, "caption_dropout_every_n_epochs = 0"),
     ]
     needed = [remedy for on, remedy in changing if on]
     if not needed:

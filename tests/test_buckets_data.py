@@ -162,6 +162,19 @@ def test_caption_dropout_empties_captions():
     rng = random.Random(0)
     assert {process_caption(CAPTION, 1, True, 1.0, rng) for _ in range(20)} == {""}
     assert "" not in {process_caption(CAPTION, 1, True, 0.0, rng) for _ in range(20)}
+    assert process_caption(CAPTION, 1, False, 0.0, rng, dropped_epoch=True) == ""
+
+
+def test_tag_dropout_leaves_out_tags_but_never_the_kept_ones():
+    kept = []
+    for seed in range(200):
+        out = process_caption(CAPTION, 2, False, 0.0, random.Random(seed), tag_dropout_rate=0.3).split(", ")
+        assert out[:2] == ["kat3r1na", "1girl"] and set(out) <= set(CAPTION.split(", "))
+        kept.append(len(out) - 2)
+    # 5 droppable tags at 30 %: about 3.5 stay on average.
+    assert 3.2 < sum(kept) / len(kept) < 3.8
+    same = [process_caption(CAPTION, 2, True, 0.0, random.Random(7), tag_dropout_rate=0.3) for _ in range(2)]
+    assert same[0] == same[1]
 
 
 # ---- dataset items and images ----------------------------------------------------------------
@@ -364,6 +377,13 @@ def test_flip_aug_mirrors_about_half_the_samples():
 def test_caption_dropout_in_batches():
     captions = [c for b in _epoch(caption_dropout_rate=0.5) for c in b.captions]
     assert 20 <= captions.count("") <= 70
+
+
+def test_every_nth_epoch_counted_from_one_trains_on_empty_captions():
+    def captions(epoch):
+        return {c for b in _epoch(epoch=epoch, caption_dropout_every_n_epochs=2) for c in b.captions}
+
+    assert "" not in captions(0) and captions(1) == {""} and "" not in captions(2) and captions(3) == {""}
 
 
 def test_batch_larger_than_dataset_is_refused():

@@ -115,7 +115,9 @@ def test_several_folders_or_regularisation_images_are_refused(tmp_path):
     preset("SDXL · NoobAI v-pred", validation_split=0.2, validate_every_n_epochs=2, cuda_graphs=False, trigger="kat"),
     TrainConfig(network_type="LoCon", optimizer="Prodigy", unet_lr=1.0, text_encoder_lr=0.0, lr_warmup_ratio=0.07,
                 optimizer_args="decouple=True d_coef=2", max_train_steps=333, shuffle_tags=False, max_token_length=75,
-                cache_text_encoder_outputs=True, lr_scheduler="polynomial", lr_scheduler_num_cycles=2),
+                cache_text_encoder_outputs=False, lr_scheduler="polynomial", lr_scheduler_num_cycles=2,
+                caption_tag_dropout_rate=0.1, caption_dropout_every_n_epochs=3, multires_noise_iterations=6,
+                multires_noise_discount=0.25, ip_noise_gamma=0.05),
     TrainConfig(optimizer="Adafactor", optimizer_args="relative_step=True scale_parameter=True", mixed_precision="auto"),
 ])
 def test_the_kohya_pair_a_run_writes_reads_back_to_the_same_config(tmp_path, config):
@@ -132,10 +134,10 @@ def test_the_kohya_pair_a_run_writes_reads_back_to_the_same_config(tmp_path, con
 
 def test_train_takes_a_kohya_config_and_says_which_option_it_cannot_take(tmp_path, capsys):
     path = tmp_path / "c.toml"
-    path.write_text("[train]\nmultires_noise_iterations = 6\nnetwork_dim = 8\n", encoding="utf-8")
+    path.write_text("[train]\ngradient_accumulation_steps = 2\nnetwork_dim = 8\n", encoding="utf-8")
     assert main(["plan", "--images", "20", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "does not support: multires_noise_iterations" in err
+    assert err.count("error:") == 1 and "does not support: gradient_accumulation_steps" in err
     path.write_text('[train]\nnetwork_dim = 8\noptimizer_type = "adamw"\nsave_last_n_epochs = 3\n', encoding="utf-8")
     assert main(["plan", "--images", "20", "--config", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["images"] == 18

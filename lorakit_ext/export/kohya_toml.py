@@ -104,6 +104,9 @@ def training_args(config, *, base_model_path: str, dataset_config: str, output_d
         "max_grad_norm": float(config.max_grad_norm),
         "min_snr_gamma": float(config.min_snr_gamma) or None,
         "noise_offset": float(config.noise_offset) or None,
+        "multires_noise_iterations": int(config.multires_noise_iterations) or None,
+        "multires_noise_discount": float(config.multires_noise_discount) if config.multires_noise_iterations else None,
+        "ip_noise_gamma": float(config.ip_noise_gamma) or None,
         "zero_terminal_snr": True if config.zero_terminal_snr else None,
         "scale_v_pred_loss_like_noise_pred": True if config.scale_v_pred_loss_like_noise_pred else None,
         "training_comment": config.training_comment or None,
@@ -154,6 +157,8 @@ def _dataset_tables(config, dataset_dir: Path) -> dict:
         "shuffle_caption": bool(config.shuffle_tags),
         "keep_tokens": int(config.keep_tokens),
         "caption_dropout_rate": float(config.caption_dropout_rate),
+        "caption_tag_dropout_rate": float(config.caption_tag_dropout_rate),
+        "caption_dropout_every_n_epochs": int(config.caption_dropout_every_n_epochs),
         "flip_aug": bool(config.flip_aug),
         "caption_extension": ".txt",
     }

@@ -215,13 +215,18 @@ class EpochBatches:
         keep_tokens: int = 0,
         shuffle_tags: bool = False,
         caption_dropout_rate: float = 0.0,
+        caption_tag_dropout_rate: float = 0.0,
+        caption_dropout_every_n_epochs: int = 0,
     ):
         check_batch_size(len(captions), batch_size)
         if not len(cache) == len(captions) == len(plan.placements):
             raise ValueError(f"{len(cache)} latents, {len(captions)} captions, {len(plan.placements)} placements")
         self._cache, self._captions, self._plan = cache, list(captions), plan
         self._seed, self._epoch = seed, epoch
+        # kohya counts epochs from 1 when it empties every caption of each n-th one.
+        dropped_epoch = caption_dropout_every_n_epochs > 0 and (epoch + 1) % caption_dropout_every_n_epochs == 0
         self._caption_args = (keep_tokens, shuffle_tags, caption_dropout_rate)
+        self._caption_options = {"tag_dropout_rate": caption_tag_dropout_rate, "dropped_epoch": dropped_epoch}
         # String seeds hash with SHA-512 in ``random``, independent of PYTHONHASHSEED.
         rng = random.Random(f"lorakit-order:{seed}:{epoch}")
         order: list[tuple[Size, tuple[int, ...]]] = []
@@ -245,6 +250,8 @@ class EpochBatches:
             keep_tokens=config.keep_tokens,
             shuffle_tags=config.shuffle_tags,
             caption_dropout_rate=config.caption_dropout_rate,
+            caption_tag_dropout_rate=config.caption_tag_dropout_rate,
+            caption_dropout_every_n_epochs=config.caption_dropout_every_n_epochs,
         )
 
     def __len__(self) -> int:
@@ -256,7 +263,7 @@ class EpochBatches:
         bucket, indices = self._order[step]
         rng = random.Random(f"lorakit-step:{self._seed}:{self._epoch}:{step}")
         flipped = tuple(self._cache.has_flipped and rng.random() < 0.5 for _ in indices)
-        captions = [process_caption(self._captions[i], *self._caption_args, rng) for i in indices]
+        captions = [process_caption(self._captions[i], *self._caption_args, rng, **self._caption_options) for i in indices]
         latents = torch.stack([self._cache.get(i, f) for i, f in zip(indices, flipped)])
         sizes = torch.tensor([size_conditioning(self._plan.placements[i], f) for i, f in zip(indices, flipped)], dtype=torch.float32)
         return Batch(latents, captions, bucket, indices, flipped, sizes)

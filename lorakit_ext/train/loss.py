@@ -46,12 +46,34 @@ class NoiseSchedule:
         return a * noise - s * latents
 
 
-def draw_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float) -> torch.Tensor:
+def draw_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float,
+               multires_iterations: int = 0, multires_discount: float = 0.3) -> torch.Tensor:
+    """Gaussian noise like ``latents``, with kohya's noise offset or, instead, its multi-resolution
+    ("pyramid") noise: the two are alternatives in sd-scripts, which applies the offset when both
+    are set (LoRA Kit's settings refuse that combination)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
     if noise_offset:
         b, c = latents.shape[:2]
         noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator, device=latents.device)
+    elif multires_iterations:
+        noise = pyramid_noise(noise, multires_iterations, multires_discount)
     return noise
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float) -> torch.Tensor:
+    """kohya's ``pyramid_noise_like``: at level ``i`` noise drawn at 1/rⁱ of the size (r drawn in
+    [2, 4) per level, on the host, from torch's CPU generator) is upsampled bilinearly and added with
+    weight discountⁱ, down to a 1-pixel side; the sum is scaled back to unit standard deviation.
+    The sizes change every step, so a step with it cannot be captured in a CUDA graph."""
+    b, c, height, width = noise.shape
+    for level in range(iterations):
+        r = 2 + 2 * float(torch.rand(()))
+        small_h, small_w = max(1, int(height / r**level)), max(1, int(width / r**level))
+        coarse = torch.randn((b, c, small_h, small_w), device=noise.device, dtype=noise.dtype)
+        noise = noise + torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear") * discount**level
+        if small_h == 1 or small_w == 1:
+            break
+    return noise / noise.std()
 
 
 def draw_timesteps(batch: int, generator: torch.Generator | None, device) -> torch.Tensor:

@@ -69,6 +69,8 @@ class StepFunction:
     @property
     def host_sync_reason(self) -> str | None:
         """Why this step cannot run without the host (and so cannot be captured), or None."""
+        if self.config.multires_noise_iterations and not self.config.noise_offset:
+            return "multires noise draws its pyramid at new sizes every step"
         if self.grad_scaler is not None:
             return f"fp16 loss scaling with {type(self.optimizer).__name__} needs the host-side GradScaler"
         return None
@@ -90,19 +92,20 @@ class StepFunction:
         with contextlib.nullcontext() if self.train_te else torch.no_grad():
             return self.model.encode_text(text)
 
-    def _prediction(self, latents, states, sizes, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's output for the noised latents, and what it should have been."""
+    def _prediction(self, latents, states, sizes, noise, timesteps, input_noise=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's output for the noised latents, and what it should have been. ``input_noise``
+        (input perturbation) noises the latents in place of ``noise``, which stays the target."""
         with self._autocast():
             cond = self.model.condition(states, sizes)
-            noisy = self.schedule.add_noise(latents, noise, timesteps)
+            noisy = self.schedule.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
             pred = self.model.predict(noisy, timesteps, cond)
         target = self.schedule.velocity(latents, noise, timesteps) if self.v else noise
         return pred, target
 
-    def loss(self, latents, text, sizes, noise, timesteps):
+    def loss(self, latents, text, sizes, noise, timesteps, input_noise=None):
         with self._autocast():
             states = self._text_states(text)
-        pred, target = self._prediction(latents, states, sizes, noise, timesteps)
+        pred, target = self._prediction(latents, states, sizes, noise, timesteps, input_noise)
         return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, self.v,
                               scale_v_like_noise=self.config.scale_v_pred_loss_like_noise_pred)
 
@@ -117,9 +120,12 @@ class StepFunction:
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
             torch._foreach_zero_(grads)
-        noise = draw_noise(latents, None, self.config.noise_offset)
+        c = self.config
+        noise = draw_noise(latents, None, c.noise_offset, c.multires_noise_iterations, c.multires_noise_discount)
         timesteps = draw_timesteps(latents.shape[0], None, latents.device)
-        loss = self.loss(latents, text, sizes, noise, timesteps)
+        # kohya's input perturbation: the latents are noised a little more than the target says.
+        input_noise = noise + c.ip_noise_gamma * torch.randn_like(noise) if c.ip_noise_gamma else None
+        loss = self.loss(latents, text, sizes, noise, timesteps, input_noise)
         if self.grad_scaler is not None:
             return self._host_scaled_step(loss)
         if self.loss_scale is not None:

@@ -35,11 +35,23 @@ class AnyOrderParser(argparse.ArgumentParser):
     Plain argparse fills every positional from the first run of words it meets, so in that line
     PROJECT and ACTION take ``P set`` and VALUES takes nothing; ``NAME TEXT`` after the option are
     then refused as unrecognised. Intermixed parsing reads the options first, then all the words.
+
+    It can also be filled in only when its command is parsed (:meth:`fill_when_used`).
     """
 
     _nested = False
+    _fill = None
+
+    def fill_when_used(self, fill) -> None:
+        """Leaves adding this parser's arguments to ``fill(parser)``, called when the command is
+        parsed (its ``--help`` included): a command whose options live in modules that import torch
+        keeps them out of ``--help`` and of every other command."""
+        self._fill = fill
 
     def parse_known_args(self, args=None, namespace=None):
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            fill(self)
         # parse_known_intermixed_args calls parse_known_args itself (before Python 3.13), and refuses
         # parsers with sub-commands (bench): those parse as usual.
         if self._nested or self._subparsers is not None:

@@ -22,14 +22,19 @@ def _kinds() -> dict:
 
 
 def register(sub, common) -> None:
-    # --root/--json belong to each KIND's parser: nested parsers would re-default them.
     p = sub.add_parser("bench", help="measure how fast LoRA Kit runs here")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    # The benchmark modules import torch: they load only when `bench` itself is parsed.
+    p.fill_when_used(lambda parser: _add_kinds(parser, common))
+    p.set_defaults(handler=run)
+
+
+def _add_kinds(parser, common) -> None:
+    # --root/--json belong to each KIND's parser: nested parsers would re-default them.
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     for name, (add_arguments, run_cli) in _kinds().items():
         k = kinds.add_parser(name, parents=[common], help=f"{name} benchmark")
         add_arguments(k)
         k.set_defaults(bench_run=run_cli)
-    p.set_defaults(handler=run)
 
 
 def run(args) -> Result:

@@ -16,8 +16,6 @@ from lorakit_ext.cli.output import Result
 from lorakit_ext.cli.progress import ProgressPrinter
 from lorakit_ext.cli.train_options import add_train_options, config_from_args, given_train_options
 from lorakit_ext.errors import UserError
-from lorakit_ext.models.families.sd1 import SD1
-from lorakit_ext.models.sgm_import import SGM_DIR_ENV, sgm_folder_of_a1111
 from lorakit_ext.project import open_project
 from lorakit_ext.project_lock import ProjectLock
 
@@ -98,6 +96,7 @@ def _resolved_option(key: str, value: str) -> str:
 
 
 def run(args) -> Result:
+    from lorakit_ext.models.sgm_import import SGM_DIR_ENV, sgm_folder_of_a1111
     from lorakit_ext.train.preflight import preflight
     from lorakit_ext.train.resume import check_unchanged, resume_point
 
@@ -117,6 +116,7 @@ def run(args) -> Result:
             check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=None, force=args.force)
         else:
             from lorakit_ext.models.checkpoint import family_of_checkpoint
+            from lorakit_ext.models.families.sd1 import SD1
 
             options = _options(args, project)
             # The family's defaults apply; a missing file is reported when it loads, after the

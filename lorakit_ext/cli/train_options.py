@@ -3,14 +3,18 @@ and a few common flags, all turned into one validated :class:`TrainConfig`."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lorakit_ext.errors import UserError
-from lorakit_ext.models.families import FAMILIES
-from lorakit_ext.models.families.base import ModelFamily
-from lorakit_ext.models.families.sd1 import SD1
+from lorakit_ext.models.family_presets import FAMILY_SETTINGS, SD1_SETTINGS, FamilySettings
 from lorakit_ext.train_config import TrainConfig, load_config_file
 
-# Every family's presets; a run takes those of its checkpoint's family.
-PRESET_NAMES = sorted({name for family in FAMILIES for name in family.presets})
+if TYPE_CHECKING:
+    from lorakit_ext.models.families.base import ModelFamily
+
+# Every family's presets; a run takes those of its checkpoint's family. Read from the torch-free
+# tables: building the parser must not import torch.
+PRESET_NAMES = sorted({name for family in FAMILY_SETTINGS for name in family.presets})
 
 # The options people change most often get their own flags; everything else is --set key=value.
 _FLAGS = {
@@ -34,8 +38,8 @@ def add_train_options(parser) -> None:
     )
 
 
-def config_from_args(args, family: ModelFamily = SD1) -> TrainConfig:
-    """The options given, over ``family``'s defaults and preset."""
+def config_from_args(args, family: ModelFamily | FamilySettings = SD1_SETTINGS) -> TrainConfig:
+    """The options given, over ``family``'s defaults and preset (SD1's when no model says otherwise)."""
     if args.preset and args.preset not in family.presets:
         raise UserError(f"preset {args.preset!r} is not one of {family.label}'s: {', '.join(family.presets)}")
     values: dict = {**family.defaults, **(family.presets[args.preset] if args.preset else {})}

@@ -1,9 +1,10 @@
 """The model families LoRA Kit trains, and finding the family of a checkpoint file or a loaded model.
 
 Each family is one module here holding a :class:`~.base.ModelFamily` instance, listed in
-:data:`FAMILIES`. Adding a family is that module, its entry there and its tests (``tests/test_families.py``
-checks that every listed family answers the whole seam); when it covers a kind that
-:data:`_UNTRAINED` refuses by name, that entry goes.
+:data:`FAMILIES`. Adding a family is that module, its entry there, its label and presets in
+:mod:`lorakit_ext.models.family_presets` (which the CLI reads without importing torch) and its tests
+(``tests/test_families.py`` checks that every listed family answers the whole seam); when it covers
+a kind that :data:`_UNTRAINED` refuses by name, that entry goes.
 """
 
 from __future__ import annotations

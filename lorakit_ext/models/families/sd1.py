@@ -8,18 +8,10 @@ from torch import nn
 from lorakit_ext.errors import UserError
 from lorakit_ext.models.families.names import hf_clip_name, hf_clip_path
 from lorakit_ext.models.families.stable_diffusion import LdmFamily
+from lorakit_ext.models.family_presets import SD1_SETTINGS
 from lorakit_ext.models.sd_configs import SD15_WIDTHS, sd15_config
 
 CHUNK = 75
-
-# kohya-colab "Lora Trainer"'s SD1.5 settings are TrainConfig's defaults; these are its variants.
-KOHYA_COLAB_PRESETS: dict[str, dict] = {
-    "kohya-colab (anime)": {},
-    "kohya-colab (photo)": {"clip_skip": 1},
-    "kohya-colab LoCon": {"network_type": "LoCon"},
-    "UNet only": {"text_encoder_lr": 0.0},
-    "Low VRAM": {"train_batch_size": 1, "gradient_checkpointing": True},
-}
 
 
 def clip_text_transformer(clip: nn.Module) -> nn.Module:
@@ -87,7 +79,7 @@ def joined_chunks(states: torch.Tensor, batch: int) -> torch.Tensor:
 
 class Sd1Family(LdmFamily):
     name = "sd1"
-    label = "SD1"
+    label = SD1_SETTINGS.label
     sd_version = "SD1"
     base_model_version = "sd_v1"
     v2 = False
@@ -95,7 +87,7 @@ class Sd1Family(LdmFamily):
     text_key = "cond_stage_model.transformer.text_model."
     text_width_key = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
     embedder_attributes = ("transformer", "tokenizer")  # ldm's FrozenCLIPEmbedder
-    presets = KOHYA_COLAB_PRESETS
+    presets = SD1_SETTINGS.presets
 
     def model_config(self, state_dict) -> dict:
         # As A1111: an SD1 v-prediction model comes with its .yaml.

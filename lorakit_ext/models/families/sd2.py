@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lorakit_ext.models.families.names import open_clip_name, open_clip_path
-from lorakit_ext.models.families.sd1 import KOHYA_COLAB_PRESETS
 from lorakit_ext.models.families.stable_diffusion import LdmFamily
+from lorakit_ext.models.family_presets import SD2_SETTINGS
 from lorakit_ext.models.sd_configs import SD2_WIDTHS, sd2_config
 
 class OpenClipText:
@@ -29,7 +29,7 @@ class OpenClipText:
 
 class Sd2Family(LdmFamily):
     name = "sd2"
-    label = "SD2"
+    label = SD2_SETTINGS.label
     sd_version = "SD2"
     base_model_version = "sd_v2"
     v2 = True
@@ -37,8 +37,7 @@ class Sd2Family(LdmFamily):
     text_key = "cond_stage_model.model."
     text_width_key = "cond_stage_model.model.ln_final.weight"
     embedder_attributes = ("encode_with_transformer", "model")  # ldm's FrozenOpenCLIPEmbedder
-    # kohya-colab has no SD2 settings of its own; SD2 trains with SD1.5's.
-    presets = KOHYA_COLAB_PRESETS
+    presets = SD2_SETTINGS.presets
 
     def model_config(self, state_dict) -> dict:
         return sd2_config(v=False)

@@ -21,6 +21,7 @@ from lorakit_ext.errors import UserError
 from lorakit_ext.models.families.base import UNET_INPUT_KEY, ModelFamily, unet_targets
 from lorakit_ext.models.families.names import hf_clip_name, hf_clip_path, open_clip_name, open_clip_path, sgm_unet_name, sgm_unet_path
 from lorakit_ext.models.families.sd1 import clip_text_transformer
+from lorakit_ext.models.family_presets import SDXL_SETTINGS
 
 # A1111's own test for an SDXL base file (modules/sd_models_config.py): bigG as embedder 1.
 BASE_TEXT_KEY = "conditioner.embedders.1.model.ln_final.weight"
@@ -30,39 +31,6 @@ ADM_KEY = "model.diffusion_model.label_emb.0.0.weight"
 # aesthetic score: 1280 + 5×256 = 2560 wide where base is 1280 + 6×256 = 2816.
 REFINER_ADM = 2560
 BASE_WIDTHS = (320, 2816)  # (UNet model_channels, vector width) of SDXL base
-
-# kohya-colab "XL Lora Trainer" (hollowstrawberry/kohya-colab Lora_Trainer_XL.ipynb): 1024², dim 8 /
-# alpha 4 ("Regular LoRA" in its table), UNet 3e-4, text encoders 6e-5, batch 4, min-SNR 8, 2 repeats,
-# gradient checkpointing on, buckets up to 4096. It passes no clip skip (kohya's SDXL script has none).
-KOHYA_COLAB_XL = {
-    "resolution": 1024,
-    "max_bucket_reso": 4096,
-    "num_repeats": 2,
-    "train_batch_size": 4,
-    "unet_lr": 3e-4,
-    "text_encoder_lr": 6e-5,
-    "min_snr_gamma": 8.0,
-    "network_dim": 8,
-    "network_alpha": 4.0,
-    "gradient_checkpointing": True,
-    "clip_skip": 1,
-}
-# The notebook's v-prediction switch (its "NoobAI V-Pred 1.0" model) turns on exactly these.
-V_PREDICTION = {"zero_terminal_snr": True, "scale_v_pred_loss_like_noise_pred": True}
-KOHYA_COLAB_XL_PRESETS: dict[str, dict] = {
-    "kohya-colab XL": {},
-    # Its "Style LoCon" row: dim 16 / alpha 8, conv dim 16 / alpha 8.
-    "kohya-colab XL LoCon": {"network_type": "LoCon", "network_dim": 16, "network_alpha": 8.0, "conv_dim": 16, "conv_alpha": 8.0},
-    # Pony, Illustrious and NoobAI ε train with the notebook's settings as they are: it offers them
-    # as models, not as settings. Named here so a user finds the one to pick.
-    "Pony": {},
-    "Illustrious": {},
-    "NoobAI ε": {},
-    "NoobAI v-pred": V_PREDICTION,
-    "UNet only": {"text_encoder_lr": 0.0},
-    # The encoders (1.6 GB in half precision) leave the GPU once every caption is encoded.
-    "Low VRAM": {"train_batch_size": 1, "text_encoder_lr": 0.0, "shuffle_tags": False, "cache_text_encoder_outputs": True},
-}
 
 
 def embedder_part(embedder: nn.Module, attribute: str, what: str) -> nn.Module:
@@ -76,7 +44,7 @@ def embedder_part(embedder: nn.Module, attribute: str, what: str) -> nn.Module:
 
 class SdxlFamily(ModelFamily):
     name = "sdxl"
-    label = "SDXL"
+    label = SDXL_SETTINGS.label
     sd_version = "SDXL"
     base_model_version = "sdxl_base_v1-0"
     v2 = False
@@ -84,8 +52,8 @@ class SdxlFamily(ModelFamily):
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     components = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
     kohya_script = "sdxl_train_network.py"
-    defaults = KOHYA_COLAB_XL
-    presets = KOHYA_COLAB_XL_PRESETS
+    defaults = SDXL_SETTINGS.defaults
+    presets = SDXL_SETTINGS.presets
     # The denoiser's sigma table is computed from its discretization, never stored in files.
     derived_keys = ("denoiser.",)
 

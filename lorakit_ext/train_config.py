@@ -93,6 +93,7 @@ class TrainConfig:
     network_alpha: float = _f(8.0, "Alpha", "Scale = alpha / dim", "Network", min=0.0, max=1024.0)
     conv_dim: int = _f(8, "Conv dim", "LoCon rank of 3×3 convs", "Network", min=1, max=1024)
     conv_alpha: float = _f(4.0, "Conv alpha", "LoCon conv scale = conv alpha / conv dim", "Network", min=0.0, max=1024.0)
+    network_weights: str = _f("", "Continue from LoRA", "A kohya-format LoRA file to start from (same network type, dim and alpha); empty: start fresh", "Network")
     network_dropout: float = _f(0.0, "Network dropout", "Dropout on the LoRA down projection's output during training, as kohya's network_dropout", "Network", min=0.0, max=0.99, step=0.01)
 
     clip_skip: int = _f(2, "Clip skip", "2 for anime models, 1 for photo models", "Model", min=1, max=12)

@@ -93,6 +93,7 @@ def training_args(config, *, base_model_path: str, dataset_config: str, output_d
         "network_alpha": float(config.network_alpha),
         "network_args": [f"conv_dim={int(config.conv_dim)}", f"conv_alpha={float(config.conv_alpha)}"] if config.network_type == "LoCon" else None,
         "network_dropout": float(config.network_dropout) or None,
+        "network_weights": str(Path(config.network_weights).resolve()) if config.network_weights else None,
         "network_train_unet_only": True if config.text_encoder_lr == 0 else None,
         # kohya-colab passes the UNet rate as the base rate too; ss_learning_rate records it.
         "learning_rate": float(config.unet_lr),

@@ -66,10 +66,13 @@ class AttentionLora:
     def remove(self) -> None:
         self.unpatch()
 
+    def pairs(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """kohya's four modules of this attention: ``(leaf, down, up)``."""
+        return [*zip(QKV, self.packed.lora_down, self.packed.lora_up), ("out_proj", self.out.lora_down[0], self.out.lora_up[0])]
+
     def module_weights(self, name_of) -> list[ModuleWeights]:
         """kohya's four modules; ``name_of(module_path)`` is the family's kohya name."""
-        pairs = [*zip(QKV, self.packed.lora_down, self.packed.lora_up), ("out_proj", self.out.lora_down[0], self.out.lora_up[0])]
-        return [ModuleWeights(name_of(f"{self.path}.{leaf}"), _copy(down), _copy(up), self.alpha) for leaf, down, up in pairs]
+        return [ModuleWeights(name_of(f"{self.path}.{leaf}"), _copy(down), _copy(up), self.alpha) for leaf, down, up in self.pairs()]
 
 
 def _forward_with_deltas(lora: AttentionLora):

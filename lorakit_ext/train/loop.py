@@ -207,6 +207,8 @@ class Trainer:
                 # Faster convolutions; undone (weights back to the standard layout) after the run.
                 stack.callback(relayout_module(model.unet, torch.channels_last))
             network = stack.enter_context(injected(model, config, config.seed))
+            if config.network_weights and resume_state is None:
+                network.load_weights(Path(config.network_weights))
             stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
             stack.callback(use_half_saving_group_norm(model.unet))
             if self.job.patch_attention:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from lorakit_ext.errors import UserError
 from lorakit_ext.export.collect import collect_peft_weights
-from lorakit_ext.export.writer import ModuleWeights
+from lorakit_ext.export.writer import ModuleWeights, read_lora_file
 from lorakit_ext.models.families.base import ATTENTION
 from lorakit_ext.models.patching import patch_forwards
 from lorakit_ext.train import attention_lora
@@ -191,6 +193,47 @@ class LoraNetwork:
         with torch.no_grad():
             for key, param in mine.items():
                 param.copy_(state[key])
+
+    def _modules(self) -> dict[str, tuple[nn.Parameter, nn.Parameter, float]]:
+        """Every LoRA module by its kohya name: ``(down, up, alpha)``."""
+        family, out = self.model.family, {}
+        for comp in self.components:
+            for path, layer in comp.root.named_modules():
+                if isinstance(layer, LoraLayer) and layer.lora_A:
+                    out[family.kohya_name(comp.name, path)] = (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, comp.alphas[path])
+            for attention in comp.attentions:
+                for leaf, down, up in attention.pairs():
+                    out[family.kohya_name(comp.name, f"{attention.path}.{leaf}")] = (down, up, attention.alpha)
+        return out
+
+    def load_weights(self, path: Path) -> None:
+        """Starts from a kohya-format LoRA (kohya's ``network_weights``): it must have exactly this
+        run's modules, ranks and alphas, or :class:`UserError` says which one differs."""
+        tensors, _ = read_lora_file(path)
+        mine = self._modules()
+        names = {key.partition(".")[0] for key in tensors}
+        problems = []
+        if names != set(mine):
+            extra, missing = sorted(names - set(mine)), sorted(set(mine) - names)
+            problems.append(f"{len(missing)} of this run's modules are not in it (e.g. {missing[:1]}) and {len(extra)} "
+                            f"of its modules are not in this run (e.g. {extra[:1]}): a different network type, model family "
+                            "or text-encoder setting")
+        for name in sorted(names & set(mine)):
+            down, up, alpha = mine[name]
+            theirs = (tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight"))
+            if any(t is None for t in theirs) or tuple(theirs[0].shape) != tuple(down.shape) or tuple(theirs[1].shape) != tuple(up.shape):
+                problems.append(f"{name} has rank {theirs[0].shape[0] if theirs[0] is not None else '?'} where this run has {down.shape[0]}")
+            elif f"{name}.alpha" in tensors and abs(float(tensors[f"{name}.alpha"]) - alpha) > 1e-3 * max(1.0, alpha):
+                problems.append(f"{name} has alpha {float(tensors[f'{name}.alpha']):g} where this run has {alpha:g}")
+            if len(problems) >= 3:
+                break
+        if problems:
+            raise UserError(f"network_weights {Path(path).name} does not fit this run: " + "; ".join(problems)
+                            + ". Use the same network type, dim, alpha (and conv dim/alpha) as the run that wrote it")
+        with torch.no_grad():
+            for name, (down, up, _) in mine.items():
+                down.copy_(tensors[f"{name}.lora_down.weight"])
+                up.copy_(tensors[f"{name}.lora_up.weight"])
 
     def export(self) -> list[ModuleWeights]:
         out = []

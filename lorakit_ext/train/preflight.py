@@ -141,6 +141,10 @@ def preflight(project, config, output_dir: Path, *, output_stem: str | None = No
     folder); a resumed one passes the stem it started with."""
     config.validate()
     check_optimizer(config)
+    if config.network_weights and not Path(config.network_weights).is_file():
+        # Its modules, ranks and alphas are checked once the network is in the model.
+        raise UserError(f"network_weights {config.network_weights} does not exist; give the LoRA file to continue "
+                        "from, or leave it empty to start fresh")
     data = dataset_schedule(config, project.dataset)
     _check_writable(Path(output_dir))
     name = config.output_name or project.name

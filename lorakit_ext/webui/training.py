@@ -66,6 +66,8 @@ def prepare(project_name: str, config=None, *, resume: str | None = None, force:
             output_dir = confine(point.output_dir, host.lora_root())
         else:
             output_dir = host.lora_dir()
+            if config.network_weights:
+                config = config.replace(network_weights=str(_lora_to_continue(config.network_weights)))
         pre = preflight_module.preflight(project, config, output_dir, output_stem=point.output_stem if point else None,
                                          names_under=host.lora_root())
         if point is not None:
@@ -74,6 +76,15 @@ def prepare(project_name: str, config=None, *, resume: str | None = None, force:
         lock.release()
         raise
     return PreparedRun(project, config, output_dir, pre, lock, point, force)
+
+
+def _lora_to_continue(name: str) -> Path:
+    """A LoRA to continue from: a path, or a name in A1111's Lora folder (``kat-04`` or
+    ``sub/kat-04.safetensors``), within the folders LoRA Kit may read."""
+    path = Path(name)
+    if not path.is_absolute():
+        path = host.lora_root() / (name if path.suffix else f"{name}.safetensors")
+    return host.check_path_access(path, "continue training from")
 
 
 def train(prepared: PreparedRun, *, on_progress, on_epoch_file, should_stop, on_run_dir):

@@ -124,11 +124,11 @@ def main() -> None:
 
         capture = graphs.GraphedStep._capture
 
-        def reported_capture(self, key, latents, text, sizes):
+        def reported_capture(self, key, latents, text, sizes, flags):
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             _segments("before the capture, cache emptied")
-            entry = capture(self, key, latents, text, sizes)
+            entry = capture(self, key, latents, text, sizes, flags)
             _segments("after the capture")
             return entry
 

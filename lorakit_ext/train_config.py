@@ -65,6 +65,7 @@ class TrainConfig:
     max_train_epochs: int = _f(10, "Epochs", "Number of epochs (ignored when Max steps is set)", "Steps", min=1, max=1000)
     max_train_steps: int = _f(0, "Max steps", "Train this many steps instead of counting epochs (0: use epochs)", "Steps", min=0, max=1_000_000)
     train_batch_size: int = _f(2, "Batch size", "Images per step", "Steps", min=1, max=64)
+    gradient_accumulation_steps: int = _f(1, "Gradient accumulation", "Batches whose gradients add up to one optimizer step (effective batch = batch size × this); steps, warmup and the schedule count optimizer steps, as kohya's", "Steps", min=1, max=64)
     save_every_n_epochs: int = _f(1, "Save every N epochs", "Write an epoch file every N epochs (the last epoch is always saved)", "Steps", min=1, max=1000)
     validate_every_n_epochs: int = _f(1, "Validate every N epochs", "Measure the validation loss every N epochs (the last epoch always; 0: never)", "Steps", min=0, max=1000)
     keep_only_last_n_epochs: int = _f(10, "Keep last N epochs", "Delete this run's older epoch files beyond N (0: keep all)", "Steps", min=0, max=1000)

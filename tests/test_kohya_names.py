@@ -89,7 +89,7 @@ def test_a_kohya_colab_config_pair_reads_as_the_user_wrote_it(tmp_path):
 
 
 @pytest.mark.parametrize("text, named", [
-    ("gradient_accumulation_steps = 4", "gradient_accumulation_steps"),
+    ("prior_loss_weight = 1.0", "prior_loss_weight"),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha"]', "algo=loha"),
     ('network_module = "networks.oft"', "networks.oft"),
     ("text_encoder_lr = [0.0001, 0.00005]", "separate rates for two text encoders"),
@@ -134,10 +134,10 @@ def test_the_kohya_pair_a_run_writes_reads_back_to_the_same_config(tmp_path, con
 
 def test_train_takes_a_kohya_config_and_says_which_option_it_cannot_take(tmp_path, capsys):
     path = tmp_path / "c.toml"
-    path.write_text("[train]\ngradient_accumulation_steps = 2\nnetwork_dim = 8\n", encoding="utf-8")
+    path.write_text("[train]\nmasked_loss = true\nnetwork_dim = 8\n", encoding="utf-8")
     assert main(["plan", "--images", "20", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "does not support: gradient_accumulation_steps" in err
+    assert err.count("error:") == 1 and "does not support: masked_loss" in err
     path.write_text('[train]\nnetwork_dim = 8\noptimizer_type = "adamw"\nsave_last_n_epochs = 3\n', encoding="utf-8")
     assert main(["plan", "--images", "20", "--config", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["images"] == 18

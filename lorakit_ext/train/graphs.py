@@ -1,4 +1,5 @@
-"""Training steps captured in CUDA graphs: one graph per (batch, latent size, text layout).
+"""Training steps captured in CUDA graphs: one graph per (batch, latent size, text layout, place in a
+gradient-accumulation group).
 
 Small-batch LoRA training is bound by the CPU launching thousands of small kernels per step (about
 6 000 for SD1.5; the README's "Speed and memory" has the measurements); replaying a captured step
@@ -71,23 +72,25 @@ class GraphedStep:
         log.info("CUDA graphs off, training eagerly: %s", reason)
         self.on_fallback(reason)
 
-    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor, *, first: bool = True, last: bool = True) -> torch.Tensor:
         """One step on ``latents`` (on the device), ``text`` (token ids on the host, or cached
-        text states on the device) and image ``sizes`` (on the host)."""
+        text states on the device) and image ``sizes`` (on the host); ``first``/``last``: where the
+        batch sits in its gradient-accumulation group (:class:`~lorakit_ext.train.step.StepFunction`)."""
+        flags = {"first": first, "last": last}
         if self.disabled:
-            return self._eager(latents, text, sizes)
-        key = (tuple(latents.shape), tuple(tuple(part.shape) for part in _parts(text)))
+            return self._eager(latents, text, sizes, flags)
+        key = (tuple(latents.shape), tuple(tuple(part.shape) for part in _parts(text)), first, last)
         graph = self.graphs.get(key)
         if graph is None:
             if self.seen[key] < self.warmup:
                 self.seen[key] += 1
-                return self._side_stream(latents, text, sizes)
+                return self._side_stream(latents, text, sizes, flags)
             try:
-                graph = self._capture(key, latents, text, sizes)
+                graph = self._capture(key, latents, text, sizes, flags)
             except Exception as exc:  # any capture failure: eager is always correct
                 torch.cuda.synchronize()
                 self._fall_back(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-                return self._eager(latents, text, sizes)
+                return self._eager(latents, text, sizes, flags)
         graph.latents.copy_(latents)
         for static, part in zip(_parts(graph.text), _parts(text)):
             static.copy_(part, non_blocking=True)
@@ -95,9 +98,9 @@ class GraphedStep:
         graph.graph.replay()
         return graph.loss.clone()
 
-    def _eager(self, latents, text, sizes) -> torch.Tensor:
+    def _eager(self, latents, text, sizes, flags) -> torch.Tensor:
         device = latents.device
-        return self.step(latents, _mapped(text, lambda t: t.to(device, non_blocking=True)), sizes.to(device, non_blocking=True))
+        return self.step(latents, _mapped(text, lambda t: t.to(device, non_blocking=True)), sizes.to(device, non_blocking=True), **flags)
 
     def _stream(self) -> torch.cuda.Stream:
         # One side stream for every warm-up and capture: cached memory belongs to a stream (a new
@@ -110,16 +113,16 @@ class GraphedStep:
             self._side = torch.cuda.Stream()
         return self._side
 
-    def _side_stream(self, latents, text, sizes) -> torch.Tensor:
+    def _side_stream(self, latents, text, sizes, flags) -> torch.Tensor:
         # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.
         stream = self._stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            loss = self._eager(latents, text, sizes)
+            loss = self._eager(latents, text, sizes, flags)
         torch.cuda.current_stream().wait_stream(stream)
         return loss
 
-    def _capture(self, key, latents, text, sizes) -> _Graph:
+    def _capture(self, key, latents, text, sizes, flags) -> _Graph:
         static_latents = latents.clone()
         static_text = _mapped(text, lambda t: t.to(latents.device).clone())
         static_sizes = sizes.to(latents.device).clone()
@@ -130,7 +133,7 @@ class GraphedStep:
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved()
         with torch.cuda.graph(graph, pool=self.pool, stream=self._stream()):
-            static_loss = self.step(static_latents, static_text, static_sizes)
+            static_loss = self.step(static_latents, static_text, static_sizes, **flags)
         if self.pool is None:
             self.pool = graph.pool()
         entry = _Graph(graph, static_latents, static_text, static_sizes, static_loss)

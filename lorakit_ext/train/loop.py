@@ -260,13 +260,18 @@ class Trainer:
                 return value
 
             pending: list[torch.Tensor] = []
+            group: list[torch.Tensor] = []  # the losses of the batches of this optimizer step
+            accumulate = config.gradient_accumulation_steps
             started, first_step = time.perf_counter(), position.global_step
             for epoch in range(position.epoch, schedule.epochs):
                 batches = EpochBatches.from_config(config, cache, captions, buckets, epoch)
                 for step in range(position.step_in_epoch if epoch == position.epoch else 0, len(batches)):
-                    if position.global_step >= schedule.total_steps:
+                    # A group of batches starts at every multiple of gradient_accumulation_steps;
+                    # the run stops and saves only there, with no half-summed gradients to lose.
+                    first, last = step % accumulate == 0, step % accumulate == accumulate - 1 or step == len(batches) - 1
+                    if first and position.global_step >= schedule.total_steps:
                         break
-                    if self.should_stop():
+                    if first and self.should_stop():
                         self._flush(pending, losses, position.global_step)
                         save(Position(epoch, step, position.global_step))
                         record.finish("interrupted", losses, saver.files, self.validation_losses, resumable=True)
@@ -274,7 +279,11 @@ class Trainer:
                     batch = batches[step]
                     latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
                     text = text_cache.states(batch.indices) if text_cache else model.tokenize(batch.captions)
-                    pending.append(graphed(latents, text, batch.sizes))
+                    group.append(graphed(latents, text, batch.sizes, first=first, last=last))
+                    if not last:
+                        continue
+                    pending.append(group[0] if len(group) == 1 else torch.stack(group).mean())
+                    group.clear()
                     scheduler.step()
                     lrs.sync()
                     position.global_step += 1

@@ -127,6 +127,13 @@ def plan_for(config, images: int) -> Plan:
         config.max_train_steps,
         config.lr_warmup_ratio,
     )
+    accumulate = config.gradient_accumulation_steps
+    if accumulate > 1:
+        # kohya counts optimizer steps: each takes `accumulate` batches.
+        total = config.max_train_steps or int(plan.epochs * plan.steps_per_epoch / accumulate)
+        line = (f"With gradient accumulation {accumulate}: {accumulate} batches ({accumulate * config.train_batch_size} images) "
+                f"per optimizer step, {total} optimizer steps in total.")
+        plan = dataclasses.replace(plan, total_steps=total, warmup_steps=int(total * config.lr_warmup_ratio), lines=[*plan.lines, line])
     if not config.validate_every_n_epochs:
         return plan
     return dataclasses.replace(plan, lines=[*plan.lines, validation_line(images, held_out_share(config))])

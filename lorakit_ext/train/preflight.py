@@ -26,7 +26,8 @@ from lorakit_ext.train.plan import held_out_share, plan_for, split_items
 
 @dataclass
 class Schedule:
-    """The real step counts of a run, after bucketing (kohya's way of counting)."""
+    """The real step counts of a run, after bucketing (kohya's way of counting): optimizer steps,
+    each of ``gradient_accumulation_steps`` batches (an epoch's last one may have fewer)."""
 
     steps_per_epoch: int
     epochs: int
@@ -34,7 +35,8 @@ class Schedule:
     warmup_steps: int
 
 
-def real_schedule(config, steps_per_epoch: int) -> Schedule:
+def real_schedule(config, batches_per_epoch: int) -> Schedule:
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     if config.max_train_steps:
         total = config.max_train_steps
         epochs = math.ceil(total / steps_per_epoch)

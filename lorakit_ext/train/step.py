@@ -116,23 +116,29 @@ class StepFunction:
         pred, target = self._prediction(latents, states, sizes, noise, timesteps)
         return (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
 
-    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor, *, first: bool = True, last: bool = True) -> torch.Tensor:
+        """One batch: its gradients start a new optimizer step (``first``) or add to the current
+        one, and ``last`` takes the optimizer step. Each batch's loss is divided by
+        ``gradient_accumulation_steps``, as accelerate divides it for kohya."""
+        if first:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
         c = self.config
         noise = draw_noise(latents, None, c.noise_offset, c.multires_noise_iterations, c.multires_noise_discount)
         timesteps = draw_timesteps(latents.shape[0], None, latents.device)
         # kohya's input perturbation: the latents are noised a little more than the target says.
         input_noise = noise + c.ip_noise_gamma * torch.randn_like(noise) if c.ip_noise_gamma else None
         loss = self.loss(latents, text, sizes, noise, timesteps, input_noise)
+        share = loss / c.gradient_accumulation_steps if c.gradient_accumulation_steps > 1 else loss
         if self.grad_scaler is not None:
-            return self._host_scaled_step(loss)
+            self.grad_scaler.scale(share).backward()
+            return self._host_scaled_step(loss) if last else loss.detach().float()
+        (share * self.loss_scale.scale if self.loss_scale is not None else share).backward()
+        if not last:
+            return loss.detach().float()
         if self.loss_scale is not None:
-            (loss * self.loss_scale.scale).backward()
             self.loss_scale.unscale([p.grad for p in self.params if p.grad is not None])
-        else:
-            loss.backward()
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm, foreach=self.model.device.type == "cuda")
         self.optimizer.step()
@@ -141,7 +147,6 @@ class StepFunction:
         return loss.detach().float()
 
     def _host_scaled_step(self, loss: torch.Tensor) -> torch.Tensor:
-        self.grad_scaler.scale(loss).backward()
         self.grad_scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)

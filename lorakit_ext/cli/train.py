@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from lorakit_ext.cli.output import Result
@@ -137,7 +138,9 @@ def _train(args, project, config, options, pre, point) -> Result:
     from lorakit_ext.train.resume import check_unchanged
 
     device, dtype = _device_and_dtype(options["device"], options["weights"])
+    loading = time.perf_counter()
     sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype)
+    loaded_s = round(time.perf_counter() - loading, 3)
     if point is not None:
         check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=info.sha256, force=args.force)
     model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
@@ -152,22 +155,25 @@ def _train(args, project, config, options, pre, point) -> Result:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        result = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=lambda: stop["asked"]).run(point.state if point else None)
+        trainer = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=lambda: stop["asked"])
+        result = trainer.run(point.state if point else None)
     except Interrupted as exc:
         return _interrupted(project, job.run_dir, str(exc))
     finally:
         signal.signal(signal.SIGINT, previous)
     files = [str(f) for f in result.files]
     report = _epoch_report(job.run_dir)
+    phases = {"load_model": loaded_s, **trainer.phases}
     compare = f"python -m lorakit_ext compare {project.name} --root {project.root} --run {job.run_dir.name}"
     text = "\n".join(
         [f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else f"trained {result.steps} steps"]
         + [f"  {f}" for f in files]
-        + [f"run record: {job.run_dir}", *report_lines(report),
+        + [f"run record: {job.run_dir}", "start-up: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items()),
+           *report_lines(report),
            f"to see each epoch and check it for no effect or overcooking: {compare}"]
     )
     data = {"status": result.status, "files": files, "steps": result.steps, "run": job.run_dir.name, "run_dir": str(job.run_dir),
-            "epochs": report["epochs"], "suggestion": report["suggestion"]}
+            "epochs": report["epochs"], "suggestion": report["suggestion"], "phases_s": phases}
     return Result(data, text)
 
 

@@ -103,6 +103,17 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.device = model.device
         self.loss_read_every = 1 if self.device.type == "cpu" else 10
+        # Seconds each part of the run's start took (run.json's phases_s), to see where the wait goes;
+        # to_first_step counts from the start of latent caching to the end of the first step.
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.perf_counter() - started, 3)
 
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self):
@@ -190,12 +201,15 @@ class Trainer:
         # seeded here; forking them leaves the host application's random streams as they were.
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(config.seed)
-            cache = self._cache_latents(items, buckets)
-            validation = self._validation_set(data, cache)
+            self._run_started = time.perf_counter()
+            with self._phase("latents"):
+                cache = self._cache_latents(items, buckets)
+            with self._phase("validation_latents"):
+                validation = self._validation_set(data, cache)
             saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name)
             position, losses = self._train(cache, [item.caption for item in items], buckets, schedule, saver, record,
                                            resume_state, validation)
-        record.finish("finished", losses, saver.files, self.validation_losses)
+        record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases)
         return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir, list(self.validation_losses))
 
     def _train(self, cache, captions, buckets, schedule, saver, record, resume_state, validation):
@@ -206,9 +220,10 @@ class Trainer:
             if channels_last:
                 # Faster convolutions; undone (weights back to the standard layout) after the run.
                 stack.callback(relayout_module(model.unet, torch.channels_last))
-            network = stack.enter_context(injected(model, config, config.seed))
-            if config.network_weights and resume_state is None:
-                network.load_weights(Path(config.network_weights))
+            with self._phase("network"):
+                network = stack.enter_context(injected(model, config, config.seed))
+                if config.network_weights and resume_state is None:
+                    network.load_weights(Path(config.network_weights))
             stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
             stack.callback(use_half_saving_group_norm(model.unet))
             if self.job.patch_attention:
@@ -225,9 +240,10 @@ class Trainer:
                                    config.text_encoder_lr > 0, text_cached=config.cache_text_encoder_outputs)
             text_cache = validation_text = None
             if config.cache_text_encoder_outputs:
-                text_cache = self._cache_text(step_fn, captions)
-                if validation is not None:
-                    validation_text = self._cache_text(step_fn, validation.captions)
+                with self._phase("text_outputs"):
+                    text_cache = self._cache_text(step_fn, captions)
+                    if validation is not None:
+                        validation_text = self._cache_text(step_fn, validation.captions)
                 for encoder in model.text_encoders.values():
                     stack.callback(park(encoder, self.device))
             graphed = GraphedStep(step_fn, on_fallback=lambda reason: self.on_progress(Progress("training", message=f"CUDA graphs off: {reason}")))
@@ -280,6 +296,8 @@ class Trainer:
                     latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
                     text = text_cache.states(batch.indices) if text_cache else model.tokenize(batch.captions)
                     group.append(graphed(latents, text, batch.sizes, first=first, last=last))
+                    if "to_first_step" not in self.phases:
+                        self._first_step_done()
                     if not last:
                         continue
                     pending.append(group[0] if len(group) == 1 else torch.stack(group).mean())
@@ -297,10 +315,16 @@ class Trainer:
                 for path in saver.save_epoch(network, epoch + 1, position.global_step, validation_loss):
                     self.on_epoch_file(path)
                 save(position)
-                record.update(losses, saver.files, self.validation_losses)
+                record.update(losses, saver.files, self.validation_losses, self.phases)
                 if position.global_step >= schedule.total_steps:
                     break
         return position, losses
+
+    def _first_step_done(self) -> None:
+        # One wait for the device, once: the start-up figure is the first step's end, not its launch.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.phases["to_first_step"] = round(time.perf_counter() - self._run_started, 3)
 
     @staticmethod
     def _validation_loss(network, step_fn, validation, text_states, channels_last: bool) -> float:

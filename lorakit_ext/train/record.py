@@ -97,14 +97,18 @@ class RunRecord:
         })
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
-    def update(self, losses: list[float], files: list[Path], validation: list[tuple[int, int, float]] = ()) -> None:
-        """``validation``: ``(epoch, step, loss)`` rows; each loss goes beside its step's."""
+    def update(self, losses: list[float], files: list[Path], validation: list[tuple[int, int, float]] = (),
+               phases: dict | None = None) -> None:
+        """``validation``: ``(epoch, step, loss)`` rows; each loss goes beside its step's.
+        ``phases``: seconds each part of the start took (latents, network, first step…)."""
         at_step = {step: loss for _, step, loss in validation}
         rows = "".join(f"{i + 1},{loss:.6f},{_number(at_step.get(i + 1))}\n" for i, loss in enumerate(losses))
         atomic_write_text(self.run_dir / "loss.csv", "step,loss,validation_loss\n" + rows)
         self.info["files"] = [str(f) for f in files]
         self.info["steps_done"] = len(losses)
         self.info["validation"] = [{"epoch": e, "step": s, "loss": v} for e, s, v in validation]
+        if phases:
+            self.info["phases_s"] = dict(phases)
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
     def fail(self, error: str) -> None:
@@ -116,9 +120,9 @@ class RunRecord:
         self.info.update(status=status, finished_at=time.time(), **details)
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
-    def finish(self, status: str, losses: list[float], files: list[Path], validation=(), **details) -> None:
+    def finish(self, status: str, losses: list[float], files: list[Path], validation=(), phases=None, **details) -> None:
         self.info.update(status=status, finished_at=time.time(), **details)
-        self.update(losses, files, validation)
+        self.update(losses, files, validation, phases)
 
 
 def _number(value: float | None) -> str:

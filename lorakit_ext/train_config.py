@@ -36,6 +36,8 @@ def _f(default, label, help, group, *, min=None, max=None, step=None, choices=No
 class TrainConfig:
     output_name: str = _f("", "Output name", "LoRA file stem; epochs are saved as <name>-01.safetensors … (empty: the project name)", "Output")
     trigger: str = _f("", "Activation tag", "Trigger word(s) put first in every caption and written into the card", "Output")
+    sample_every_n_epochs: int = _f(0, "Samples every N epochs", "Draw the sample prompts with the LoRA as trained so far every N epochs (and after the last); 0: never", "Output", min=0, max=1000)
+    sample_prompt: str = _f("", "Sample prompts", "One prompt per line, each drawn at seed + its line number; empty: the trigger and the dataset's most common tags", "Output")
     training_comment: str = _f("", "Comment", "Stored in the file's ss_training_comment metadata", "Output")
 
     resolution: int = _f(512, "Resolution", "Training resolution (square side); buckets keep about this many pixels", "Dataset", min=64, max=2048, step=64)

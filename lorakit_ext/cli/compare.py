@@ -52,10 +52,9 @@ def _newest_finished(project) -> str:
 
 def _default_prompt(project, trigger: str) -> str:
     from lorakit_ext.dataset.captions import load_captions
-    from lorakit_ext.dataset.tags import tag_counts
+    from lorakit_ext.dataset.tags import typical_prompt
 
-    tags = [tag for tag, _ in tag_counts(load_captions(project).values()) if tag != trigger][:5]
-    return ", ".join([t for t in (trigger, *tags) if t])
+    return typical_prompt(load_captions(project).values(), trigger)
 
 
 def run(args) -> Result:

@@ -155,7 +155,12 @@ def _train(args, project, config, options, pre, point) -> Result:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        trainer = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=lambda: stop["asked"])
+        sampler = None
+        if config.sample_every_n_epochs:
+            from lorakit_ext.compare.sample import headless_sampler
+
+            sampler = headless_sampler(model, zero_terminal_snr=config.zero_terminal_snr)
+        trainer = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=lambda: stop["asked"], sampler=sampler)
         result = trainer.run(point.state if point else None)
     except Interrupted as exc:
         return _interrupted(project, job.run_dir, str(exc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -81,3 +82,23 @@ def sample(model, prompt: str, negative: str, *, seed: int, size: tuple[int, int
         pixels = model.decode_latents(x)
     array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
+
+
+def headless_sampler(model, *, steps: int = 20, zero_terminal_snr: bool = False):
+    """A :data:`~lorakit_ext.train.sampling.Sampler` drawing with :func:`sample` (the CLI's): each
+    prompt at its seed, written as PNG where the request says."""
+    from lorakit_ext.fsutil import atomic_write_bytes
+
+    def draw(request) -> list[Path]:
+        paths = []
+        for index, (prompt, seed) in enumerate(zip(request.prompts, request.seeds)):
+            image = sample(model, prompt, "", seed=seed, size=request.size, steps=steps, zero_terminal_snr=zero_terminal_snr)
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            path = request.path(index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buffer.getvalue())
+            paths.append(path)
+        return paths
+
+    return draw

@@ -177,6 +177,12 @@ def tag_counts(captions: Iterable[str]) -> list[tuple[str, int]]:
     return sorted(((spelling[k], n) for k, n in counts.items()), key=lambda kv: (-kv[1], tag_key(kv[0])))
 
 
+def typical_prompt(captions: Iterable[str], trigger: str, tags: int = 5) -> str:
+    """A prompt that shows what a dataset trains: the trigger, then its most common other tags."""
+    common = [tag for tag, _ in tag_counts(captions) if tag_key(tag) != tag_key(trigger)][:tags]
+    return join_tags([t for t in (trigger, *common) if t])
+
+
 # CLIP pre-tokenizes into letter runs, single digits and punctuation, then splits words into BPE
 # pieces. Measured against the real tokenizer on tag lists and BLIP sentences: common English words
 # are one piece, rarer ones (names, romanised Japanese) about one per 5 letters on average, and

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PHASES = ("caching", "training", "validating", "saving", "captioning")
+PHASES = ("caching", "training", "validating", "saving", "sampling", "captioning")
 
 
 def clock(seconds: float) -> str:

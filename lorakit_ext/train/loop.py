@@ -40,6 +40,7 @@ from lorakit_ext.train.record import RunRecord, has_saved_state
 from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
+from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_mode
 from lorakit_ext.train.text_cache import TextCache
 from lorakit_ext.train.validation import ValidationSet
 from lorakit_ext.train.buckets import bucket_plan_for
@@ -94,6 +95,7 @@ class Trainer:
         on_progress: Callable[[Progress], None] | None = None,
         on_epoch_file: Callable[[Path], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        sampler: Sampler | None = None,
     ):
         self.model = model
         self.job = job
@@ -101,6 +103,7 @@ class Trainer:
         self.on_progress = on_progress or (lambda p: None)
         self.on_epoch_file = on_epoch_file or (lambda p: None)
         self.should_stop = should_stop or (lambda: False)
+        self.sampler = sampler  # draws the sample prompts every sample_every_n_epochs (None: never)
         self.device = model.device
         self.loss_read_every = 1 if self.device.type == "cpu" else 10
         # Seconds each part of the run's start took (run.json's phases_s), to see where the wait goes;
@@ -314,11 +317,20 @@ class Trainer:
                 self.on_progress(Progress("saving", epoch=epoch + 1, epochs=schedule.epochs, step=position.global_step, total_steps=schedule.total_steps))
                 for path in saver.save_epoch(network, epoch + 1, position.global_step, validation_loss):
                     self.on_epoch_file(path)
+                self._sample(network, captions, epoch + 1, schedule.epochs)
                 save(position)
                 record.update(losses, saver.files, self.validation_losses, self.phases)
                 if position.global_step >= schedule.total_steps:
                     break
         return position, losses
+
+    def _sample(self, network, captions, epoch: int, epochs: int) -> None:
+        if self.sampler is None or not sampling_due(self.config, epoch, epochs):
+            return
+        request = sample_request(self.config, captions, epoch, self.job.run_dir, self.job.stem)
+        self.on_progress(Progress("sampling", epoch=epoch, epochs=epochs, message=f"drawing {len(request.prompts)} sample(s) of epoch {epoch}"))
+        with sampling_mode([comp.root for comp in network.components], list(self.model.text_encoders.values()), self.device):
+            self.sampler(request)
 
     def _first_step_done(self) -> None:
         # One wait for the device, once: the start-up figure is the first step's end, not its launch.

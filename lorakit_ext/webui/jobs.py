@@ -22,7 +22,7 @@ from lorakit_ext.failures import as_user_error
 from lorakit_ext.project import open_project
 from lorakit_ext.train_config import TrainConfig
 from lorakit_ext.train.events import Interrupted, Progress
-from lorakit_ext.webui import bridge, host, suggestion, training
+from lorakit_ext.webui import bridge, host, samples, suggestion, training
 from lorakit_ext.webui.job_progress import StateMirror
 from lorakit_ext.webui.settings import parse_seeds, setting
 
@@ -215,10 +215,14 @@ def _train(job: Job, prepared) -> None:
         with _lock:
             job.files.append(str(path))
 
+    def on_samples(paths: list[Path]) -> None:
+        with _lock:
+            job.samples.extend(str(p) for p in paths)
+
     result = training.train(
         prepared, on_progress=on_progress, on_epoch_file=on_epoch_file,
         should_stop=lambda: shared.state.interrupted or job.cancel.is_set(),
-        on_run_dir=lambda run_dir: job.set(run_dir=str(run_dir)),
+        on_run_dir=lambda run_dir: job.set(run_dir=str(run_dir)), sampler=samples.a1111_sampler(on_samples),
     )
     job.set(files=[str(f) for f in result.files], losses=[[i + 1, loss] for i, loss in enumerate(result.losses)],
             message=f"trained {result.steps} steps into {len(result.files)} file(s) in {prepared.output_dir}")

@@ -87,7 +87,7 @@ def _lora_to_continue(name: str) -> Path:
     return host.check_path_access(path, "continue training from")
 
 
-def train(prepared: PreparedRun, *, on_progress, on_epoch_file, should_stop, on_run_dir):
+def train(prepared: PreparedRun, *, on_progress, on_epoch_file, should_stop, on_run_dir, sampler=None):
     """Trains on A1111's loaded model; returns the :class:`~lorakit_ext.train.loop.RunResult`.
     Call with A1111's queue lock held."""
     loop, _, resume_module = _training_modules()
@@ -101,7 +101,8 @@ def train(prepared: PreparedRun, *, on_progress, on_epoch_file, should_stop, on_
                                           model_sha256=base.sha256 or None, force=prepared.force)
         job = open_run(prepared.project, prepared.config, prepared.output_dir, prepared.preflight, base, resume=point)
         on_run_dir(job.run_dir)
-        trainer = loop.Trainer(model, job, on_progress=on_progress, on_epoch_file=on_epoch_file, should_stop=should_stop)
+        trainer = loop.Trainer(model, job, on_progress=on_progress, on_epoch_file=on_epoch_file, should_stop=should_stop,
+                               sampler=sampler)
         # A1111 runs generations without autograd; this thread may inherit neither, but be sure.
         with torch.enable_grad():
             return trainer.run(point.state if point else None)

@@ -272,7 +272,7 @@ def _axis_index(script) -> dict[str, int]:
     return {label: labels.index(label) for label in (AXIS_PROMPT_SR, AXIS_SEED, AXIS_NOTHING)}
 
 
-def _checkpoint_override(shared, sd_models) -> dict:
+def checkpoint_override(shared, sd_models) -> dict:
     """Pins the loaded checkpoint, so no cell reloads another one picked in the settings meanwhile."""
     if getattr(shared.cmd_opts, "freeze_settings", False):
         # Then the setting cannot change, and A1111 could not restore an override afterwards.
@@ -377,7 +377,7 @@ def run_epoch_grid(
         sd_model=shared.sd_model, outpath_samples=shared.opts.outdir_samples or shared.opts.outdir_txt2img_samples,
         outpath_grids=grids, prompt=plan.prompt, negative_prompt=negative, styles=[], seed=plan.seeds[0],
         sampler_name=sampler_name, batch_size=1, n_iter=1, steps=steps, cfg_scale=float(cfg_scale), width=width,
-        height=height, do_not_save_samples=True, override_settings=_checkpoint_override(shared, sd_models),
+        height=height, do_not_save_samples=True, override_settings=checkpoint_override(shared, sd_models),
     )
     with closing(p):
         processed = script.run(p, **kwargs)

@@ -70,6 +70,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "Gradient accumulation", "Batches whose gradients add up to one optimizer step (effective batch = batch size × this); steps, warmup and the schedule count optimizer steps, as kohya's", "Steps", min=1, max=64)
     save_every_n_epochs: int = _f(1, "Save every N epochs", "Write an epoch file every N epochs (the last epoch is always saved)", "Steps", min=1, max=1000)
     validate_every_n_epochs: int = _f(1, "Validate every N epochs", "Measure the validation loss every N epochs (the last epoch always; 0: never)", "Steps", min=0, max=1000)
+    save_every_n_steps: int = _f(0, "Save every N steps", "Also write <name>-step00000300.safetensors every N optimizer steps, as kohya's save_every_n_steps (0: only epochs)", "Steps", min=0, max=1_000_000)
     keep_only_last_n_epochs: int = _f(10, "Keep last N epochs", "Delete this run's older epoch files beyond N (0: keep all)", "Steps", min=0, max=1000)
 
     unet_lr: float = _f(5e-4, "UNet learning rate", "Learning rate of the UNet LoRA", "Learning", min=0.0, max=10.0)

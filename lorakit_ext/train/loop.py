@@ -311,6 +311,8 @@ class Trainer:
                     if len(pending) >= self.loss_read_every:
                         self._flush(pending, losses, position.global_step)
                     self._report(epoch, schedule, position.global_step, losses, scheduler, started, first_step)
+                    for path in saver.save_step(network, epoch + 1, position.global_step):
+                        self.on_epoch_file(path)
                 self._flush(pending, losses, position.global_step)
                 position = Position(epoch + 1, 0, position.global_step)
                 validation_loss = validate(epoch + 1)

@@ -99,7 +99,8 @@ def free_output_stem(folder: Path, name: str, *, recursive: bool = False) -> str
     names = _file_names(Path(folder), recursive)
 
     def taken(stem: str) -> bool:
-        pattern = re.compile(re.escape(stem) + r"-\d{2,}" + re.escape(SUFFIX) + "$")
+        # Epoch files, and the step files of save_every_n_steps.
+        pattern = re.compile(re.escape(stem) + r"-(\d{2,}|step\d{8})" + re.escape(SUFFIX) + "$")
         return any(pattern.match(n) for n in names)
 
     stem, n = name, 1

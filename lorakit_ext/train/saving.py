@@ -9,11 +9,16 @@ from pathlib import Path
 from lorakit_ext.dataset.tags import split_tags
 from lorakit_ext.export.metadata import training_metadata
 from lorakit_ext.errors import UserError
-from lorakit_ext.export.writer import epoch_file_name, read_lora_metadata, remove_old_epochs, write_lora_file
+from lorakit_ext.export.writer import SUFFIX, epoch_file_name, read_lora_metadata, remove_old_epochs, write_lora_file
 
 # Names the run that wrote a file: a run replaces an epoch file only if it wrote it itself
 # (a resumed run redoing an epoch whose state was not saved before a kill).
 RUN_KEY = "lorakit_run"
+
+
+def step_file_name(output_name: str, step: int) -> str:
+    """The name kohya gives a file saved mid-epoch: ``<name>-step00000300.safetensors``."""
+    return f"{output_name}-step{step:08d}{SUFFIX}"
 
 
 class EpochSaver:
@@ -36,7 +41,7 @@ class EpochSaver:
     def _due(self, epoch: int) -> bool:
         return epoch % self.config.save_every_n_epochs == 0 or epoch == self.schedule.epochs
 
-    def metadata(self, epoch: int, steps: int) -> dict[str, str]:
+    def metadata(self, epoch: int, steps: int, stem: str | None = None) -> dict[str, str]:
         c = self.config
         network_args = {"conv_dim": str(c.conv_dim), "conv_alpha": str(c.conv_alpha)} if c.network_type == "LoCon" else {}
         return training_metadata(
@@ -44,7 +49,7 @@ class EpochSaver:
             c.replace(optimizer=self.optimizer_name),
             family=self.model.family,
             v_parameterization=self.model.parameterization == "v",
-            output_name=Path(epoch_file_name(self.output_name, epoch)).stem,
+            output_name=stem or Path(epoch_file_name(self.output_name, epoch)).stem,
             epoch=epoch,
             num_epochs=self.schedule.epochs,
             steps=steps,
@@ -67,19 +72,31 @@ class EpochSaver:
         if not self._due(epoch):
             return []
         path = self.job.output_dir / epoch_file_name(self.output_name, epoch)
-        ours = path.is_file() and read_lora_metadata(path).get(RUN_KEY) == self.job.run_id
         # Not kohya's: the epoch's validation loss travels with the file, for tools that compare epochs.
         measured = {"ss_validation_loss": f"{validation_loss:.6f}"} if validation_loss is not None else {}
+        self._write(path, network, {**self.metadata(epoch, steps), **measured})
+        self._prune()
+        return [path]
+
+    def save_step(self, network, epoch: int, steps: int) -> list[Path]:
+        """kohya's ``save_every_n_steps``: ``<name>-step00000300.safetensors`` every N optimizer steps."""
+        every = self.config.save_every_n_steps
+        if not every or steps % every:
+            return []
+        path = self.job.output_dir / step_file_name(self.output_name, steps)
+        self._write(path, network, self.metadata(epoch, steps, path.name[: -len(SUFFIX)]))
+        return [path]
+
+    def _write(self, path: Path, network, metadata: dict[str, str]) -> None:
+        ours = path.is_file() and read_lora_metadata(path).get(RUN_KEY) == self.job.run_id
         try:
-            write_lora_file(path, network.export(), {**self.metadata(epoch, steps), **measured, RUN_KEY: self.job.run_id}, replace=ours)
+            write_lora_file(path, network.export(), {**metadata, RUN_KEY: self.job.run_id}, replace=ours)
         except FileExistsError:
             raise UserError(
                 f"{path} already exists and was not written by this run; LoRA Kit never replaces a file it did "
                 "not write. Move that file away and resume, or start a new run (it picks a free name)"
             ) from None
         self.files.append(path)
-        self._prune()
-        return [path]
 
     def _prune(self) -> None:
         keep = self.config.keep_only_last_n_epochs

@@ -59,6 +59,7 @@ class TrainConfig:
         "Share of the images held out of training to measure validation loss each epoch (at least 1; below 20 images none are held out and training images are measured)",
         "Dataset", min=0.0, max=0.5, step=0.05)
     cache_latents: bool = _f(True, "Cache latents", "Encode every image once before training (faster; no per-step VAE)", "Dataset")
+    cache_latents_to_disk: bool = _f(False, "Keep latents on disk", "Keep each image's latent in the project's .cache/latents/, so the next run, a resume or another setting skips the VAE for images it has seen at that size", "Dataset")
     cache_text_encoder_outputs: bool = _f(
         False, "Cache text-encoder outputs",
         "Encode every caption once and train the UNet alone, text encoders off the GPU (needs text encoder LR 0, no tag shuffling, no caption dropout)",

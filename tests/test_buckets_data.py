@@ -396,4 +396,4 @@ def test_batch_larger_than_dataset_is_refused():
 def test_progress_rejects_unknown_phase():
     assert Progress("training", epoch=1, epochs=10, step=5, total_steps=630, loss=0.1).loss == 0.1
     with pytest.raises(ValueError, match="phase"):
-        Progress("sampling")
+        Progress("dreaming")

@@ -136,18 +136,32 @@ class LatentCache:
         flip_aug: bool = False,
         progress: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        store=None,
     ) -> LatentCache:
         """Encodes the images bucket by bucket in batches of up to ``vae_batch_size``. ``encode``
         gets float32 CPU pixels ``[B, 3, H, W]`` in [-1, 1] and returns ``[B, C, H/8, W/8]``.
         With ``flip_aug`` the mirrored pixels are encoded too, as kohya does: a mirrored latent is
         not the latent of the mirrored image. ``should_stop`` is asked before every batch and
-        raises :class:`Interrupted`; ``progress(done, total)`` follows every batch."""
+        raises :class:`Interrupted`; ``progress(done, total)`` follows every batch. ``store`` (a
+        :class:`~lorakit_ext.train.latent_store.LatentStore`) gives the latents it has and keeps
+        the ones encoded here."""
         if len(items) != len(plan.placements):
             raise ValueError(f"{len(items)} items but a bucket plan for {len(plan.placements)} images")
         latents: list[torch.Tensor | None] = [None] * len(items)
         flipped: list[torch.Tensor | None] | None = [None] * len(items) if flip_aug else None
+        mirrors = (False, True) if flip_aug else (False,)
+        targets = {False: latents, True: flipped}
         done = 0
         for bucket, indices in plan.buckets.items():
+            keys = {i: (items[i].image_path, bucket, plan.placements[i].resized) for i in indices}
+            if store is not None:
+                for i in indices:
+                    kept = [store.get(*keys[i], mirror) for mirror in mirrors]
+                    if all(latent is not None for latent in kept):
+                        for mirror, latent in zip(mirrors, kept):
+                            targets[mirror][i] = latent.to(device=device, dtype=dtype)
+                indices = [i for i in indices if latents[i] is None]
+                done += len(keys) - len(indices)
             for start in range(0, len(indices), vae_batch_size):
                 if should_stop is not None and should_stop():
                     raise Interrupted()
@@ -156,11 +170,11 @@ class LatentCache:
                     [load_image_for_bucket(items[i].image_path, bucket, resized_size=plan.placements[i].resized) for i in chunk]
                 )
                 paths = [items[i].image_path for i in chunk]
-                for i, latent in zip(chunk, _encode(encode, pixels, paths, device, dtype)):
-                    latents[i] = latent
-                if flipped is not None:
-                    for i, latent in zip(chunk, _encode(encode, torch.flip(pixels, dims=[3]), paths, device, dtype)):
-                        flipped[i] = latent
+                for mirror in mirrors:
+                    for i, latent in zip(chunk, _encode(encode, torch.flip(pixels, dims=[3]) if mirror else pixels, paths, device, dtype)):
+                        targets[mirror][i] = latent
+                        if store is not None:
+                            store.put(*keys[i], mirror, latent)
                 done += len(chunk)
                 if progress is not None:
                     progress(done, len(items))

@@ -40,6 +40,7 @@ from lorakit_ext.train.record import RunRecord, has_saved_state
 from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
+from lorakit_ext.train.latent_store import LatentStore, vae_identity
 from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_mode
 from lorakit_ext.train.text_cache import TextCache
 from lorakit_ext.train.validation import ValidationSet
@@ -144,6 +145,7 @@ class Trainer:
             flip_aug=self.config.flip_aug,
             progress=progress,
             should_stop=self.should_stop,
+            store=LatentStore(self.job.project.path, vae_identity(self.model)) if self.config.cache_latents_to_disk else None,
         )
 
     def _validation_set(self, data, cache: LatentCache) -> ValidationSet | None:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-import lorakit_ext.bench.kohya as kohya_driver
+from lorakit_ext.bench.models import FAMILIES
 from lorakit_ext.cli import main
 
 TINY = ["bench", "train", "--tiny", "--images", "8", "--resolution", "64", "--steps", "2", "--warmup", "1", "--json"]
 
-# Stands in for sd-scripts' train_network.py, which needs its own packages and a full-size model:
-# it reads the TOML pair the driver wrote, reports what it was given, and takes real torch
-# optimizer steps (which the driver's step clock times) — or fails, when told to, on the UNet-only row.
+# Stands in for sd-scripts' train_network.py and sdxl_train_network.py, which need their own packages
+# and a full-size model: it reads the TOML pair the driver wrote, reports what it was given, and takes
+# real torch optimizer steps (which the driver's step clock times) — or fails, when told to, on the
+# UNet-only row.
 STAND_IN = '''
 import json, os, sys, time
 from pathlib import Path
@@ -27,9 +32,10 @@ except ModuleNotFoundError:
 train = tomllib.loads(Path(sys.argv[sys.argv.index("--config_file") + 1]).read_text())["train"]
 dataset = tomllib.loads(Path(train["dataset_config"]).read_text())
 image_dir = Path(dataset["datasets"][0]["subsets"][0]["image_dir"])
-seen = {"train": train, "general": dataset["general"], "images": len(list(image_dir.glob("*.png"))),
-        "model_exists": Path(train["pretrained_model_name_or_path"]).is_file(),
-        "tokenizer": (Path(train["tokenizer_cache_dir"]) / "openai_clip-vit-large-patch14" / "vocab.json").is_file()}
+tokenizers = Path(train["tokenizer_cache_dir"])
+seen = {"script": Path(sys.argv[0]).name, "train": train, "general": dataset["general"],
+        "images": len(list(image_dir.glob("*.png"))), "model_exists": Path(train["pretrained_model_name_or_path"]).is_file(),
+        "tokenizers": sorted(p.parent.name for p in tokenizers.glob("*/vocab.json"))}
 with open(os.environ["STAND_IN_REPORT"], "a") as fh:
     fh.write(json.dumps(seen) + "\\n")
 print("stand-in for", train["output_name"])
@@ -44,21 +50,28 @@ for _ in range(train["max_train_steps"]):
 '''
 
 
-@pytest.fixture
-def stand_in_sd_scripts(tmp_path, monkeypatch):
+def stand_in_sd_scripts(tmp_path: Path, monkeypatch, family: str) -> tuple[Path, Path]:
+    """An sd-scripts folder whose training scripts are the stand-in, and the file it reports to.
+    The family's full-size checkpoint (a minute or more to build) becomes a placeholder file: the
+    stand-in only checks that it exists."""
     folder = tmp_path / "sd-scripts"
     folder.mkdir()
-    (folder / "train_network.py").write_text(STAND_IN)
+    for script in ("train_network.py", "sdxl_train_network.py"):
+        (folder / script).write_text(STAND_IN)
     report = tmp_path / "seen.jsonl"
     monkeypatch.setenv("STAND_IN_REPORT", str(report))
 
-    # The full-size checkpoint takes a minute to build; the stand-in only checks that it exists.
-    def small_checkpoint(path):
-        path.write_bytes(b"random SD1.5")
+    def placeholder(path):
+        path.write_bytes(b"random weights")
         return path
 
-    monkeypatch.setattr(kohya_driver, "write_random_sd15", small_checkpoint)
+    monkeypatch.setitem(FAMILIES, family, dataclasses.replace(FAMILIES[family], write_checkpoint=placeholder))
     return folder, report
+
+
+@pytest.fixture
+def stand_in_sd15_scripts(tmp_path, monkeypatch):
+    return stand_in_sd_scripts(tmp_path, monkeypatch, "sd1")
 
 
 def test_bench_train_measures_the_trainer(capsys):
@@ -70,8 +83,8 @@ def test_bench_train_measures_the_trainer(capsys):
     assert "kohya_it_per_s" not in row, "recorded H200 kohya figures are not a reference for the tiny model"
 
 
-def test_kohya_rows_run_train_network_at_our_settings_and_report_ratios(stand_in_sd_scripts, capsys):
-    folder, report = stand_in_sd_scripts
+def test_kohya_rows_run_train_network_at_our_settings_and_report_ratios(stand_in_sd15_scripts, capsys):
+    folder, report = stand_in_sd15_scripts
     args = TINY + ["--train", "te,unet", "--kohya-sd-scripts", str(folder), "--kohya-python", sys.executable]
     assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
@@ -82,7 +95,8 @@ def test_kohya_rows_run_train_network_at_our_settings_and_report_ratios(stand_in
     assert te["kohya_same_run"] and te["kohya_it_per_s"] == record["it_s"]
     assert abs(te["ratio_vs_kohya"] - te["it_per_s"] / record["it_s"]) < 1e-9
     seen_te, seen_unet = (json.loads(line) for line in report.read_text().splitlines())
-    assert seen_te["model_exists"] and seen_te["tokenizer"] and seen_te["images"] == 8  # our rows' dataset
+    assert seen_te["script"] == "train_network.py" and seen_te["model_exists"] and seen_te["images"] == 8  # our rows' dataset
+    assert seen_te["tokenizers"] == ["openai_clip-vit-large-patch14"]
     train = seen_te["train"]
     assert (train["network_dim"], train["network_alpha"], train["train_batch_size"]) == (16, 8.0, 2)
     assert (train["mixed_precision"], train["sdpa"], train["cache_latents"], train["max_token_length"]) == ("no", True, True, 225)
@@ -93,8 +107,8 @@ def test_kohya_rows_run_train_network_at_our_settings_and_report_ratios(stand_in
     assert any(n.startswith("--tiny:") for n in data["kohya_notes"])
 
 
-def test_a_failed_kohya_row_is_a_note_with_its_log(stand_in_sd_scripts, monkeypatch, capsys):
-    folder, _ = stand_in_sd_scripts
+def test_a_failed_kohya_row_is_a_note_with_its_log(stand_in_sd15_scripts, monkeypatch, capsys):
+    folder, _ = stand_in_sd15_scripts
     monkeypatch.setenv("STAND_IN_FAIL_UNET", "1")
     # Both given relative to where bench runs, while kohya runs from its own folder.
     monkeypatch.chdir(folder.parent)
@@ -121,3 +135,34 @@ def test_real_sd_scripts_trains_a_few_steps(capsys):
     data = json.loads(capsys.readouterr().out)
     (row,) = data["rows"]
     assert row["kohya_record"]["steps"] == 5 and row["kohya_it_per_s"] > 0, data["kohya_notes"]
+
+
+def test_a_row_that_runs_out_of_memory_is_reported_as_such_and_the_next_rows_run(monkeypatch, capsys):
+    from lorakit_ext.bench.train_report import report
+    from lorakit_ext.train.loop import Trainer
+
+    run = Trainer.run
+
+    def out_of_memory_without_checkpointing(self, *args, **kwargs):
+        if not self.config.gradient_checkpointing:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "run", out_of_memory_without_checkpointing)
+    assert main(TINY + ["--gradient-checkpointing", "off,on"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    off, on = data["rows"]
+    assert off["out_of_memory"] and not off["gradient_checkpointing"] and "it_per_s" not in off
+    assert on["gradient_checkpointing"] and not on["out_of_memory"] and on["it_per_s"] > 0
+    text = report(data, argparse.Namespace(dim=16, alpha=8.0)).splitlines()
+    assert " OOM " in text[2] and " OOM " not in text[3]
+
+
+def test_memory_budget_is_refused_off_cuda(capsys):
+    assert main(TINY + ["--device", "cpu", "--memory-budget-gib", "12"]) == 2
+    assert "--memory-budget-gib caps CUDA memory" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_cached_text_encoder_outputs_are_refused_for_rows_that_train_the_text_encoder(capsys):
+    assert main(TINY + ["--train", "te,unet", "--cache-text-encoder-outputs"]) == 2
+    assert "needs frozen text encoders" in json.loads(capsys.readouterr().out)["error"]

@@ -1,10 +1,12 @@
-"""``bench train --kohya-sd-scripts DIR``: kohya sd-scripts' own ``train_network.py`` run on this
-machine at the settings of our rows, just before them, so one report compares both.
+"""``bench train --kohya-sd-scripts DIR``: kohya sd-scripts' own training script of the model family
+(``train_network.py`` for SD1.5, ``sdxl_train_network.py`` for SDXL) run on this machine at the
+settings of our rows, just before them, so one report compares both.
 
-For each (train, batch) row kohya trains, unchanged, on
-- a random-initialised full-size SD1.5 checkpoint in the ldm/A1111 layout, built by LoRA Kit's own
-  model builder (throughput does not depend on weight values), with SD1's real CLIP tokenizer built
-  offline in the folder sd-scripts looks in first;
+For each (train, batch, gradient checkpointing) row kohya trains, unchanged, on
+- a random-initialised full-size checkpoint of the family in the A1111 single-file layout, built by
+  LoRA Kit's own model builder (throughput does not depend on weight values), with the family's real
+  CLIP tokenizers built offline in the folders sd-scripts looks in first
+  (:mod:`lorakit_ext.bench.models` says which, per family);
 - the very dataset files our rows train on;
 - our row's ``TrainConfig`` exported by :mod:`lorakit_ext.export.kohya_toml`, the same TOML pair
   every LoRA Kit run leaves in its run folder, plus the benchmark's tokenizer and loader options.
@@ -27,37 +29,35 @@ from pathlib import Path
 
 import torch
 
+from lorakit_ext.bench.models import BenchFamily
 from lorakit_ext.bench.smi import SmiPeak
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.kohya_toml import dataset_toml, render_train_table, training_args
+from lorakit_ext.fsutil import atomic_write_json
 from lorakit_ext.models.clip_tokenizer import build_clip_tokenizer_files
 
 CLOCK = Path(__file__).with_name("kohya_clock.py")
-# sd-scripts loads SD1's tokenizer from <tokenizer_cache_dir>/<hub id with "/" → "_"> when present.
-TOKENIZER_FOLDER = "openai_clip-vit-large-patch14"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def row_name(train: str, batch: int) -> str:
-    return f"{'te_unet' if train == 'te' else 'unet'}_b{batch}"
+def row_name(train: str, batch: int, checkpointing: bool) -> str:
+    return f"{'te_unet' if train == 'te' else 'unet'}_b{batch}{'_gc' if checkpointing else ''}"
 
 
-def write_random_sd15(path: Path) -> Path:
-    """A full-size SD1.5 checkpoint with random weights, fp16, in the layout sd-scripts loads. Built
-    on the CPU: a CUDA context of ours would count in kohya's nvidia-smi peak."""
-    import safetensors.torch
-
-    from lorakit_ext.models.tiny import fp16_checkpoint, build_random_sd15
-
-    model = build_random_sd15("cpu", torch.float32, full=True)
-    safetensors.torch.save_file(fp16_checkpoint(model), str(path), metadata={"format": "pt"})
-    return path
+def write_tokenizers(folder: Path, family: BenchFamily) -> Path:
+    """The family's tokenizers, each in the folder under ``folder`` that sd-scripts reads it from."""
+    for tokenizer in family.tokenizers:
+        files = build_clip_tokenizer_files(folder / tokenizer.folder)
+        if tokenizer.pad_token is not None:
+            config = files / "tokenizer_config.json"
+            atomic_write_json(config, {**json.loads(config.read_text(encoding="utf-8")), "pad_token": tokenizer.pad_token})
+    return folder
 
 
-def _check_inputs(sd_scripts: str, python: str) -> tuple[Path, str]:
+def _check_inputs(sd_scripts: str, python: str, script: str) -> tuple[Path, str]:
     folder = Path(sd_scripts).resolve()
-    if not (folder / "train_network.py").is_file():
-        raise UserError(f"--kohya-sd-scripts: {sd_scripts} has no train_network.py (expected a kohya-ss/sd-scripts checkout)")
+    if not (folder / script).is_file():
+        raise UserError(f"--kohya-sd-scripts: {sd_scripts} has no {script} (expected a kohya-ss/sd-scripts checkout)")
     exe = shutil.which(python)
     if exe is None:
         raise UserError(f"--kohya-python: {python} is not an executable Python")
@@ -98,32 +98,33 @@ def _record(name: str, batch: int, clock: dict, skip: int, smi_peak_mib: float |
     return record
 
 
-def kohya_rows(sd_scripts: str, python: str, configs: dict, dataset_dir: Path, *, precision: str, warmup: int) -> tuple[dict, list[str]]:
-    """Runs ``train_network.py`` once per ``(train, batch): TrainConfig`` of ``configs`` (each with
-    ``max_train_steps`` set) on the images in ``dataset_dir``; returns their records and notes on
-    the rows that gave none."""
-    folder, exe = _check_inputs(sd_scripts, python)
+def kohya_rows(sd_scripts: str, python: str, configs: dict, dataset_dir: Path, *, family: BenchFamily, precision: str,
+               warmup: int) -> tuple[dict, list[str]]:
+    """Runs the family's sd-scripts script once per ``(train, batch, checkpointing): TrainConfig`` of
+    ``configs`` (each with ``max_train_steps`` set) on the images in ``dataset_dir``; returns their
+    records and notes on the rows that gave none."""
+    script = family.family.kohya_script
+    folder, exe = _check_inputs(sd_scripts, python, script)
     rows, notes = {}, []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="lorakit-kohya-") as tmp:
         tmp = Path(tmp)
-        print("kohya sd-scripts: writing a random-weight SD1.5 checkpoint", file=sys.stderr, flush=True)
-        checkpoint = write_random_sd15(tmp / "sd15-random.safetensors")
-        tokenizers = tmp / "tokenizers"
-        build_clip_tokenizer_files(tokenizers / TOKENIZER_FOLDER)
-        for (train, batch), config in configs.items():
-            name = row_name(train, batch)
+        print(f"kohya sd-scripts: writing a random-weight {family.label} checkpoint", file=sys.stderr, flush=True)
+        checkpoint = family.write_checkpoint(tmp / f"{family.name}-random.safetensors")
+        tokenizers = write_tokenizers(tmp / "tokenizers", family)
+        for (train, batch, checkpointing), config in configs.items():
+            name = row_name(train, batch, checkpointing)
             work = tmp / name
             work.mkdir()
             clock, log = work / "clock.json", work / "kohya.log"
             kohya_config = _kohya_config(config, work, dataset_dir, checkpoint, tokenizers, precision)
-            command = [exe, str(CLOCK), str(folder), str(clock), "--config_file", str(kohya_config)]
-            print(f"kohya sd-scripts: {name}, {config.max_train_steps} steps", file=sys.stderr, flush=True)
+            command = [exe, str(CLOCK), str(folder / script), str(clock), "--config_file", str(kohya_config)]
+            print(f"kohya sd-scripts: {script} {name}, {config.max_train_steps} steps", file=sys.stderr, flush=True)
             with open(log, "w", encoding="utf-8") as out, SmiPeak(device) as smi:
                 done = subprocess.run(command, cwd=folder, env={**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT)
             steps = json.loads(clock.read_text(encoding="utf-8")) if clock.exists() else {"step_end_s": []}
             if done.returncode == 0 and len(steps["step_end_s"]) > warmup:
-                rows[(train, batch)] = _record(name, batch, steps, warmup, smi.peak_mib)
+                rows[(train, batch, checkpointing)] = _record(name, batch, steps, warmup, smi.peak_mib)
             else:
                 tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
                 notes.append(f"kohya {name} gave no result (exit {done.returncode}, {len(steps['step_end_s'])} steps); its log ends:\n{tail}")

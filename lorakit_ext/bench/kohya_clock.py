@@ -1,7 +1,8 @@
-"""Runs kohya sd-scripts' ``train_network.py``, unchanged, in this process and writes to a JSON file
-when each of its optimizer steps ended and its peak CUDA memory.
+"""Runs one of kohya sd-scripts' training scripts (``train_network.py``, ``sdxl_train_network.py``),
+unchanged, in this process and writes to a JSON file when each of its optimizer steps ended and its
+peak CUDA memory.
 
-    python kohya_clock.py SD_SCRIPTS_DIR OUT_JSON [train_network.py arguments …]
+    python kohya_clock.py SD_SCRIPTS_DIR/SCRIPT.py OUT_JSON [the script's arguments …]
 
 ``bench train --kohya-sd-scripts`` starts it with the Python environment that runs sd-scripts, so
 it imports nothing from LoRA Kit. kohya reads each step's loss back to the host, so a step's end
@@ -19,12 +20,11 @@ import time
 
 
 def main() -> None:
-    sd_scripts, out = os.path.abspath(sys.argv[1]), sys.argv[2]
-    script = os.path.join(sd_scripts, "train_network.py")
-    # As if started as "python train_network.py …" from its folder: it imports library/ and
-    # networks/ from there.
+    script, out = os.path.abspath(sys.argv[1]), sys.argv[2]
+    # As if started as "python SCRIPT.py …" from its folder: it imports library/, networks/ and
+    # (the SDXL script) train_network.py from there.
     sys.argv = [script, *sys.argv[3:]]
-    sys.path.insert(0, sd_scripts)
+    sys.path.insert(0, os.path.dirname(script))
 
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook

@@ -1,19 +1,27 @@
 """``bench train``: steady-state training speed, peak memory and time to the first step.
 
 It runs the real :class:`~lorakit_ext.train.loop.Trainer` — the same code path as the CLI and the
-A1111 tab — on a random-initialised full-size SD1.5 (no weights needed: throughput does not depend
-on weight values) and a synthetic dataset, at the kohya-colab settings by default (512², batch 2,
-dim 16 / alpha 8, TE + UNet). kohya sd-scripts' figures recorded on one H200 are printed beside
-ours; ``bench train --kohya-sd-scripts DIR`` runs kohya's matching rows on this machine first and
-compares in the same run (:mod:`lorakit_ext.bench.kohya`).
+A1111 tab — on a random-initialised full-size model (no weights needed: throughput does not depend
+on weight values) and a synthetic dataset. ``--family sd1`` (the default) trains SD1.5 at the
+kohya-colab settings (512², batch 2, dim 16 / alpha 8, TE + UNet); ``--family sdxl`` trains SDXL
+base at 1024², the UNet alone on cached text-encoder outputs, batches 1 and 4
+(:mod:`lorakit_ext.bench.models` holds each family's model and defaults). kohya sd-scripts' SD1.5
+figures recorded on one H200 are printed beside ours; ``bench train --kohya-sd-scripts DIR`` runs
+kohya's matching rows on this machine first and compares in the same run
+(:mod:`lorakit_ext.bench.kohya`). ``--memory-budget-gib`` caps our process's CUDA memory to show what
+fits a smaller GPU; a row that runs out of it is reported as such.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import itertools
+import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +29,47 @@ import torch
 from PIL import Image
 
 from lorakit_ext.bench.kohya import kohya_rows
+from lorakit_ext.bench.models import FAMILIES, BenchFamily
 from lorakit_ext.bench.smi import SmiPeak
+from lorakit_ext.bench.train_report import report
+from lorakit_ext.caption.runner import is_out_of_memory
 from lorakit_ext.errors import UserError
 from lorakit_ext.train.precision import resolve_precision
 
-# kohya sd-scripts 48d368f alone on one H200 (bf16, SDPA, cached latents, 300 steps), steady-state it/s.
-KOHYA_H200 = {("te", 2): 3.46, ("unet", 2): 4.38, ("unet", 8): 4.91}
 WEIGHTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SWITCH = {"off": False, "on": True}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--batch", default="2", help="batch size(s), comma-separated (default 2)")
-    p.add_argument("--train", default="te", help="te (TE + UNet), unet (UNet only) or both: te,unet (default te)")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="sd1",
+                   help="sd1: full-size SD1.5 (default); sdxl: full-size SDXL base (sgm: --a1111-dir or LORAKIT_SGM_DIR)")
+    p.add_argument("--a1111-dir", help="an A1111 install (stable-diffusion-webui folder) whose copy of sgm, SDXL's model code, "
+                                       "LoRA Kit may use; or set LORAKIT_SGM_DIR")
+    p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default: sd1 2, sdxl 1,4)")
+    p.add_argument("--train", default=None, help="te (TE + UNet), unet (UNet only) or both: te,unet (default: sd1 te, sdxl unet)")
+    p.add_argument("--cache-text-encoder-outputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="UNet-only rows train on text-encoder outputs encoded once, encoders off the GPU, no tag shuffling "
+                        "(default: on for sdxl, off for sd1)")
     p.add_argument("--weights", default=None, help="base weight dtype(s): fp32, fp16, bf16, comma-separated (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "no"), default="auto", help="mixed precision (default auto)")
     p.add_argument("--steps", type=int, default=60, help="steps measured after warm-up (default 60)")
     p.add_argument("--warmup", type=int, default=10, help="steps not measured (default 10)")
     p.add_argument("--images", type=int, default=126, help="synthetic dataset size (default 126, as the seed's)")
-    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: sd1 512, sdxl 1024)")
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--alpha", type=float, default=8.0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="on", default="off", metavar="off,on",
+                   help="off, on or both: off,on (given alone: on; default off)")
     p.add_argument("--channels-last", default="auto", help="auto, on, off or a list: UNet weights and latents in channels_last (default auto: on CUDA)")
     p.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (default both: the eager row is the same-run reference)")
-    p.add_argument("--tiny", action="store_true", help="the tiny test model instead of full-size SD1.5 (a CPU smoke run)")
+    p.add_argument("--memory-budget-gib", type=float, metavar="N", default=None,
+                   help="CUDA only: cap this process's torch allocator at N GiB (torch.cuda.set_per_process_memory_fraction) to "
+                        "show what fits a smaller GPU; a row that runs out is reported as such. kohya's rows run uncapped")
+    p.add_argument("--tiny", action="store_true", help="the family's tiny test model instead of the full-size one (a CPU smoke run)")
     p.add_argument("--device", default="auto")
     p.add_argument("--kohya-sd-scripts", metavar="DIR", default=None,
-                   help="a kohya-ss/sd-scripts checkout: run its train_network.py on the matching rows first, at the same settings, and compare in the same run")
+                   help="a kohya-ss/sd-scripts checkout: run the family's training script (train_network.py, "
+                        "sdxl_train_network.py) on the matching rows first, at the same settings, and compare in the same run")
     p.add_argument("--kohya-python", metavar="PYTHON", default=sys.executable,
                    help="the Python whose packages run sd-scripts (default: this one)")
 
@@ -62,40 +84,81 @@ def _dataset(project, images: int, resolution: int) -> None:
         (project.dataset / f"{i:04d}.txt").write_text(f"kat3r1na, tag{i % 7}, tag{i % 5}, 1girl, red hair")
 
 
-def _model(tiny: bool, device: torch.device, dtype: torch.dtype, folder: Path):
-    if tiny:
-        from lorakit_ext.models.checkpoint import load_sd_checkpoint
-        from lorakit_ext.models.tiny import build_tiny_sd15
-
-        model, _ = load_sd_checkpoint(build_tiny_sd15(folder / "tiny"), device=device, dtype=dtype)
-        return model
-    from lorakit_ext.models.tiny import build_random_sd15
-
-    return build_random_sd15(device, dtype, full=True)
-
-
-def bench_config(args, *, batch: int, unet_only: bool, graphs: bool = True):
+def bench_config(args, *, batch: int, unet_only: bool, checkpointing: bool, graphs: bool = True):
     """The settings of one row; kohya's row runs the same ones."""
     from lorakit_ext.train_config import TrainConfig
 
     total = args.warmup + args.steps
+    # Cached outputs are right only while every step would encode the same captions with frozen encoders.
+    cached = args.cache_text_encoder_outputs and unet_only
     return TrainConfig(
+        **FAMILIES[args.family].settings,
         resolution=args.resolution, min_bucket_reso=min(256, args.resolution), max_bucket_reso=max(1024, args.resolution),
         num_repeats=max(1, -(-total * batch // args.images)), train_batch_size=batch, max_train_epochs=1,
         max_train_steps=total, network_dim=args.dim, network_alpha=args.alpha, optimizer="AdamW",
-        text_encoder_lr=0.0 if unet_only else 1e-4, mixed_precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, keep_only_last_n_epochs=0, save_every_n_epochs=1000,
-        cuda_graphs=graphs,
+        text_encoder_lr=0.0 if unet_only else 1e-4, cache_text_encoder_outputs=cached, shuffle_tags=not cached,
+        mixed_precision=args.precision, gradient_checkpointing=checkpointing, keep_only_last_n_epochs=0,
+        save_every_n_epochs=1000, cuda_graphs=graphs,
     ).validate()
 
 
-def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: bool, device, graphs: bool, layout: str, kohya: dict | None) -> dict:
+@dataclass(frozen=True)
+class RowSpec:
+    weights: str
+    train: str  # "te" (TE + UNet) or "unet"
+    batch: int
+    checkpointing: bool
+    mode: str  # "graphs" or "eager"
+    layout: str  # channels_last: auto, on or off
+
+    @property
+    def unet_only(self) -> bool:
+        return self.train == "unet"
+
+    @property
+    def kohya_key(self) -> tuple[str, int, bool]:
+        return self.train, self.batch, self.checkpointing
+
+    @property
+    def name(self) -> str:
+        return f"{self.weights}-{self.train}-b{self.batch}-{'gc' if self.checkpointing else 'nogc'}-{self.mode}-{self.layout}"
+
+
+def _peak_memory_columns(device: torch.device, smi: SmiPeak) -> dict:
+    if device.type != "cuda":
+        return {}
+    row = {
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+    }
+    if smi.peak_mib is not None:
+        row["smi_peak_gib"] = smi.peak_mib / 1024
+    return row
+
+
+def _kohya_columns(args, family: BenchFamily, spec: RowSpec, it_s: float | None, kohya: dict | None) -> dict:
+    if kohya:
+        row = {"kohya_record": kohya, "kohya_same_run": True, "kohya_it_per_s": kohya["it_s"], "kohya_first_step_s": kohya["first_step_s"]}
+        if "smi_peak_mem_MiB" in kohya:
+            row["kohya_smi_peak_gib"] = kohya["smi_peak_mem_MiB"] / 1024
+        if "torch_max_memory_reserved_GiB" in kohya:
+            row["kohya_peak_reserved_gib"] = kohya["torch_max_memory_reserved_GiB"]
+    elif not args.tiny and not spec.checkpointing and (recorded := family.kohya_h200.get((spec.train, spec.batch))):
+        row = {"kohya_same_run": False, "kohya_it_per_s": recorded}
+    else:
+        return {}
+    if it_s is not None:
+        row["ratio_vs_kohya"] = it_s / row["kohya_it_per_s"]
+    return row
+
+
+def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | None) -> dict:
     """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
     from lorakit_ext.models.families import adapter_for
     from lorakit_ext.train.loop import Trainer, TrainJob
 
     total = args.warmup + args.steps
-    config = bench_config(args, batch=batch, unet_only=unet_only, graphs=graphs)
+    config = bench_config(args, batch=spec.batch, unet_only=spec.unet_only, checkpointing=spec.checkpointing, graphs=spec.mode == "graphs")
     model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
     marks: dict[str, float] = {}
 
@@ -115,49 +178,44 @@ def _measure(sd_model, project, run_name: str, args, *, batch: int, unet_only: b
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     # A folder per row: LoRA Kit never replaces an epoch file another run wrote.
-    job = TrainJob(config, project, project.path / "out" / run_name, project.runs / run_name, patch_attention=True,
-                   channels_last={"auto": None, "on": True, "off": False}[layout])
+    job = TrainJob(config, project, project.path / "out" / spec.name, project.runs / spec.name, patch_attention=True,
+                   channels_last={"auto": None, "on": True, "off": False}[spec.layout])
     job.run_dir.mkdir(parents=True)
     trainer = Trainer(model, job, on_progress=on_progress)
+    # As the trainer resolves it, known also when a row runs out of memory before resolving it.
+    precision = resolve_precision(config.mixed_precision, device, next(model.unet.parameters()).dtype)
     started = time.perf_counter()
+    result = None
     with SmiPeak(device) as smi:
-        result = trainer.run()
-    it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
+        try:
+            result = trainer.run()
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
     row = {
-        "mode": "graphs" if graphs and device.type == "cuda" and not marks.get("messages") else "eager",
+        "weights": spec.weights,
+        "mode": "graphs" if spec.mode == "graphs" and device.type == "cuda" and not marks.get("messages") else "eager",
         "notes": marks.get("messages", []),
-        "train": "UNet only" if unet_only else "TE + UNet",
-        "channels_last": layout,
-        "batch": batch,
-        "precision": trainer.precision.name,
-        "it_per_s": it_s,
-        "images_per_s": it_s * batch,
-        "start_to_first_step_s": marks["first_step"] - started,
-        "final_loss": result.losses[-1],
+        "train": "UNet only" if spec.unet_only else "TE + UNet",
+        "text_encoder_outputs_cached": config.cache_text_encoder_outputs,
+        "gradient_checkpointing": spec.checkpointing,
+        "channels_last": spec.layout,
+        "batch": spec.batch,
+        "precision": precision.name,
+        "out_of_memory": result is None,
+        **_peak_memory_columns(device, smi),
     }
-    if device.type == "cuda":
-        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-        if smi.peak_mib is not None:
-            row["smi_peak_gib"] = smi.peak_mib / 1024
-    if kohya:
-        row["kohya_record"] = kohya
-        row["kohya_same_run"] = True
-        row["kohya_it_per_s"] = kohya["it_s"]
-        row["ratio_vs_kohya"] = it_s / kohya["it_s"]
-        if "smi_peak_mem_MiB" in kohya:
-            row["kohya_smi_peak_gib"] = kohya["smi_peak_mem_MiB"] / 1024
-        if "torch_max_memory_reserved_GiB" in kohya:
-            row["kohya_peak_reserved_gib"] = kohya["torch_max_memory_reserved_GiB"]
-    elif not args.tiny and (recorded := KOHYA_H200.get(("unet" if unet_only else "te", batch))):
-        row["kohya_same_run"] = False
-        row["kohya_it_per_s"] = recorded
-        row["ratio_vs_kohya"] = it_s / recorded
-    return row
-
-
-def _gib(row: dict, key: str) -> str:
-    return f"{row[key]:.2f}" if key in row else "-"
+    it_s = None
+    if result is None:
+        # The failed step's tensors are unreachable now; hand them back before the next row.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
+        row.update(it_per_s=it_s, images_per_s=it_s * spec.batch, start_to_first_step_s=marks["first_step"] - started,
+                   final_loss=result.losses[-1])
+    return {**row, **_kohya_columns(args, FAMILIES[args.family], spec, it_s, kohya)}
 
 
 def _list(value: str, allowed=None) -> list[str]:
@@ -168,83 +226,93 @@ def _list(value: str, allowed=None) -> list[str]:
     return items
 
 
+def _apply_family_defaults(args) -> None:
+    """Fills the options left unset with the family's defaults, and refuses what contradicts them."""
+    defaults = FAMILIES[args.family].defaults
+    if args.cache_text_encoder_outputs and "te" in _list(args.train or defaults["train"], ("te", "unet")):
+        raise UserError("--cache-text-encoder-outputs needs frozen text encoders: use --train unet, or leave caching "
+                        "to its default (UNet-only rows only)")
+    for name in ("resolution", "train", "batch", "cache_text_encoder_outputs"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+
+
+def _memory_fraction(device: torch.device, budget_gib: float | None) -> float | None:
+    """The share of the GPU that ``--memory-budget-gib`` allows; ``UserError`` where it cannot apply."""
+    if budget_gib is None:
+        return None
+    if device.type != "cuda":
+        raise UserError(f"--memory-budget-gib caps CUDA memory, and this run is on the {device.type}; use it with a CUDA device")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if not 0 < budget_gib * 2**30 <= total:
+        raise UserError(f"--memory-budget-gib {budget_gib:g} must lie above 0 and within this GPU's {total / 2**30:.1f} GiB")
+    return budget_gib * 2**30 / total
+
+
 def run_bench(args) -> dict:
     from lorakit_ext.models.checkpoint import place_model
     from lorakit_ext.project import create_project
 
+    family = FAMILIES[args.family]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     weights = _list(args.weights or ("fp16" if device.type == "cuda" else "fp32"), WEIGHTS)
     batches = [int(b) for b in _list(args.batch)]
     trains = _list(args.train, ("te", "unet"))
+    checkpointing = [SWITCH[c] for c in _list(args.gradient_checkpointing, SWITCH)]
     modes = _list(args.modes, ("graphs", "eager"))
     layouts = _list(args.channels_last, ("auto", "on", "off"))
+    fraction = _memory_fraction(device, args.memory_budget_gib)
     if device.type != "cuda":
         modes = ["eager"]  # CUDA graphs exist only on CUDA: a "graphs" row would repeat the eager one
     kohya, notes = {}, []
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
-        tmp = Path(tmp)
-        project = create_project(tmp, "bench")
+        project = create_project(Path(tmp), "bench")
         _dataset(project, args.images, args.resolution)
         if args.kohya_sd_scripts:
             # Before this process touches the GPU: kohya's nvidia-smi peak must be kohya's alone.
-            configs = {(t, b): bench_config(args, batch=b, unet_only=t == "unet") for t in trains for b in batches}
+            configs = {(t, b, c): bench_config(args, batch=b, unet_only=t == "unet", checkpointing=c)
+                       for t in trains for b in batches for c in checkpointing}
             precision = resolve_precision(args.precision, device, WEIGHTS[weights[0]]).name
-            kohya, notes = kohya_rows(args.kohya_sd_scripts, args.kohya_python, configs, project.dataset,
+            kohya, notes = kohya_rows(args.kohya_sd_scripts, args.kohya_python, configs, project.dataset, family=family,
                                       precision=precision, warmup=args.warmup)
             if args.tiny:
-                notes.append("--tiny: our rows ran the tiny model, kohya's the full-size SD1.5 it can load; the ratios compare different models")
+                notes.append(f"--tiny: our rows ran the tiny model, kohya's the full-size {family.label} it can load; the ratios compare different models")
+        if fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
         t0 = time.perf_counter()
-        sd_model = _model(args.tiny, device, WEIGHTS[weights[0]], tmp)
+        sd_model = family.build(device, WEIGHTS[weights[0]], not args.tiny)
         build_s = time.perf_counter() - t0
         for w in weights:
             place_model(sd_model, device, WEIGHTS[w])
-            for train in trains:
-                for batch in batches:
-                    for mode, layout in itertools.product(modes, layouts):
-                        row = _measure(sd_model, project, f"{w}-{train}-b{batch}-{mode}-{layout}", args, batch=batch,
-                                       unet_only=train == "unet", device=device, graphs=mode == "graphs",
-                                       layout=layout, kohya=kohya.get((train, batch)))
-                        rows.append({"weights": w, **row})
+            for train, batch, gc_on, mode, layout in itertools.product(trains, batches, checkpointing, modes, layouts):
+                spec = RowSpec(w, train, batch, gc_on, mode, layout)
+                rows.append(_measure(sd_model, project, args, spec, device=device, kohya=kohya.get(spec.kohya_key)))
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": "tiny SD1.5 layout" if args.tiny else "SD1.5 full size, random weights",
+        "family": family.name,
+        "model": f"tiny {family.label} layout" if args.tiny else f"{family.label} full size, random weights",
         "resolution": args.resolution,
         "images": args.images,
+        "memory_budget_gib": args.memory_budget_gib,
         "model_build_s": build_s,
         "rows": rows,
+        "kohya_script": family.family.kohya_script,
         "kohya_notes": notes,
     }
 
 
 def run_cli(args):
+    from lorakit_ext.models.sgm_import import SGM_DIR_ENV, sgm_folder_of_a1111
+
     if args.steps < 1 or args.warmup < 1:
         raise UserError("--steps and --warmup must be at least 1")
-    f = run_bench(args)
-    lines = [f"{f['model']} on {f['device']}, {f['resolution']}², {f['images']} images, LoRA dim {args.dim}/alpha {args.alpha}"]
-    lines.append(f"{'weights':7} {'mode':6} {'chlast':6} {'train':9} {'batch':>5} {'prec':4} {'it/s':>7} {'img/s':>7} {'first step':>10} "
-                 f"{'reserved':>8} {'smi peak':>8} {'kohya it/s':>10} {'ratio':>6} {'kohya smi':>9}")
-    for r in f["rows"]:
-        kohya = f"{r['kohya_it_per_s']:.2f}" + ("" if r["kohya_same_run"] else "*") if "kohya_it_per_s" in r else "-"
-        lines.append(
-            f"{r['weights']:7} {r['mode']:6} {r['channels_last']:6} {r['train']:9} {r['batch']:>5} {r['precision']:4} {r['it_per_s']:7.2f} {r['images_per_s']:7.1f} "
-            f"{r['start_to_first_step_s']:9.1f}s {_gib(r, 'peak_reserved_gib'):>8} {_gib(r, 'smi_peak_gib'):>8} {kohya:>10} "
-            f"{(format(r['ratio_vs_kohya'], '.2f') + 'x') if 'ratio_vs_kohya' in r else '-':>6} {_gib(r, 'kohya_smi_peak_gib'):>9}"
-        )
-    for r in f["rows"]:
-        lines += [f"note ({r['weights']} {r['mode']} {r['train']} b{r['batch']}): {n}" for n in r["notes"]]
-    lines += [f"note: {n}" for n in f["kohya_notes"]]
-    graphs = {(r["weights"], r["train"], r["batch"]): r["it_per_s"] for r in f["rows"] if r["mode"] == "graphs"}
-    for r in f["rows"]:
-        key = (r["weights"], r["train"], r["batch"])
-        if r["mode"] == "eager" and key in graphs:
-            lines.append(f"graphs vs eager, same run ({r['weights']} {r['train']} b{r['batch']}): {graphs[key] / r['it_per_s']:.2f}x")
-    lines.append("first step: seconds from Trainer.run() to the first optimizer step, model already in memory (latent caching included).")
-    lines.append("chlast: UNet weights and latents in channels_last (auto: on CUDA).")
-    lines.append("reserved: torch's peak reserved memory, GiB; smi peak: nvidia-smi memory.used peak, GiB (CUDA context included).")
-    if any(r.get("kohya_same_run") is False for r in f["rows"]):
-        lines.append("kohya it/s*: kohya sd-scripts 48d368f as recorded on one H200, not this run (--kohya-sd-scripts runs it here).")
-    return f, "\n".join(lines)
+    if args.a1111_dir and not os.environ.get(SGM_DIR_ENV):
+        # The edge where the user's choice becomes the process's: sgm is looked for here.
+        os.environ[SGM_DIR_ENV] = str(sgm_folder_of_a1111(Path(args.a1111_dir)))
+    _apply_family_defaults(args)
+    figures = run_bench(args)
+    return figures, report(figures, args)
 
 
 BENCH_CLI = {"train": (add_arguments, run_cli)}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues ask for, in phases that each fit a 10-minute call on a
+# lent GPU machine with no network. From the repository's root:
+#
+#   bash dev/gpu_session.sh setup sdxl_b1 sdxl_budget   # SDXL batch 1 against kohya's sdxl_train_network.py; 12 GiB
+#   bash dev/gpu_session.sh setup sdxl_b4               # SDXL batch 4, the same
+#   bash dev/gpu_session.sh setup tests seed            # GPU tests, smoke run, the seed-sized run + its epochs
+#   bash dev/gpu_session.sh setup sd1                   # SD1.5 rows against kohya's train_network.py
+#
+# Inputs, git-ignored and carried along (never committed):
+#   .whl/                 wheels for the machine's Python: ldm's and sgm's needs, the optional optimizers
+#   .gpu/sgm/             Stability-AI/generative-models' sgm package (SDXL's model code)
+#   .gpu/kohya-wheels/    the packages sd-scripts 48d368f pins (transformers 4.54.1, diffusers 0.32.1, …)
+#   .kohya/sd-scripts/    sd-scripts 48d368f: library, networks, train_network.py, sdxl_train_network.py
+# Results and logs go to $OUT (default /tmp/out).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 LORAKIT_SGM_DIR="$PWD/.gpu"
+export PYTHONPATH="$PWD:/tmp/site"
+KOHYA=(--kohya-sd-scripts .kohya/sd-scripts --kohya-python /tmp/kohya-python)
+
+phase_setup() {
+    # sgm and ldm's needs beside the machine's own torch; antlr ships as a source archive only.
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site .whl/* || return
+    # sd-scripts' pins come first on its own path only: our process keeps the machine's packages.
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/kohya-site .gpu/kohya-wheels/*.whl || return
+    printf '#!/bin/sh\nPYTHONPATH=/tmp/kohya-site:/tmp/site exec python3 "$@"\n' > /tmp/kohya-python && chmod +x /tmp/kohya-python
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+}
+
+phase_tests() {
+    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+    python3 dev/gpu_smoke.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -5
+}
+
+phase_seed() {
+    python3 dev/seed_run.py --out "$OUT/seed" 2>&1 | tail -25
+}
+
+sdxl_rows() {
+    python3 -m lorakit_ext bench train --family sdxl "${KOHYA[@]}" --weights bf16 --batch "$1" --gradient-checkpointing off,on \
+        --json > "$OUT/bench_sdxl_b$1.json" 2> "$OUT/bench_sdxl_b$1.log"
+    tail -30 "$OUT/bench_sdxl_b$1.log"
+}
+
+phase_sdxl_b1() { sdxl_rows 1; }
+phase_sdxl_b4() { sdxl_rows 4; }
+
+phase_sdxl_budget() {
+    for gib in 12 10 8; do
+        python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 1 --gradient-checkpointing on \
+            --memory-budget-gib "$gib" --modes graphs --steps 20 2>&1 | tail -4
+    done
+}
+
+phase_sd1() {
+    python3 -m lorakit_ext bench train "${KOHYA[@]}" --weights bf16 --batch 2 --train te,unet --json > "$OUT/bench_sd1_b2.json" 2> "$OUT/bench_sd1_b2.log"
+    python3 -m lorakit_ext bench train "${KOHYA[@]}" --weights bf16 --batch 8 --train unet --json > "$OUT/bench_sd1_b8.json" 2> "$OUT/bench_sd1_b8.log"
+    tail -20 "$OUT/bench_sd1_b2.log" "$OUT/bench_sd1_b8.log"
+}
+
+for phase in "$@"; do
+    echo "== $phase $(date +%T)"
+    "phase_$phase" || echo "== $phase FAILED"
+done

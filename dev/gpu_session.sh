@@ -45,6 +45,13 @@ sdxl_rows() {
     tail -30 "$OUT/bench_sdxl_b$1.log"
 }
 
+# Ours alone (no kohya rows): a quick first look, and a check that SDXL trains on this GPU at all.
+phase_sdxl_ours() {
+    python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 1,4 --gradient-checkpointing off,on \
+        --modes graphs --steps 30 --warmup 5 --json > "$OUT/bench_sdxl_ours.json" 2> "$OUT/bench_sdxl_ours.log"
+    tail -25 "$OUT/bench_sdxl_ours.log"
+}
+
 phase_sdxl_b1() { sdxl_rows 1; }
 phase_sdxl_b4() { sdxl_rows 4; }
 

@@ -31,7 +31,6 @@ NO_EFFECT = {
     "save_model_as": "always safetensors",
     "save_precision": "always fp16",
     "sdpa": "always PyTorch SDPA", "xformers": "always PyTorch SDPA", "mem_eff_attn": "always PyTorch SDPA",
-    "cache_latents_to_disk": "latents are cached in memory",
     "caption_extension": "captions are the .txt beside each image",
     "v2": "read from the model", "v_parameterization": "read from the model",
     "no_half_vae": "the VAE encodes in fp32 where fp16 would overflow",
@@ -40,10 +39,28 @@ NO_EFFECT = {
     "image_dir": "the dataset is the project's dataset folder",
     "learning_rate": "read as unet_lr (and text_encoder_lr) when those are not given",
     "network_train_unet_only": "read as text_encoder_lr = 0",
-    "network_module": "read as network_type", "network_args": "read as conv_dim/conv_alpha",
+    "network_module": "read as network_type", "network_args": "read as network_type and conv_dim/conv_alpha",
     "lr_warmup_steps": "read as lr_warmup_ratio", "lr_scheduler_power": "read as the polynomial's power",
 }
-_NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+# How kohya sd-scripts trains each network type: ``(network_module, algo, whether conv_dim and
+# conv_alpha apply)``. LoCon is networks.lora with a conv dim; LoHa and LoKr are LyCORIS's
+# algorithms through its kohya module (which reads LoCon's algo too).
+KOHYA_NETWORKS = {
+    "LoRA": ("networks.lora", None, False),
+    "LoCon": ("networks.lora", None, True),
+    "LoHa": ("lycoris.kohya", "loha", True),
+    "LoKr": ("lycoris.kohya", "lokr", True),
+}
+_LYCORIS = "lycoris.kohya"
+
+
+def network_options(config) -> tuple[str, dict[str, str]]:
+    """``(network_module, network_args)`` with which kohya sd-scripts trains ``config``'s network type."""
+    module, algo, convs = KOHYA_NETWORKS[config.network_type]
+    args = {"algo": algo} if algo else {}
+    if convs:
+        args.update(conv_dim=str(int(config.conv_dim)), conv_alpha=str(float(config.conv_alpha)))
+    return module, args
 
 
 def _single_rate(value) -> float:
@@ -55,16 +72,26 @@ def _single_rate(value) -> float:
 
 def _network(values: dict, out: dict) -> None:
     module = values.get("network_module", "networks.lora")
-    if module not in _NETWORK_MODULES:
-        raise UserError(f"network_module = {module!r} is not supported; LoRA Kit trains networks.lora (LoRA, LoCon)")
+    if module not in {module for module, _, _ in KOHYA_NETWORKS.values()}:
+        raise UserError(f"network_module = {module!r} is not supported; LoRA Kit trains networks.lora (LoRA, LoCon) "
+                        f"and {_LYCORIS} (LoHa, LoKr)")
     args = dict(arg.split("=", 1) for arg in values.get("network_args", []) if "=" in arg)
     unsupported = sorted(set(args) - {"conv_dim", "conv_alpha", "algo"})
     if unsupported:
-        raise UserError(f"network_args {', '.join(unsupported)} are not supported (LoRA Kit reads conv_dim, conv_alpha)")
+        raise UserError(f"network_args {', '.join(unsupported)} are not supported (LoRA Kit reads algo, conv_dim, conv_alpha)")
     algo = args.get("algo", "locon" if "conv_dim" in args else "lora")
-    if algo not in ("lora", "locon"):
-        raise UserError(f"network_args algo={algo} is not supported yet; LoRA Kit trains LoRA and LoCon")
-    out["network_type"] = "LoCon" if algo == "locon" or "conv_dim" in args else "LoRA"
+    lycoris = {algo: network_type for network_type, (_, algo, _) in KOHYA_NETWORKS.items() if algo}
+    if algo in ("lora", "locon"):
+        out["network_type"] = "LoCon" if algo == "locon" or "conv_dim" in args else "LoRA"
+    elif algo in lycoris and module == _LYCORIS:
+        out["network_type"] = lycoris[algo]
+        # LyCORIS's kohya module gives the convs the network's dim and alpha unless told otherwise.
+        for key, default in (("conv_dim", "network_dim"), ("conv_alpha", "network_alpha")):
+            if key not in args and default in values:
+                out[key] = values[default]
+    else:
+        raise UserError(f"network_args algo={algo} is not supported with {module}; LoRA Kit trains lora and locon, "
+                        f"and {', '.join(lycoris)} with network_module = {_LYCORIS}")
     for key in ("conv_dim", "conv_alpha"):
         if key in args:
             out[key] = float(args[key]) if key == "conv_alpha" else int(args[key])

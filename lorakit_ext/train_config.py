@@ -23,7 +23,7 @@ from lorakit_ext.kohya_options import flat_dataset, ours
 from lorakit_ext.optimizer_options import ADAPTIVE, ADAPTIVE_MIN_LR, OPTIMIZERS, parse_optimizer_args
 
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
-NETWORK_TYPES = ("LoRA", "LoCon")
+NETWORK_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr")
 PRECISIONS = ("auto", "fp16", "bf16", "no")
 
 
@@ -93,11 +93,11 @@ class TrainConfig:
     adam_beta2: float = _f(0.99, "Beta 2", "Second moment decay (AdamW, Lion, Prodigy)", "Learning", min=0.0, max=0.99999)
     max_grad_norm: float = _f(1.0, "Max grad norm", "Gradient clipping (0: off)", "Learning", min=0.0, max=100.0)
 
-    network_type: str = _f("LoRA", "Network", "LoRA: attention and MLP layers; LoCon adds the ResNet/down/upsample convs", "Network", choices=NETWORK_TYPES)
+    network_type: str = _f("LoRA", "Network", "LoRA: attention and MLP layers; LoCon adds the ResNet/down/upsample convs; LoHa and LoKr (LyCORIS's Hadamard and Kronecker products) train LoCon's modules, written as LyCORIS files A1111 loads", "Network", choices=NETWORK_TYPES)
     network_dim: int = _f(16, "Dim (rank)", "LoRA rank of linear layers", "Network", min=1, max=1024)
     network_alpha: float = _f(8.0, "Alpha", "Scale = alpha / dim", "Network", min=0.0, max=1024.0)
-    conv_dim: int = _f(8, "Conv dim", "LoCon rank of 3×3 convs", "Network", min=1, max=1024)
-    conv_alpha: float = _f(4.0, "Conv alpha", "LoCon conv scale = conv alpha / conv dim", "Network", min=0.0, max=1024.0)
+    conv_dim: int = _f(8, "Conv dim", "Rank of the 3×3 convs (LoCon, LoHa, LoKr)", "Network", min=1, max=1024)
+    conv_alpha: float = _f(4.0, "Conv alpha", "Scale of the 3×3 convs = conv alpha / conv dim (LoCon, LoHa, LoKr)", "Network", min=0.0, max=1024.0)
     network_weights: str = _f("", "Continue from LoRA", "A kohya-format LoRA file to start from (same network type, dim and alpha); empty: start fresh", "Network")
     network_dropout: float = _f(0.0, "Network dropout", "Dropout on the LoRA down projection's output during training, as kohya's network_dropout", "Network", min=0.0, max=0.99, step=0.01)
 

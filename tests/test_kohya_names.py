@@ -90,7 +90,7 @@ def test_a_kohya_colab_config_pair_reads_as_the_user_wrote_it(tmp_path):
 
 @pytest.mark.parametrize("text, named", [
     ("prior_loss_weight = 1.0", "prior_loss_weight"),
-    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=loha"]', "algo=loha"),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=ia3"]', "algo=ia3"),
     ('network_module = "networks.oft"', "networks.oft"),
     ("text_encoder_lr = [0.0001, 0.00005]", "separate rates for two text encoders"),
     ('resolution = "1024,768"', "square resolution"),
@@ -117,8 +117,11 @@ def test_several_folders_or_regularisation_images_are_refused(tmp_path):
                 optimizer_args="decouple=True d_coef=2", max_train_steps=333, shuffle_tags=False, max_token_length=75,
                 cache_text_encoder_outputs=False, lr_scheduler="polynomial", lr_scheduler_num_cycles=2,
                 caption_tag_dropout_rate=0.1, caption_dropout_every_n_epochs=3, multires_noise_iterations=6,
-                multires_noise_discount=0.25, ip_noise_gamma=0.05),
+                multires_noise_discount=0.25, ip_noise_gamma=0.05, gradient_accumulation_steps=4, save_every_n_steps=50,
+                cache_latents_to_disk=True),
     TrainConfig(optimizer="Adafactor", optimizer_args="relative_step=True scale_parameter=True", mixed_precision="auto"),
+    TrainConfig(network_type="LoHa", conv_dim=4, conv_alpha=2.0),
+    TrainConfig(network_type="LoKr", network_dim=8, network_alpha=8.0, conv_dim=8, conv_alpha=1.0, text_encoder_lr=0.0),
 ])
 def test_the_kohya_pair_a_run_writes_reads_back_to_the_same_config(tmp_path, config):
     (tmp_path / "kohya_dataset.toml").write_text(dataset_toml(config, tmp_path / "dataset"), encoding="utf-8")

@@ -215,8 +215,20 @@ def test_refuses_what_it_cannot_copy_exactly(setup):
     safetensors.torch.save_file(tensors, str(fp32), metadata=META)
     with pytest.raises(UserError, match="float32"):
         promote(project, lora_dir, fp32, trigger="t")
-    loha = lora_dir / "loha-01.safetensors"
-    safetensors.torch.save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2, dtype=torch.float16)}, str(loha), metadata=META)
-    with pytest.raises(UserError, match="plain LoRA/LoCon"):
-        promote(project, lora_dir, loha, trigger="t")
-    assert not list(lora_dir.glob("fp32-gen*")) and not list(lora_dir.glob("loha-gen*"))
+    odd = lora_dir / "odd-01.safetensors"
+    safetensors.torch.save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2, dtype=torch.float16)}, str(odd), metadata=META)
+    with pytest.raises(UserError, match="modules without a 0-d alpha, such as lora_unet_x"):
+        promote(project, lora_dir, odd, trigger="t")
+    assert not list(lora_dir.glob("fp32-gen*")) and not list(lora_dir.glob("odd-gen*"))
+
+
+def test_a_loha_epoch_is_copied_bit_for_bit(setup):
+    project, lora_dir, _ = setup
+    loha = lora_dir / "hada-01.safetensors"
+    torch.manual_seed(0)
+    tensors = {f"lora_unet_x.{part}": torch.randn(4, 2).half() for part in ("hada_w1_a", "hada_w2_a")}
+    tensors.update({f"lora_unet_x.{part}": torch.randn(2, 4).half() for part in ("hada_w1_b", "hada_w2_b")})
+    tensors["lora_unet_x.alpha"] = torch.tensor(2.0).half()
+    safetensors.torch.save_file(tensors, str(loha), metadata=META)
+    copied, _ = read_lora_file(promote(project, lora_dir, loha, trigger="t").path)
+    assert copied.keys() == tensors.keys() and all(torch.equal(copied[k], tensors[k]) for k in tensors)

@@ -30,12 +30,10 @@ from lorakit_ext.export.card import (
     sd_version_of,
     with_output_name,
 )
-from lorakit_ext.export.writer import SAVE_DTYPE, SUFFIX, ModuleWeights, epoch_from_file_name, read_lora_file, write_lora_file
+from lorakit_ext.export.writer import SAVE_DTYPE, SUFFIX, ModuleTensors, epoch_from_file_name, read_lora_file, write_lora_file
 from lorakit_ext.fsutil import atomic_write_bytes, atomic_write_json, move_no_clobber
 from lorakit_ext.project import Project, confine
 from lorakit_ext.project_lock import holding_lock
-
-_DOWN, _UP, _ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
 
 @dataclass(frozen=True)
@@ -63,18 +61,22 @@ def _output_name(epoch_file: Path) -> str:
     return base
 
 
-def _modules(tensors: dict[str, torch.Tensor], path: Path) -> list[ModuleWeights]:
-    """The file's modules, or :class:`UserError` if rewriting it would change a single bit."""
-    names = sorted({key[: -len(_ALPHA)] for key in tensors if key.endswith(_ALPHA)})
-    expected = {name + suffix for name in names for suffix in (_DOWN, _UP, _ALPHA)}
-    if set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)[:3]
-        raise UserError(f"{path.name} is not a plain LoRA/LoCon file LoRA Kit can copy exactly (keys such as {', '.join(odd)})")
+def _modules(tensors: dict[str, torch.Tensor], path: Path) -> list[ModuleTensors]:
+    """The file's modules, whatever their type (LoRA, LoCon, LoHa, LoKr: each module's tensors as
+    they are), or :class:`UserError` if rewriting it would change a single bit."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        modules.setdefault(name, {})[part] = tensor
+    without_alpha = sorted(name for name, parts in modules.items() if parts.get("alpha") is None or parts["alpha"].ndim != 0)
+    if without_alpha:
+        raise UserError(f"{path.name} is not a LoRA file LoRA Kit can copy exactly (modules without a 0-d alpha, "
+                        f"such as {', '.join(without_alpha[:3])})")
     other_dtypes = sorted({str(t.dtype) for t in tensors.values() if t.dtype != SAVE_DTYPE})
     if other_dtypes:
         # The writer saves fp16 like kohya; converting other precisions would not be a copy.
         raise UserError(f"{path.name} holds {', '.join(other_dtypes)} tensors; only fp16 epoch files can be promoted")
-    return [ModuleWeights(n, tensors[n + _DOWN], tensors[n + _UP], float(tensors[n + _ALPHA])) for n in names]
+    return [ModuleTensors(name, parts) for name, parts in sorted(modules.items())]
 
 
 def _used_names(project: Project, lora_dir: Path) -> list[str]:

@@ -1,11 +1,13 @@
-"""Merging a kohya LoRA file into a model's weights, by A1111's rule.
+"""Merging a LoRA file into a model's weights, by A1111's rule.
 
-For each module ``W += multiplier · (alpha / rank) · up · down``: ``up`` and ``down`` are flattened
-to ``[out, r]`` and ``[r, in·kh·kw]`` and the product is reshaped to the weight, which covers
-Linear layers, 1×1 convs (SD1's proj_in/proj_out) and 3×3 convs (LoCon). Files may name q/k/v of
-OpenCLIP attention (SD2's), which live as thirds of ``in_proj_weight``; they are merged there, as
-A1111 does. The model's family resolves the names. Every key is resolved before any weight
-changes, so a file that does not fit changes nothing.
+For each module ``W += multiplier · scale · product``, the product being its type's
+(:mod:`lorakit_ext.export.network_types`: ``up · down`` for LoRA and LoCon, LoHa's Hadamard and
+LoKr's Kronecker product) reshaped to the weight, which covers Linear layers, 1×1 convs (SD1's
+proj_in/proj_out) and 3×3 convs; ``scale`` is ``alpha / dim`` where the file has an alpha and the
+module a rank, else 1, as in A1111. Files may name q/k/v of OpenCLIP attention (SD2's), which live
+as thirds of ``in_proj_weight``; they are merged there, as A1111 does. The model's family resolves
+the names. Every key is resolved before any weight changes, so a file that does not fit changes
+nothing.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import torch
 from torch import nn
 
 from lorakit_ext.errors import UserError
+from lorakit_ext.export.network_types import ALPHA, type_of_keys
 from lorakit_ext.export.writer import read_lora_file
 from lorakit_ext.models.families.base import ModelFamily
 from lorakit_ext.models.families.names import PACKED_QKV
 
-_LORA_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}
 _LISTED = 20
 
 
@@ -51,16 +53,16 @@ def _packed_qkv(root: nn.Module, path: str) -> tuple[torch.Tensor, slice]:
     return mha.in_proj_weight, slice(index * width, (index + 1) * width)
 
 
-def _delta(parts: dict[str, torch.Tensor], multiplier: float) -> torch.Tensor:
-    down = parts["lora_down.weight"].float()
-    up = parts["lora_up.weight"].float()
-    rank = down.shape[0]
-    up = up.reshape(up.shape[0], -1)
-    if up.shape[1] != rank:
-        raise ValueError(f"up rank {up.shape[1]} ≠ down rank {rank}")
-    # No alpha means no scaling, in A1111 and in kohya alike.
-    scale = parts["alpha"].item() / rank if "alpha" in parts else 1.0
-    return (up @ down.reshape(rank, -1)) * (scale * multiplier)
+def module_delta(parts: dict[str, torch.Tensor], shape: torch.Size, multiplier: float) -> torch.Tensor:
+    """What A1111 adds to a weight of ``shape`` for a file module's tensors ``parts`` (of a type
+    :func:`~lorakit_ext.export.network_types.type_of_keys` knows) at ``multiplier``; ValueError or
+    RuntimeError if they do not make a delta of that shape."""
+    tensors = {key: tensor.float() for key, tensor in parts.items() if key != ALPHA}
+    network_type = type_of_keys(set(tensors))
+    dim = network_type.dim(tensors)
+    # No alpha (or no rank) means no scaling, in A1111 and in kohya alike.
+    scale = parts[ALPHA].item() / dim if ALPHA in parts and dim else 1.0
+    return network_type.product(tensors, shape, scale * multiplier)
 
 
 def _listing(names: list[str]) -> str:
@@ -73,7 +75,7 @@ def apply_lora_file(sd_model: nn.Module, path: Path, family: ModelFamily, multip
     modules it merged.
 
     Raises :class:`UserError`, changing nothing, when a module name matches nothing in the model,
-    a module is not plain LoRA (LoHa, LoKr, DoRA…), or its shape does not fit the weight.
+    a module is of no type LoRA Kit merges (DoRA, Tucker convs, IA3…), or its shape does not fit the weight.
     """
     tensors, _ = read_lora_file(path)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -83,8 +85,8 @@ def apply_lora_file(sd_model: nn.Module, path: Path, family: ModelFamily, multip
     roots = family.component_roots(sd_model)
     unknown, problems, merges = [], [], []
     for name, parts in sorted(groups.items()):
-        if not set(parts) <= _LORA_PARTS or not {"lora_down.weight", "lora_up.weight"} <= set(parts):
-            problems.append(f"{name} has {', '.join(sorted(parts))}, not a plain LoRA module")
+        if type_of_keys(set(parts) - {ALPHA}) is None:
+            problems.append(f"{name} has {', '.join(sorted(parts))}, not a LoRA, LoHa or LoKr module")
             continue
         try:
             component, module_path = family.module_path_from_kohya(name)
@@ -94,13 +96,11 @@ def apply_lora_file(sd_model: nn.Module, path: Path, family: ModelFamily, multip
             continue
         shape = weight[rows].shape if rows is not None else weight.shape
         try:
-            delta = _delta(parts, multiplier)
-            if delta.numel() != shape.numel():
-                raise ValueError(f"up·down has {delta.numel()} values")
-        except ValueError as exc:
+            delta = module_delta(parts, shape, multiplier)
+        except (ValueError, RuntimeError) as exc:  # RuntimeError: factors that do not multiply
             problems.append(f"{name} does not fit the weight {tuple(shape)}: {exc}")
             continue
-        merges.append((weight, rows, delta.reshape(shape)))
+        merges.append((weight, rows, delta))
     if unknown:
         raise UserError(f"{path}: {len(unknown)} module(s) match nothing in this {family.label} model: {_listing(unknown)}")
     if problems:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorakit_ext.kohya_options import network_options
 from lorakit_ext.optimizer_options import kohya_args, optimizer_kwargs, relative_step
 from lorakit_ext.train_config import LORAKIT_LINE
 
 # Stands in for the base model when A1111 trained on a model that came from no file.
 MODEL_PLACEHOLDER = "<absolute path of the base checkpoint>"
-NETWORK_MODULE = "networks.lora"
 
 
 def _value(v) -> str:
@@ -65,6 +65,7 @@ def _scheduler_args(config, warmup_steps: int) -> dict:
 
 def training_args(config, *, base_model_path: str, dataset_config: str, output_dir: str, output_name: str, total_steps: int, warmup_steps: int, v_parameterization: bool, v2: bool, mixed_precision: str, optimizer: str) -> dict:
     """The ``[train]`` options; ``mixed_precision`` is what the run used: "no", "fp16" or "bf16"."""
+    network_module, network_args = network_options(config)
     args = {
         "pretrained_model_name_or_path": str(Path(base_model_path).resolve()) if base_model_path else MODEL_PLACEHOLDER,
         "v2": True if v2 else None,
@@ -84,14 +85,17 @@ def training_args(config, *, base_model_path: str, dataset_config: str, output_d
         "mixed_precision": mixed_precision,
         "sdpa": True,
         "cache_latents": bool(config.cache_latents),
+        "cache_latents_to_disk": True if config.cache_latents_to_disk else None,
+        "gradient_accumulation_steps": int(config.gradient_accumulation_steps) if config.gradient_accumulation_steps > 1 else None,
+        "save_every_n_steps": int(config.save_every_n_steps) or None,
         "cache_text_encoder_outputs": True if config.cache_text_encoder_outputs else None,
         "gradient_checkpointing": bool(config.gradient_checkpointing),
         "clip_skip": int(config.clip_skip),
         "max_token_length": int(config.max_token_length) if config.max_token_length > 75 else None,
-        "network_module": NETWORK_MODULE,
+        "network_module": network_module,
         "network_dim": int(config.network_dim),
         "network_alpha": float(config.network_alpha),
-        "network_args": [f"conv_dim={int(config.conv_dim)}", f"conv_alpha={float(config.conv_alpha)}"] if config.network_type == "LoCon" else None,
+        "network_args": [f"{key}={value}" for key, value in network_args.items()] or None,
         "network_dropout": float(config.network_dropout) or None,
         "network_weights": str(Path(config.network_weights).resolve()) if config.network_weights else None,
         "network_train_unet_only": True if config.text_encoder_lr == 0 else None,

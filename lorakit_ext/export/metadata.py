@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 
+from lorakit_ext.kohya_options import network_options
 from lorakit_ext.models.families.base import ModelFamily
 from lorakit_ext.train_config import TrainConfig
 
@@ -50,8 +51,7 @@ def training_metadata(
     base_model_sha256: str | None,
     started_at: float,
     finished_at: float,
-    network_module: str = "networks.lora",
-    network_args: dict,
+    network_args: dict | None = None,
     resolution: int | tuple[int, int],
     mixed_precision: str,
 ) -> dict[str, str]:
@@ -63,9 +63,12 @@ def training_metadata(
     ``bucket_info`` kohya's ``{"buckets": …, "mean_img_ar_error": …}`` or None without buckets.
     ``base_model_hash`` is A1111's legacy 8-hex hash, ``base_model_sha256`` the file's sha256.
     ``mixed_precision`` is the precision the run resolved ("no", "fp16" or "bf16"), not the option
-    it was asked for ("auto").
+    it was asked for ("auto"). ``ss_network_module`` and ``ss_network_args`` are what kohya
+    sd-scripts trains the config's network type with (LoHa and LoKr: LyCORIS's ``lycoris.kohya`` and
+    its ``algo``); ``network_args`` adds entries to the latter.
     """
     width, height = _resolution(resolution)
+    network_module, type_args = network_options(config)
     max_steps = config.max_train_steps or num_batches_per_epoch * num_epochs
     values = {
         "ss_output_name": output_name,
@@ -90,11 +93,12 @@ def training_metadata(
         "ss_lr_warmup_steps": int(max_steps * config.lr_warmup_ratio),
         "ss_optimizer": config.optimizer,
         "ss_max_grad_norm": config.max_grad_norm,
+        "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,
         "ss_network_module": network_module,
         "ss_network_dim": config.network_dim,
         "ss_network_alpha": config.network_alpha,
         "ss_network_dropout": config.network_dropout,
-        "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
+        "ss_network_args": json.dumps({k: str(v) for k, v in {**type_args, **(network_args or {})}.items()}),
         "ss_mixed_precision": mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": family.v2,

@@ -1,7 +1,8 @@
 """Writing and reading kohya-format LoRA files, epoch file names, and pruning a run's old epochs.
 
 A file holds ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and a 0-d ``<name>.alpha`` per
-module, all fp16 like kohya's default save precision, plus string metadata. ``sshs_model_hash`` and
+module (LoHa and LoKr modules their own tensors, :mod:`lorakit_ext.export.network_types`), all fp16
+like kohya's default save precision, plus string metadata. ``sshs_model_hash`` and
 ``sshs_legacy_hash`` are computed the way sd-scripts precomputes them, so A1111 and the
 additional-networks extension need not hash the file when they list it.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,25 @@ class ModuleWeights:
     up: torch.Tensor
     alpha: float
 
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        _check_module(self)
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up, "alpha": torch.tensor(float(self.alpha))}
+
+
+@dataclass(frozen=True)
+class ModuleTensors:
+    """One module of any type A1111 loads: its tensors by their key after the name (``hada_w1_a``,
+    ``lokr_w1`` …), a 0-d ``alpha`` among them."""
+
+    kohya_name: str
+    tensors: Mapping[str, torch.Tensor]
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        alpha = self.tensors.get("alpha")
+        if alpha is None or alpha.ndim != 0 or not math.isfinite(float(alpha)):
+            raise ValueError(f"{self.kohya_name}: alpha {alpha} is not a finite 0-d tensor")
+        return dict(self.tensors)
+
 
 @dataclass(frozen=True)
 class WrittenFile:
@@ -46,8 +67,6 @@ class WrittenFile:
 
 
 def _check_module(m: ModuleWeights) -> None:
-    if not m.kohya_name or "." in m.kohya_name:
-        raise ValueError(f"{m.kohya_name!r} is not a kohya module name")
     down, up = m.down, m.up
     shapes = f"{m.kohya_name}: down {tuple(down.shape)}, up {tuple(up.shape)}"
     if down.ndim not in (2, 4) or up.ndim != down.ndim:
@@ -60,16 +79,18 @@ def _check_module(m: ModuleWeights) -> None:
         raise ValueError(f"{m.kohya_name}: alpha {m.alpha} is not a finite number")
 
 
-def _tensors(modules: list[ModuleWeights]) -> dict[str, torch.Tensor]:
+def _tensors(modules: list[ModuleWeights | ModuleTensors]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
+    names: set[str] = set()
     for m in modules:
-        _check_module(m)
-        if f"{m.kohya_name}.alpha" in tensors:
+        if not m.kohya_name or "." in m.kohya_name:
+            raise ValueError(f"{m.kohya_name!r} is not a kohya module name")
+        if m.kohya_name in names:
             raise ValueError(f"module {m.kohya_name} is listed twice")
-        tensors[f"{m.kohya_name}.lora_down.weight"] = m.down.detach().to("cpu", SAVE_DTYPE).contiguous()
-        tensors[f"{m.kohya_name}.lora_up.weight"] = m.up.detach().to("cpu", SAVE_DTYPE).contiguous()
+        names.add(m.kohya_name)
         # kohya keeps alpha as a 0-d buffer and casts it with the weights on save.
-        tensors[f"{m.kohya_name}.alpha"] = torch.tensor(float(m.alpha), dtype=SAVE_DTYPE)
+        for part, tensor in m.file_tensors().items():
+            tensors[f"{m.kohya_name}.{part}"] = tensor.detach().to("cpu", SAVE_DTYPE).contiguous()
     return tensors
 
 
@@ -88,7 +109,7 @@ def _kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return model_hash, legacy_hash
 
 
-def write_lora_file(path: Path, modules: list[ModuleWeights], metadata: dict[str, str], *, replace: bool = True) -> WrittenFile:
+def write_lora_file(path: Path, modules: list[ModuleWeights | ModuleTensors], metadata: dict[str, str], *, replace: bool = True) -> WrittenFile:
     """Writes ``modules`` and ``metadata`` to ``path`` atomically; ``ss_output_name`` becomes the stem.
     ``replace=False``: ``FileExistsError`` instead of replacing an existing file."""
     path = Path(path)

@@ -1,5 +1,6 @@
-"""LoRA / LoCon injection into the user's model with peft, and its exact removal.
+"""LoRA / LoCon / LoHa / LoKr injection into the user's model with peft, and its exact removal.
 
+What differs between the types is asked of their type object (:mod:`lorakit_ext.export.network_types`).
 OpenCLIP's attention projections, which no wrapper can reach, train in weight space instead
 (:mod:`lorakit_ext.train.attention_lora`).
 
@@ -11,22 +12,24 @@ exception — every injected wrapper is replaced by the original module object a
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
+import torch.nn.functional as F
+from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.collect import collect_peft_weights
-from lorakit_ext.export.writer import ModuleWeights, read_lora_file
+from lorakit_ext.export.network_types import ADAPTER, ALPHA, BY_NETWORK_TYPE, NetworkType, type_of_keys
+from lorakit_ext.export.writer import ModuleTensors, ModuleWeights, read_lora_file
 from lorakit_ext.models.families.base import ATTENTION
 from lorakit_ext.models.patching import patch_forwards
 from lorakit_ext.train import attention_lora
-
-ADAPTER = "lorakit"
 
 
 @dataclass
@@ -65,26 +68,20 @@ class Component:
     attentions: list[attention_lora.AttentionLora] = field(default_factory=list)
 
 
-def _config(targets, dim, alpha, conv_dim, conv_alpha, dropout) -> tuple[LoraConfig, dict[str, float]]:
+def _config(network_type: NetworkType, targets, c):
+    """peft's config of ``network_type`` for ``targets`` and each target's alpha, from TrainConfig ``c``."""
     names = [path for path, _ in targets]
     convs = [path for path, kind in targets if kind == "conv3x3"]
-    alphas = {path: (conv_alpha if kind == "conv3x3" else alpha) for path, kind in targets}
-    # Full module paths as pattern keys: peft's older versions fall back to an exact-key lookup,
-    # newer ones match a full path against itself, so the same dict works on both.
-    config = LoraConfig(
-        r=dim,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=names,
-        rank_pattern={p: conv_dim for p in convs},
-        alpha_pattern={p: conv_alpha for p in convs},
-        init_lora_weights=True,
-        bias="none",
-    )
+    alphas = {path: (c.conv_alpha if kind == "conv3x3" else c.network_alpha) for path, kind in targets}
+    # Full module paths as pattern keys: peft's older versions fall back to an exact-key lookup (or,
+    # for LoHa/LoKr, a pattern anchored at the end), newer ones match a full path against itself, so
+    # the same dict works on both.
+    config = network_type.peft_config(names, c.network_dim, c.network_alpha, {p: c.conv_dim for p in convs},
+                                      {p: c.conv_alpha for p in convs}, c.network_dropout)
     return config, alphas
 
 
-def _lora_forward(layer: LoraLayer):
+def _lora_forward(layer: BaseTunerLayer):
     """The forward pass of one injected layer: ``base(x) + up(dropout(down(x))) * alpha / dim``.
 
     peft's own forward casts every LoRA input to the LoRA weights' dtype (fp32 here). Under autocast
@@ -103,20 +100,45 @@ def _lora_forward(layer: LoraLayer):
     return forward
 
 
-def _remove_lora_layers(root: nn.Module) -> None:
+def _weight_delta_forward(network_type: NetworkType):
+    """The forward pass of a LoHa or LoKr layer: ``base(x) + op(x, delta)``, ``op`` the base layer's
+    linear or conv operation and ``delta`` its type's product (the formula its files are merged by).
+
+    peft's own forward would do the same through its ``get_delta_weight``; that one leaves LoKr
+    unscaled in peft 0.13 (A1111's pin) and scales it by alpha / rank in later versions, so the
+    delta is computed here, the same on every peft version. It also leaves out peft's per-call
+    ``torch.rand`` (module dropout, which LoRA Kit does not offer).
+    """
+
+    def make(layer: BaseTunerLayer):
+        base = layer.get_base_layer()
+        weights, shape, scale = network_type.layer_tensors(layer, ADAPTER), base.weight.shape, layer.scaling[ADAPTER]
+        op = (functools.partial(F.conv2d, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+              if isinstance(base, nn.Conv2d) else F.linear)
+
+        def forward(x, *args, **kwargs):
+            return base(x, *args, **kwargs) + op(x, network_type.product(weights, shape, scale))
+
+        return forward
+
+    return make
+
+
+def _remove_peft_layers(root: nn.Module) -> None:
     for name, module in list(root.named_modules()):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, BaseTunerLayer):
             parent_name, _, child = name.rpartition(".")
             parent = root.get_submodule(parent_name) if parent_name else root
             setattr(parent, child, module.get_base_layer())
 
 
 class LoraNetwork:
-    """The LoRA modules of one training run, injected into ``model`` (a DiffusionModel)."""
+    """The LoRA (or LoCon, LoHa, LoKr) modules of one training run, injected into ``model`` (a DiffusionModel)."""
 
     def __init__(self, model, config, seed: int):
         self.model = model
         self.config = config
+        self.network_type = BY_NETWORK_TYPE[config.network_type]
         self.seed = seed
         self.components: list[Component] = []
         self._state: ModelState | None = None
@@ -126,7 +148,7 @@ class LoraNetwork:
         return self.config.text_encoder_lr > 0
 
     def inject(self) -> None:
-        c = self.config
+        c, network_type = self.config, self.network_type
         roots = {"unet": self.model.unet, **(self.model.text_encoders if self.train_text_encoder else {})}
         targets = self.model.family.target_modules(roots, c.network_type)
         self._state = ModelState.capture(self.model.sd_model)
@@ -143,16 +165,17 @@ class LoraNetwork:
                 wrapped = [(path, kind) for path, kind in entries if kind != ATTENTION]
                 alphas = {}
                 if wrapped:
-                    peft_config, alphas = _config(wrapped, c.network_dim, c.network_alpha, c.conv_dim, c.conv_alpha, c.network_dropout)
+                    peft_config, alphas = _config(network_type, wrapped, c)
                     inject_adapter_in_model(peft_config, root, adapter_name=ADAPTER)
                     # No undo needed: the layers themselves go away in remove().
-                    patch_forwards([m for m in root.modules() if isinstance(m, LoraLayer)], _lora_forward)
+                    forward = _lora_forward if network_type.factored else _weight_delta_forward(network_type)
+                    patch_forwards([m for m in root.modules() if isinstance(m, BaseTunerLayer)], forward)
                 component = Component(name, root, alphas)
                 self.components.append(component)
                 for path in attention_lora.attention_paths(entries):
-                    component.attentions.append(attention_lora.attach(root, path, c.network_dim, c.network_alpha))
-                for _, param in _named_lora_parameters(component):
-                    # LoRA weights train in fp32 whatever the base model's dtype.
+                    component.attentions.append(attention_lora.attach(root, path, network_type, c.network_dim, c.network_alpha))
+                for _, param in _named_network_parameters(component):
+                    # The network's weights train in fp32 whatever the base model's dtype.
                     param.data = param.data.float()
                     param.requires_grad_(True)
                     component.params.append(param)
@@ -163,7 +186,7 @@ class LoraNetwork:
         for comp in self.components:
             for attention in comp.attentions:
                 attention.remove()
-            _remove_lora_layers(comp.root)
+            _remove_peft_layers(comp.root)
         if self._state is not None:
             self._state.restore()
         self.components.clear()
@@ -183,59 +206,60 @@ class LoraNetwork:
         return [p for comp in self.components for p in comp.params]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{comp.name}.{n}": p.detach().clone() for comp in self.components for n, p in _named_lora_parameters(comp)}
+        return {f"{comp.name}.{n}": p.detach().clone() for comp in self.components for n, p in _named_network_parameters(comp)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        mine = {f"{comp.name}.{n}": p for comp in self.components for n, p in _named_lora_parameters(comp)}
+        mine = {f"{comp.name}.{n}": p for comp in self.components for n, p in _named_network_parameters(comp)}
         missing = set(mine) - set(state)
         if missing:
-            raise ValueError(f"resume state lacks {len(missing)} LoRA weights, e.g. {sorted(missing)[0]}")
+            raise ValueError(f"resume state lacks {len(missing)} {self.network_type.label} weights, e.g. {sorted(missing)[0]}")
         with torch.no_grad():
             for key, param in mine.items():
                 param.copy_(state[key])
 
-    def _modules(self) -> dict[str, tuple[nn.Parameter, nn.Parameter, float]]:
-        """Every LoRA module by its kohya name: ``(down, up, alpha)``."""
+    def _modules(self) -> dict[str, tuple[dict[str, nn.Parameter], float, int]]:
+        """Every module by its kohya name: ``(weights by their name in a file, alpha, rank)``."""
         family, out = self.model.family, {}
         for comp in self.components:
             for path, layer in comp.root.named_modules():
-                if isinstance(layer, LoraLayer) and layer.lora_A:
-                    out[family.kohya_name(comp.name, path)] = (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, comp.alphas[path])
+                if isinstance(layer, BaseTunerLayer):
+                    out[family.kohya_name(comp.name, path)] = (self.network_type.layer_tensors(layer, ADAPTER), comp.alphas[path], layer.r[ADAPTER])
             for attention in comp.attentions:
-                for leaf, down, up in attention.pairs():
-                    out[family.kohya_name(comp.name, f"{attention.path}.{leaf}")] = (down, up, attention.alpha)
+                for leaf, weights in attention.projections():
+                    out[family.kohya_name(comp.name, f"{attention.path}.{leaf}")] = (weights, attention.alpha, attention.rank)
         return out
 
     def load_weights(self, path: Path) -> None:
-        """Starts from a kohya-format LoRA (kohya's ``network_weights``): it must have exactly this
-        run's modules, ranks and alphas, or :class:`UserError` says which one differs."""
+        """Starts from a LoRA file (kohya's ``network_weights``): it must have exactly this run's
+        modules, type, ranks and alphas, or :class:`UserError` says which one differs."""
         tensors, _ = read_lora_file(path)
+        files: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, tensor in tensors.items():
+            name, _, part = key.partition(".")
+            files[name][part] = tensor
         mine = self._modules()
-        names = {key.partition(".")[0] for key in tensors}
         problems = []
-        if names != set(mine):
-            extra, missing = sorted(names - set(mine)), sorted(set(mine) - names)
+        if set(files) != set(mine):
+            extra, missing = sorted(set(files) - set(mine)), sorted(set(mine) - set(files))
             problems.append(f"{len(missing)} of this run's modules are not in it (e.g. {missing[:1]}) and {len(extra)} "
                             f"of its modules are not in this run (e.g. {extra[:1]}): a different network type, model family "
                             "or text-encoder setting")
-        for name in sorted(names & set(mine)):
-            down, up, alpha = mine[name]
-            theirs = (tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight"))
-            if any(t is None for t in theirs) or tuple(theirs[0].shape) != tuple(down.shape) or tuple(theirs[1].shape) != tuple(up.shape):
-                problems.append(f"{name} has rank {theirs[0].shape[0] if theirs[0] is not None else '?'} where this run has {down.shape[0]}")
-            elif f"{name}.alpha" in tensors and abs(float(tensors[f"{name}.alpha"]) - alpha) > 1e-3 * max(1.0, alpha):
-                problems.append(f"{name} has alpha {float(tensors[f'{name}.alpha']):g} where this run has {alpha:g}")
+        for name in sorted(set(files) & set(mine)):
+            weights, alpha, rank = mine[name]
+            problem = _misfit(self.network_type, name, files[name], self.network_type.file_tensors(weights, alpha, rank), rank)
+            if problem:
+                problems.append(problem)
             if len(problems) >= 3:
                 break
         if problems:
             raise UserError(f"network_weights {Path(path).name} does not fit this run: " + "; ".join(problems)
                             + ". Use the same network type, dim, alpha (and conv dim/alpha) as the run that wrote it")
         with torch.no_grad():
-            for name, (down, up, _) in mine.items():
-                down.copy_(tensors[f"{name}.lora_down.weight"])
-                up.copy_(tensors[f"{name}.lora_up.weight"])
+            for name, (weights, alpha, rank) in mine.items():
+                for key, value in self.network_type.trained_tensors(files[name], alpha, rank).items():
+                    weights[key].copy_(value)
 
-    def export(self) -> list[ModuleWeights]:
+    def export(self) -> list[ModuleWeights | ModuleTensors]:
         out = []
         for comp in self.components:
             out += collect_peft_weights(comp.root, comp.name, self.model.family, comp.alphas.__getitem__)
@@ -244,9 +268,25 @@ class LoraNetwork:
         return out
 
 
-def _named_lora_parameters(comp: Component) -> list[tuple[str, nn.Parameter]]:
-    """peft's LoRA weights under the component's root, then the attention LoRAs' beside it."""
-    own = [(n, p) for n, p in comp.root.named_parameters() if "lora_" in n]
+def _misfit(network_type: NetworkType, name: str, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], rank: int) -> str | None:
+    """Why a file's module ``theirs`` cannot start this run's module of ``rank`` (which would write
+    ``ours``), or None."""
+    their_type = type_of_keys(set(theirs) - {ALPHA})
+    if their_type is not network_type:
+        return f"{name} is {f'a {their_type.label}' if their_type else 'no known'} module where this run trains {network_type.label}"
+    if {k: tuple(t.shape) for k, t in theirs.items() if k != ALPHA} != {k: tuple(t.shape) for k, t in ours.items() if k != ALPHA}:
+        dim = network_type.dim(theirs)
+        return f"{name} has rank {'?' if dim is None else dim} where this run has {rank}"
+    alpha = float(ours[ALPHA])
+    if ALPHA in theirs and abs(float(theirs[ALPHA]) - alpha) > 1e-3 * max(1.0, alpha):
+        return f"{name} has alpha {float(theirs[ALPHA]):g} where this run has {alpha:g}"
+    return None
+
+
+def _named_network_parameters(comp: Component) -> list[tuple[str, nn.Parameter]]:
+    """The injected layers' weights under the component's root (peft names them after the adapter),
+    then the attention ones beside it."""
+    own = [(n, p) for n, p in comp.root.named_parameters() if ADAPTER in n.split(".")]
     return own + [pair for attention in comp.attentions for pair in attention.named_parameters()]
 
 

@@ -60,13 +60,16 @@ def modules_in_blocks(root: nn.Module, block_classes: tuple[str, ...], kinds: tu
 # kohya's UNet targets (networks/lora.py): LoRA trains the Linear and 1×1 convs of its
 # Transformer2DModel (ldm/sgm: SpatialTransformer); with a conv dim, LoCon adds every Linear and
 # Conv2d of ResnetBlock2D, Downsample2D and Upsample2D (ResBlock, Downsample, Upsample here).
-_UNET_BLOCKS = {"LoRA": ("SpatialTransformer",), "LoCon": ("SpatialTransformer", "ResBlock", "Downsample", "Upsample")}
-_UNET_KINDS = {"LoRA": ("linear", "conv1x1"), "LoCon": KINDS}
+# LyCORIS's LoHa and LoKr train the same modules as LoCon (its kohya module gives the convs a
+# conv dim by default).
+_TRANSFORMER = (("SpatialTransformer",), ("linear", "conv1x1"))
+_WITH_CONVS = (("SpatialTransformer", "ResBlock", "Downsample", "Upsample"), KINDS)
+_UNET_TARGETS = {"LoRA": _TRANSFORMER, "LoCon": _WITH_CONVS, "LoHa": _WITH_CONVS, "LoKr": _WITH_CONVS}
 
 
 def unet_targets(unet: nn.Module, network_type: str) -> list[tuple[str, str]]:
     """``(path, kind)`` of the modules kohya's ``network_type`` trains in an ldm or sgm UNet."""
-    return modules_in_blocks(unet, _UNET_BLOCKS[network_type], _UNET_KINDS[network_type])
+    return modules_in_blocks(unet, *_UNET_TARGETS[network_type])
 
 
 class ModelFamily(ABC):

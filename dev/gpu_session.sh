@@ -2,6 +2,7 @@
 # The GPU measurements the open issues ask for, in phases that each fit a 10-minute call on a
 # lent GPU machine with no network. From the repository's root:
 #
+#   bash dev/gpu_session.sh setup sdxl_quick            # SDXL batch 1, checkpointing on, against kohya (one row each)
 #   bash dev/gpu_session.sh setup sdxl_b1 sdxl_budget   # SDXL batch 1 against kohya's sdxl_train_network.py; 12 GiB
 #   bash dev/gpu_session.sh setup sdxl_b4               # SDXL batch 4, the same
 #   bash dev/gpu_session.sh setup tests seed            # GPU tests, smoke run, the seed-sized run + its epochs
@@ -35,6 +36,11 @@ phase_tests() {
     python3 dev/gpu_smoke.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -5
 }
 
+# Captured against eager steps with gradient accumulation and regularisation images (loss weights).
+phase_graphs() {
+    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k accumulated 2>&1 | tee "$OUT/graphs.log" | tail -6
+}
+
 phase_seed() {
     python3 dev/seed_run.py --out "$OUT/seed" 2>&1 | tail -25
 }
@@ -50,6 +56,14 @@ phase_sdxl_ours() {
     python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 1,4 --gradient-checkpointing off,on \
         --modes graphs --steps 30 --warmup 5 --json > "$OUT/bench_sdxl_ours.json" 2> "$OUT/bench_sdxl_ours.log"
     tail -25 "$OUT/bench_sdxl_ours.log"
+}
+
+# Both sides at batch 1 with gradient checkpointing, graphs only, fewer steps: one comparison row
+# that fits a call together with the set-up.
+phase_sdxl_quick() {
+    python3 -m lorakit_ext bench train --family sdxl "${KOHYA[@]}" --weights bf16 --batch 1 --gradient-checkpointing on \
+        --modes graphs --steps 30 --warmup 5 --json > "$OUT/bench_sdxl_quick.json" 2> "$OUT/bench_sdxl_quick.log"
+    tail -30 "$OUT/bench_sdxl_quick.log"
 }
 
 phase_sdxl_b1() { sdxl_rows 1; }

@@ -42,6 +42,11 @@ function lorakit_run_captioner() {
     return lorakitSubmit("lorakit_caption", arguments);
 }
 
+function lorakit_generate_reg_images() {
+    // With the gallery A1111 also shows its live previews of each image there.
+    return lorakitSubmit("lorakit_reg", arguments, "lorakit_reg_gallery");
+}
+
 function lorakit_render_grid() {
     // With the grid's gallery A1111 also shows its live previews of the cells there.
     return lorakitSubmit("lorakit_grid", arguments, "lorakit_grid_gallery");

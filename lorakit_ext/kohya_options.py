@@ -11,11 +11,16 @@ Pure: no torch; :mod:`lorakit_ext.train_config` calls :func:`ours` for any key t
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from lorakit_ext.errors import UserError
 from lorakit_ext.optimizer_options import OPTIMIZERS, parse_optimizer_args
 
 # kohya option → LoRA Kit field, where the names differ.
 RENAMED = {
+    "reg_data_dir": "reg_folders",
+    "train_data_dir": "dataset_folders",
     "save_last_n_epochs": "keep_only_last_n_epochs",
     "optimizer_type": "optimizer",
     "shuffle_caption": "shuffle_tags",
@@ -37,6 +42,7 @@ NO_EFFECT = {
     "persistent_data_loader_workers": "no data loader workers", "max_data_loader_n_workers": "no data loader workers",
     "lowram": "the model is loaded once", "highvram": "the model is loaded once",
     "image_dir": "the dataset is the project's dataset folder",
+    "class_tokens": "images without a caption file take their kohya folder name's words",
     "learning_rate": "read as unet_lr (and text_encoder_lr) when those are not given",
     "network_train_unet_only": "read as text_encoder_lr = 0",
     "network_module": "read as network_type", "network_args": "read as network_type and conv_dim/conv_alpha",
@@ -181,13 +187,44 @@ def _square(value):
     return numbers.pop()
 
 
+# What a further subset of a dataset TOML may hold: LoRA Kit's dataset options apply to every folder.
+_SUBSET_KEYS = {"image_dir", "num_repeats", "is_reg"}
+
+
+def _folder_line(subset: dict, first: dict) -> str:
+    # A kohya-named folder ("5_alice") captions its uncaptioned images with its name's words itself.
+    named = re.match(r"^\d+_(.*)$", Path(str(subset.get("image_dir", ""))).name)
+    own = {"class_tokens": named.group(1).replace("_", " ").strip()} if named else {}
+    different = sorted(k for k, v in subset.items() if k not in _SUBSET_KEYS and first.get(k) != v and own.get(k) != v)
+    if different:
+        raise UserError(f"the dataset config's subset {subset.get('image_dir', '?')} sets {', '.join(different)} of its own; "
+                        "LoRA Kit applies one set of dataset options to every folder (caption images with .txt files "
+                        "instead of class_tokens); remove them or make them the same as the first subset's")
+    if "image_dir" not in subset:
+        raise UserError("a subset of the dataset config has no image_dir; give each subset its folder")
+    return f"{int(subset.get('num_repeats', 1))} {subset['image_dir']}"
+
+
 def flat_dataset(dataset: dict) -> dict:
-    """The options of a kohya dataset TOML (``[general]``, one ``[[datasets]]`` with one
-    ``[[datasets.subsets]]``) in one table; several folders or regularisation images are refused."""
+    """The options of a kohya dataset TOML (``[general]``, ``[[datasets]]`` and their
+    ``[[datasets.subsets]]``) in one table: the first training subset is the project's dataset
+    (its options are the run's); every other one becomes a line of ``dataset_folders``, each
+    regularisation subset (``is_reg``) one of ``reg_folders``. Several ``[[datasets]]`` (kohya's
+    separate resolutions) are refused."""
     datasets = dataset.get("datasets", [])
-    subsets = [subset for d in datasets for subset in d.get("subsets", [])]
-    if len(datasets) > 1 or len(subsets) > 1 or any(subset.get("is_reg") for subset in subsets):
-        raise UserError("the dataset config has several folders or regularisation images, which LoRA Kit does not "
-                        "support yet; keep one subset (the project's dataset)")
-    first = datasets[0] if datasets else {}
-    return {**dataset.get("general", {}), **{k: v for k, v in first.items() if k != "subsets"}, **(subsets[0] if subsets else {})}
+    if len(datasets) > 1:
+        raise UserError("the dataset config has several [[datasets]] tables, which LoRA Kit does not support; "
+                        "put every folder in one as subsets")
+    first_set = datasets[0] if datasets else {}
+    subsets = first_set.get("subsets", [])
+    training = [subset for subset in subsets if not subset.get("is_reg")]
+    first = training[0] if training else {}
+    out = {**dataset.get("general", {}), **{k: v for k, v in first_set.items() if k != "subsets"},
+           **{k: v for k, v in first.items() if k != "is_reg"}}
+    more = [_folder_line(subset, first) for subset in training[1:]]
+    reg = [_folder_line(subset, first) for subset in subsets if subset.get("is_reg")]
+    if more:
+        out["dataset_folders"] = "\n".join(more)
+    if reg:
+        out["reg_folders"] = "\n".join(reg)
+    return out

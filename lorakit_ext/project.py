@@ -1,4 +1,5 @@
-"""A project on disk: ``<root>/<name>/`` with ``dataset/``, ``_removed/`` and ``runs/``.
+"""A project on disk: ``<root>/<name>/`` with ``dataset/``, ``_removed/`` and ``runs/`` (and ``reg/``
+once regularisation images are drawn).
 
 Every path the library touches goes through :func:`confine`, so no project name, file name or
 symlink can make it read or write outside the project (or another folder the caller allows).
@@ -103,6 +104,11 @@ class Project:
     @property
     def runs(self) -> Path:
         return self.path / "runs"
+
+    @property
+    def reg(self) -> Path:
+        """The regularisation images LoRA Kit draws; ``reg_folders`` names it as ``1 reg``."""
+        return self.path / "reg"
 
     def inside(self, path: Path | str, *extra_bases: Path) -> Path:
         # The project folder is the base below, so a symlink in its place would be followed

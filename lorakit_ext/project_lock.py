@@ -1,10 +1,11 @@
 """One writer per project: a lock file ``<project>/.lorakit.lock`` naming its holder.
 
-Training, dedupe apply, undo, caption runs and promote take it, whichever front door (CLI, tab,
-API) asks, so two of them can never interleave their writes. The file is created with
-``O_EXCL`` (atomic on local and NFSv3+ file systems) and holds the holder's pid, host, start
-time and purpose, so a refusal can say who holds it. A lock whose holder process is gone (same
-host, dead pid) is stale and taken over; a lock from another host is never broken automatically.
+Training, dedupe apply, undo, caption runs, drawing regularisation images and promote take it,
+whichever front door (CLI, tab, API) asks, so two of them can never interleave their writes. The
+file is created with ``O_EXCL`` (atomic on local and NFSv3+ file systems) and holds the holder's
+pid, host, start time and purpose, so a refusal can say who holds it. A lock whose holder process
+is gone (same host, dead pid) is stale and taken over; a lock from another host is never broken
+automatically.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ NETWORK_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr")
 PRECISIONS = ("auto", "fp16", "bf16", "no")
 
 
-def _f(default, label, help, group, *, min=None, max=None, step=None, choices=None):
-    meta = {"label": label, "help": help, "group": group, "min": min, "max": max, "step": step, "choices": choices}
+def _f(default, label, help, group, *, min=None, max=None, step=None, choices=None, lines=None):
+    meta = {"label": label, "help": help, "group": group, "min": min, "max": max, "step": step, "choices": choices, "lines": lines}
     return field(default=default, metadata=meta)
 
 
@@ -37,7 +37,7 @@ class TrainConfig:
     output_name: str = _f("", "Output name", "LoRA file stem; epochs are saved as <name>-01.safetensors … (empty: the project name)", "Output")
     trigger: str = _f("", "Activation tag", "Trigger word(s) put first in every caption and written into the card", "Output")
     sample_every_n_epochs: int = _f(0, "Samples every N epochs", "Draw the sample prompts with the LoRA as trained so far every N epochs (and after the last); 0: never", "Output", min=0, max=1000)
-    sample_prompt: str = _f("", "Sample prompts", "One prompt per line, each drawn at seed + its line number; empty: the trigger and the dataset's most common tags", "Output")
+    sample_prompt: str = _f("", "Sample prompts", "One prompt per line, each drawn at seed + its line number; empty: the trigger and the dataset's most common tags", "Output", lines=2)
     training_comment: str = _f("", "Comment", "Stored in the file's ss_training_comment metadata", "Output")
 
     resolution: int = _f(512, "Resolution", "Training resolution (square side); buckets keep about this many pixels", "Dataset", min=64, max=2048, step=64)
@@ -47,6 +47,15 @@ class TrainConfig:
     bucket_reso_steps: int = _f(64, "Bucket step", "Bucket sides are multiples of this", "Dataset", min=8, max=256, step=8)
     bucket_no_upscale: bool = _f(False, "No upscaling into buckets", "Small images get a bucket no larger than themselves", "Dataset")
     num_repeats: int = _f(10, "Repeats", "How often each image is seen per epoch", "Dataset", min=1, max=1000)
+    dataset_folders: str = _f(
+        "", "More image folders",
+        "Folders trained beside the project's dataset, one per line: '<repeats> <folder>' (e.g. '5 /data/outfits'), a kohya '<repeats>_<name>' folder, or a folder of such folders (kohya's train_data_dir); relative paths are inside the project",
+        "Dataset", lines=2)
+    reg_folders: str = _f(
+        "", "Regularisation folders",
+        "Regularisation images, one folder per line as above ('1 reg' is the project's generated ones); kohya balances them to the training images' count",
+        "Dataset", lines=2)
+    prior_loss_weight: float = _f(1.0, "Prior loss weight", "Loss weight of regularisation images (kohya's prior_loss_weight)", "Dataset", min=0.0, max=10.0, step=0.05)
     flip_aug: bool = _f(False, "Flip augmentation", "Also train on mirrored images (not for asymmetric characters)", "Dataset")
     shuffle_tags: bool = _f(True, "Shuffle tags", "Shuffle caption tags every step, keeping the first `keep tokens` in place", "Dataset")
     keep_tokens: int = _f(1, "Keep tokens", "Leading tags never shuffled (the activation tag)", "Dataset", min=0, max=32)

@@ -56,7 +56,7 @@ def project(tmp_path):
 
 def test_help_of_every_command_imports_no_torch(tmp_path):
     # Training and sampling commands load torch in their handlers only, never to build the parser.
-    commands = ("plan", "project", "import", "tags", "captions", "dedupe", "undo", "train", "compare", "demo", "caption")
+    commands = ("plan", "project", "import", "tags", "captions", "dedupe", "undo", "train", "compare", "demo", "caption", "reg-images")
     report, out = run_light(tmp_path, ["--help"], *([command, "--help"] for command in commands))
     assert_light(report)
     assert "import → dedupe → caption" in out and "--preset" in out

@@ -7,8 +7,6 @@ tests skip without.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +15,7 @@ from torch import nn
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.card import SD_VERSIONS, sd_version_of
-from lorakit_ext.models.checkpoint import file_layout, load_sd_checkpoint, read_state_dict
+from lorakit_ext.models.checkpoint import load_sd_checkpoint, read_state_dict
 from lorakit_ext.models.families import (
     FAMILIES,
     adapter_for,
@@ -26,7 +24,6 @@ from lorakit_ext.models.families import (
     family_of_model,
     unsupported_model,
 )
-from lorakit_ext.models.families.base import UNET_INPUT_KEY
 from lorakit_ext.models.tiny import TINY_NAME
 from lorakit_ext.train_config import NETWORK_TYPES, TrainConfig
 

@@ -205,3 +205,36 @@ def test_sd_scripts_own_loader_accepts_the_pair(tmp_path, name):
     assert subset["image_dir"] == str((tmp_path / "dataset").resolve()) and subset["num_repeats"] == config.num_repeats
     assert subset["shuffle_caption"] is config.shuffle_tags and subset["keep_tokens"] == config.keep_tokens
     assert subset["caption_extension"] == ".txt" and subset["caption_dropout_rate"] == config.caption_dropout_rate
+
+
+def test_several_folders_and_regularisation_are_subsets_sd_scripts_reads(tmp_path):
+    from lorakit_ext.dataset.folders import parse_folders
+
+    for name in ("dataset", "3_outfits", "reg/1_woman"):
+        (tmp_path / name).mkdir(parents=True)
+    config = TrainConfig(dataset_folders="3_outfits", reg_folders="reg", prior_loss_weight=0.5)
+    folders = [*parse_folders(config.dataset_folders, tmp_path), *parse_folders(config.reg_folders, tmp_path, regularisation=True)]
+    (tmp_path / "kohya_dataset.toml").write_text(dataset_toml(config, tmp_path / "dataset", folders), encoding="utf-8")
+    subsets = tomllib.loads((tmp_path / "kohya_dataset.toml").read_text(encoding="utf-8"))["datasets"][0]["subsets"]
+    assert all(SUBSET_REQUIRED <= set(subset) and not wrong_keys(subset, DREAMBOOTH_SUBSET_KEYS) for subset in subsets)
+    assert [(Path(s["image_dir"]).name, s["num_repeats"], s.get("is_reg", False), s.get("class_tokens")) for s in subsets] == [
+        ("dataset", 10, False, None), ("3_outfits", 3, False, "outfits"), ("1_woman", 1, True, "woman")]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "base.safetensors").write_bytes(b"")
+    text = training_toml(config, base_model_path=str(tmp_path / "models" / "base.safetensors"),
+                         dataset_config=str(tmp_path / "kohya_dataset.toml"), output_dir=str(tmp_path / "Lora"), output_name="kat",
+                         total_steps=630, warmup_steps=31, v_parameterization=False, v2=False, mixed_precision="bf16",
+                         optimizer=config.optimizer)
+    (tmp_path / "kohya_config.toml").write_text(text, encoding="utf-8")
+    assert tomllib.loads(text)["train"]["prior_loss_weight"] == 0.5
+    if not os.environ.get("LORAKIT_SD_SCRIPTS"):
+        return  # sd-scripts' own loader below, when a checkout is at hand
+    done = subprocess.run(
+        [os.environ.get("LORAKIT_SD_SCRIPTS_PYTHON", sys.executable), "-c", _PROBE, str(tmp_path / "kohya_config.toml")],
+        cwd=os.environ["LORAKIT_SD_SCRIPTS"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
+    probe = json.loads(lines[-1][len("PROBE "):])
+    assert [(Path(s["image_dir"]).name, s["num_repeats"], s["is_reg"]) for s in probe["subsets"]] == [
+        ("dataset", 10, False), ("3_outfits", 3, False), ("1_woman", 1, True)]

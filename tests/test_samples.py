@@ -3,7 +3,6 @@ far, without changing the training's numbers or the base weights."""
 
 from __future__ import annotations
 
-import pytest
 from PIL import Image
 from tiny_datasets import fill_dataset
 

@@ -6,7 +6,6 @@ import hashlib
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 from tiny_datasets import fill_dataset

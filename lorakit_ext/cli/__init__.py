@@ -17,7 +17,7 @@ from lorakit_ext.cli.output import Result
 from lorakit_ext.failures import as_user_error
 
 # The order commands are listed in --help: the order of the workflow. Unlisted modules follow.
-ORDER = ("project", "import_images", "dedupe", "undo", "caption", "captions", "tags", "plan", "train", "compare", "demo", "bench")
+ORDER = ("project", "import_images", "dedupe", "undo", "caption", "captions", "tags", "reg_images", "plan", "train", "compare", "demo", "bench")
 
 
 def _command_modules():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import sys
 
 # None of these import torch, timm or transformers: building the parser stays fast.
 from lorakit_ext.caption.base import DTYPES
@@ -12,7 +10,7 @@ from lorakit_ext.caption.merge import MergedCaptioner
 from lorakit_ext.caption.runner import MODES, caption_project
 from lorakit_ext.caption.wd import DEFAULT_CHARACTER_THRESHOLD, DEFAULT_GENERAL_THRESHOLD, DEFAULT_WD_MODEL, WdTagger
 from lorakit_ext.cli.output import Result
-from lorakit_ext.cli.progress import ProgressPrinter
+from lorakit_ext.cli.progress import ProgressPrinter, first_ctrl_c_stops
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import open_project
 from lorakit_ext.train.events import Interrupted
@@ -82,27 +80,18 @@ def build_captioner(args):
 def run(args) -> Result:
     project = open_project(args.root, args.project)
     captioner = build_captioner(args)
-    stop = {"asked": False}
-
-    def on_sigint(signum, frame):
-        stop["asked"] = True
-        print("stopping after this batch (Ctrl-C again to abort at once)…", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        report = caption_project(
-            project,
-            captioner,
-            mode=args.mode,
-            batch_size=args.batch_size,
-            on_progress=ProgressPrinter(),
-            should_stop=lambda: stop["asked"],
-            device=args.device,
-            dtype=args.dtype,
-        )
+        with first_ctrl_c_stops("stopping after this batch (Ctrl-C again to abort at once)…") as should_stop:
+            report = caption_project(
+                project,
+                captioner,
+                mode=args.mode,
+                batch_size=args.batch_size,
+                on_progress=ProgressPrinter(),
+                should_stop=should_stop,
+                device=args.device,
+                dtype=args.dtype,
+            )
     except Interrupted as exc:
         return Result({"status": "interrupted", "message": str(exc)}, f"interrupted: {exc}", ok=False)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     return Result({"status": "done", **report.as_dict()}, report.text())

@@ -20,13 +20,20 @@ def register(sub, common) -> None:
 
 def run(args) -> Result:
     config = config_from_args(args)
+    folders = ([], [])
     if args.images is not None:
         images = args.images
     elif args.project:
-        images = len(list_images(open_project(args.root, args.project).dataset))
+        project = open_project(args.root, args.project)
+        images = len(list_images(project.dataset))
+        if config.dataset_folders.strip() or config.reg_folders.strip():
+            # The reader of the folders is the trainer's, which loads torch: only when asked for.
+            from lorakit_ext.train.preflight import folder_counts
+
+            folders = folder_counts(config, project.path)
     else:
         raise UserError("give a PROJECT or --images N")
     if images <= 0:
         raise UserError("the dataset has no images; import some first")
-    plan = plan_for(config, images)
+    plan = plan_for(config, images, *folders)
     return Result({"plan": plan.to_dict()}, plan.text)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
+from typing import Callable, Iterator
 
 from lorakit_ext.train.events import clock
 
@@ -33,3 +36,22 @@ class ProgressPrinter:
             parts.append(f"{p.it_per_s:.2f} it/s")
         parts.append(f"ETA {clock(p.eta_s) if p.eta_s is not None else '?'}")
         print("  ".join(parts), file=self.stream, flush=True)
+
+
+@contextlib.contextmanager
+def first_ctrl_c_stops(notice: str) -> Iterator[Callable[[], bool]]:
+    """Gives a ``should_stop`` that turns true at the first Ctrl-C, which prints ``notice``; the
+    second Ctrl-C interrupts at once (Python's own handler is back by then)."""
+    asked = False
+
+    def on_sigint(signum, frame):
+        nonlocal asked
+        asked = True
+        print(notice, file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: asked
+    finally:
+        signal.signal(signal.SIGINT, previous)

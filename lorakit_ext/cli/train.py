@@ -8,13 +8,11 @@ change the run are refused.
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 
 from lorakit_ext.cli.output import Result
-from lorakit_ext.cli.progress import ProgressPrinter
+from lorakit_ext.cli.progress import ProgressPrinter, first_ctrl_c_stops
 from lorakit_ext.cli.train_options import add_train_options, config_from_args, given_train_options
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import open_project
@@ -146,26 +144,17 @@ def _train(args, project, config, options, pre, point) -> Result:
     model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
     base = BaseModel(Path(options["base_model"]).name, options["base_model"], info.legacy_hash, info.sha256)
     job = open_run(project, config, Path(options["out"]), pre, base, options=options, resume=point, patch_attention=True)
-    stop = {"asked": False}
-
-    def on_sigint(signum, frame):
-        stop["asked"] = True
-        print("stopping after this step (Ctrl-C again to abort without saving)…", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        sampler = None
-        if config.sample_every_n_epochs:
-            from lorakit_ext.compare.sample import headless_sampler
+        with first_ctrl_c_stops("stopping after this step (Ctrl-C again to abort without saving)…") as should_stop:
+            sampler = None
+            if config.sample_every_n_epochs:
+                from lorakit_ext.compare.sample import headless_sampler
 
-            sampler = headless_sampler(model, zero_terminal_snr=config.zero_terminal_snr)
-        trainer = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=lambda: stop["asked"], sampler=sampler)
-        result = trainer.run(point.state if point else None)
+                sampler = headless_sampler(model, zero_terminal_snr=config.zero_terminal_snr)
+            trainer = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=should_stop, sampler=sampler)
+            result = trainer.run(point.state if point else None)
     except Interrupted as exc:
         return _interrupted(project, job.run_dir, str(exc))
-    finally:
-        signal.signal(signal.SIGINT, previous)
     files = [str(f) for f in result.files]
     report = _epoch_report(job.run_dir)
     phases = {"load_model": loaded_s, **trainer.phases}

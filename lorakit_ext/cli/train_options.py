@@ -22,7 +22,10 @@ _FLAGS = {
     "epochs": "max_train_epochs",
     "steps": "max_train_steps",
     "batch_size": "train_batch_size",
+    "prior_loss_weight": "prior_loss_weight",
 }
+# Repeatable flags, one line each of a TrainConfig field that holds one folder per line.
+_FOLDER_FLAGS = {"dataset_folder": "dataset_folders", "reg_folder": "reg_folders"}
 
 
 def add_train_options(parser) -> None:
@@ -33,6 +36,12 @@ def add_train_options(parser) -> None:
     group.add_argument("--epochs", type=int, help="max_train_epochs (default 10)")
     group.add_argument("--steps", type=int, help="max_train_steps instead of epochs")
     group.add_argument("--batch-size", type=int, help="train_batch_size (default 2)")
+    group.add_argument("--dataset-folder", action="append", default=[], metavar="'[REPEATS] FOLDER'",
+                       help="a further image folder trained beside the project's dataset: '5 /data/outfits', a kohya "
+                            "'5_name' folder, or a folder of those; relative paths are inside the project; repeatable")
+    group.add_argument("--reg-folder", action="append", default=[], metavar="'[REPEATS] FOLDER'",
+                       help="regularisation images, as --dataset-folder ('1 reg': the project's generated ones); repeatable")
+    group.add_argument("--prior-loss-weight", type=float, help="loss weight of regularisation images (default 1.0)")
     group.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig option, repeatable"
     )
@@ -53,6 +62,9 @@ def config_from_args(args, family: ModelFamily | FamilySettings = SD1_SETTINGS) 
     for flag, name in _FLAGS.items():
         if getattr(args, flag) is not None:
             values[name] = getattr(args, flag)
+    for flag, name in _FOLDER_FLAGS.items():
+        if getattr(args, flag):
+            values[name] = "\n".join(getattr(args, flag))
     return TrainConfig.from_dict(values).validate()
 
 
@@ -60,5 +72,6 @@ def given_train_options(args) -> list[str]:
     """The training options given on the command line, as their flags (for refusing them)."""
     given = [f"--{name}" for name in ("config", "preset") if getattr(args, name)]
     given += [f"--{flag.replace('_', '-')}" for flag in _FLAGS if getattr(args, flag) is not None]
+    given += [f"--{flag.replace('_', '-')} {line}" for flag in _FOLDER_FLAGS for line in getattr(args, flag)]
     given += [f"--set {item}" for item in args.set]
     return given

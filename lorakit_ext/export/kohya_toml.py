@@ -108,6 +108,7 @@ def training_args(config, *, base_model_path: str, dataset_config: str, output_d
         **_scheduler_args(config, warmup_steps),
         "max_grad_norm": float(config.max_grad_norm),
         "min_snr_gamma": float(config.min_snr_gamma) or None,
+        "prior_loss_weight": float(config.prior_loss_weight) if config.reg_folders.strip() else None,
         "noise_offset": float(config.noise_offset) or None,
         "multires_noise_iterations": int(config.multires_noise_iterations) or None,
         "multires_noise_discount": float(config.multires_noise_discount) if config.multires_noise_iterations else None,
@@ -151,7 +152,7 @@ def training_toml(config, *, base_model_path: str, script: str = "train_network.
     return "\n".join(lines) + "\n" + render_train_table(args)
 
 
-def _dataset_tables(config, dataset_dir: Path) -> dict:
+def _dataset_tables(config, dataset_dir: Path, folders=()) -> dict:
     general = {
         "resolution": int(config.resolution),
         "enable_bucket": bool(config.enable_bucket),
@@ -167,16 +168,20 @@ def _dataset_tables(config, dataset_dir: Path) -> dict:
         "flip_aug": bool(config.flip_aug),
         "caption_extension": ".txt",
     }
-    subset = {"image_dir": str(Path(dataset_dir).resolve()), "num_repeats": int(config.num_repeats)}
-    return {"general": general, "datasets": [{"subsets": [subset]}]}
+    subsets = [{"image_dir": str(Path(dataset_dir).resolve()), "num_repeats": int(config.num_repeats)}]
+    subsets += [{"image_dir": str(folder.path.resolve()), "num_repeats": int(folder.repeats),
+                 "is_reg": True if folder.regularisation else None, "class_tokens": folder.class_tokens or None}
+                for folder in folders]
+    return {"general": general, "datasets": [{"subsets": subsets}]}
 
 
-def dataset_toml(config, dataset_dir: Path) -> str:
-    """``kohya_dataset.toml``: one DreamBooth-style subset, the project's dataset folder itself."""
-    tables = _dataset_tables(config, dataset_dir)
+def dataset_toml(config, dataset_dir: Path, folders=()) -> str:
+    """``kohya_dataset.toml``: DreamBooth-style subsets, the project's dataset folder itself first,
+    then the further training and regularisation ``folders`` (:class:`~lorakit_ext.dataset.folders.ImageFolder`)."""
+    tables = _dataset_tables(config, dataset_dir, folders)
     return (
         "# The dataset of the same run; the training TOML names this file as its dataset_config.\n"
         + _table("[general]", tables["general"])
-        + "\n[[datasets]]\n\n"
-        + _table("[[datasets.subsets]]", tables["datasets"][0]["subsets"][0])
+        + "\n[[datasets]]\n"
+        + "".join("\n" + _table("[[datasets.subsets]]", subset) for subset in tables["datasets"][0]["subsets"])
     )

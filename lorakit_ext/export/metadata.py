@@ -54,13 +54,16 @@ def training_metadata(
     network_args: dict | None = None,
     resolution: int | tuple[int, int],
     mixed_precision: str,
+    num_reg_images: int = 0,
+    reg_dataset_dirs: dict | None = None,
 ) -> dict[str, str]:
     """Metadata of one epoch file; every value a string.
 
     ``output_name`` is the file's own stem (A1111 uses ``ss_output_name`` as the alias, and equal
     aliases collide). ``num_train_images`` counts images × repeats, as kohya does.
     ``tag_frequency`` is ``{dir: {tag: count}}``, ``dataset_dirs`` ``{dir: {"n_repeats", "img_count"}}``,
-    ``bucket_info`` kohya's ``{"buckets": …, "mean_img_ar_error": …}`` or None without buckets.
+    ``num_reg_images`` and ``reg_dataset_dirs`` the same of the regularisation images (their own
+    repeats, before kohya matches them to the training images), ``bucket_info`` kohya's ``{"buckets": …, "mean_img_ar_error": …}`` or None without buckets.
     ``base_model_hash`` is A1111's legacy 8-hex hash, ``base_model_sha256`` the file's sha256.
     ``mixed_precision`` is the precision the run resolved ("no", "fp16" or "bf16"), not the option
     it was asked for ("auto"). ``ss_network_module`` and ``ss_network_args`` are what kohya
@@ -79,11 +82,11 @@ def training_metadata(
         "ss_steps": steps,
         "ss_max_train_steps": max_steps,
         "ss_num_train_images": num_train_images,
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": num_reg_images,
+        "ss_prior_loss_weight": config.prior_loss_weight,
         "ss_num_batches_per_epoch": num_batches_per_epoch,
         "ss_batch_size_per_device": config.train_batch_size,
-        "ss_total_batch_size": config.train_batch_size,
-        "ss_gradient_accumulation_steps": 1,
+        "ss_total_batch_size": config.train_batch_size * config.gradient_accumulation_steps,
         "ss_gradient_checkpointing": config.gradient_checkpointing,
         # kohya-colab passes the UNet rate as the base learning rate.
         "ss_learning_rate": config.unet_lr,
@@ -131,7 +134,7 @@ def training_metadata(
         "ss_random_crop": False,
         "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_dataset_dirs": json.dumps(dataset_dirs),
-        "ss_reg_dataset_dirs": json.dumps({}),
+        "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs or {}),
         "ss_sd_model_name": base_model_name,
         "ss_sd_model_hash": base_model_hash,
         "ss_new_sd_model_hash": base_model_sha256,

@@ -197,8 +197,17 @@ class BucketPlan:
     def counts(self) -> dict[Size, int]:
         return dict(sorted(Counter(p.bucket for p in self.placements).items()))
 
-    def steps_per_epoch(self, repeats: int, batch_size: int) -> int:
-        return steps_per_epoch(self.counts().values(), repeats, batch_size)
+    def entries(self, repeats: int | Sequence[int]) -> dict[Size, int]:
+        """Each bucket's images × their repeats (one count for all, or each image's own)."""
+        if isinstance(repeats, int):
+            return {bucket: n * repeats for bucket, n in self.counts().items()}
+        out: Counter = Counter()
+        for placement, times in zip(self.placements, repeats, strict=True):
+            out[placement.bucket] += times
+        return dict(sorted(out.items()))
+
+    def steps_per_epoch(self, repeats: int | Sequence[int], batch_size: int) -> int:
+        return steps_per_epoch(self.entries(repeats).values(), 1, batch_size)
 
     @property
     def mean_aspect_error(self) -> float:
@@ -206,7 +215,7 @@ class BucketPlan:
             return 0.0
         return sum(abs(p.aspect_error) for p in self.placements) / len(self.placements)
 
-    def describe(self, repeats: int | None = None, batch_size: int | None = None) -> str:
+    def describe(self, repeats: int | Sequence[int] | None = None, batch_size: int | None = None) -> str:
         """One line per bucket ("512x768: 12 images"); with ``repeats`` and ``batch_size`` a last
         line gives the real steps per epoch after bucketing."""
         lines = [f"{w}x{h}: {n} image{'' if n == 1 else 's'}" for (w, h), n in self.counts().items()]
@@ -218,12 +227,12 @@ class BucketPlan:
             )
         return "\n".join(lines)
 
-    def bucket_info(self, repeats: int) -> dict:
+    def bucket_info(self, repeats: int | Sequence[int]) -> dict:
         """kohya's ``ss_bucket_info`` (``json.dumps`` it): counts include repeats; keys are the
         sorted bucket positions."""
         buckets = {
-            str(i): {"resolution": list(bucket), "count": n * repeats}
-            for i, (bucket, n) in enumerate(self.counts().items())
+            str(i): {"resolution": list(bucket), "count": n}
+            for i, (bucket, n) in enumerate(self.entries(repeats).items())
         }
         return {"buckets": buckets, "mean_img_ar_error": self.mean_aspect_error}
 

@@ -9,6 +9,7 @@ step ``k`` (kohya reseeds per epoch but draws flips and caption shuffles from th
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 
 from lorakit_ext.dataset.captions import read_caption
 from lorakit_ext.dataset.files import dataset_images
+from lorakit_ext.dataset.folders import ImageFolder
 from lorakit_ext.dataset.images import _orientation, normalise
 from lorakit_ext.errors import UserError
 from lorakit_ext.train.buckets import BucketPlan, Size, center_crop_box, cover_size, size_conditioning
@@ -38,6 +40,9 @@ class TrainItem:
     caption: str
     size: Size  # upright (EXIF-transposed) width, height
     warning: str | None = None
+    repeats: int = 1  # times it is seen per epoch
+    regularisation: bool = False  # its loss counts prior_loss_weight times
+    folder: str = ""  # kohya's "<repeats>_<name>" of the folder it came from, for the file's metadata
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -54,9 +59,12 @@ def image_size(path: Path) -> Size:
         return (height, width) if _orientation(image) in _ROTATED else (width, height)
 
 
-def _train_item(path: Path) -> TrainItem:
+def _train_item(path: Path, class_tokens: str = "") -> TrainItem:
     read = read_caption(path)
     warnings = [read.warning] if read.warning else []
+    if read.source is None and class_tokens:
+        # kohya: an image without a caption file is captioned with its folder's class tokens.
+        return TrainItem(path, class_tokens, image_size(path), "; ".join(warnings) or None)
     if read.source is None:
         warnings.append(f"{path.name} has no caption file; it trains with an empty caption")
     return TrainItem(path, read.text, image_size(path), "; ".join(warnings) or None)
@@ -69,6 +77,16 @@ def load_train_items(dataset_folder: Path) -> list[TrainItem]:
     if not images:
         raise UserError(f"the dataset {dataset_folder} has no images; import some first")
     return [_train_item(path) for path in images]
+
+
+def load_folder_items(folder: ImageFolder) -> list[TrainItem]:
+    """The images of a further training or regularisation folder, with its repeats and kind."""
+    images = dataset_images(folder.path)
+    if not images:
+        kind = "regularisation folder" if folder.regularisation else "image folder"
+        raise UserError(f"the {kind} {folder.path} has no images; add some or remove its line")
+    return [dataclasses.replace(_train_item(path, folder.class_tokens), repeats=folder.repeats,
+                                regularisation=folder.regularisation, folder=folder.label) for path in images]
 
 
 def check_batch_size(images: int, batch_size: int) -> None:
@@ -208,12 +226,14 @@ class Batch:
     # [B, 6] float32: each image's size and crop conditioning (buckets.size_conditioning), which
     # SDXL's UNet takes and SD1/SD2's ignore.
     sizes: torch.Tensor
+    # [B] float32 loss weights (prior_loss_weight for regularisation images); None when all are 1.
+    loss_weights: torch.Tensor | None = None
 
 
 class EpochBatches:
-    """The batches of one epoch, as kohya orders them: every image ``num_repeats`` times in its
-    bucket, each bucket's entries shuffled and cut into batches, then the order of all batches
-    shuffled. ``batches[k]`` is step ``k``: its flips (50 % each with flip augmentation) and
+    """The batches of one epoch, as kohya orders them: every image ``num_repeats`` times (one
+    count, or each image's own) in its bucket, each bucket's entries shuffled and cut into batches,
+    then the order of all batches shuffled. ``batches[k]`` is step ``k``: its flips (50 % each with flip augmentation) and
     caption shuffles come from ``(seed, epoch, k)`` alone, so any step can be recreated."""
 
     def __init__(
@@ -225,7 +245,8 @@ class EpochBatches:
         epoch: int,
         seed: int,
         batch_size: int,
-        num_repeats: int,
+        num_repeats: int | Sequence[int],
+        loss_weights: Sequence[float] | None = None,
         keep_tokens: int = 0,
         shuffle_tags: bool = False,
         caption_dropout_rate: float = 0.0,
@@ -236,6 +257,8 @@ class EpochBatches:
         if not len(cache) == len(captions) == len(plan.placements):
             raise ValueError(f"{len(cache)} latents, {len(captions)} captions, {len(plan.placements)} placements")
         self._cache, self._captions, self._plan = cache, list(captions), plan
+        repeats = [num_repeats] * len(captions) if isinstance(num_repeats, int) else list(num_repeats)
+        self._loss_weights = list(loss_weights) if loss_weights is not None and any(w != 1 for w in loss_weights) else None
         self._seed, self._epoch = seed, epoch
         # kohya counts epochs from 1 when it empties every caption of each n-th one.
         dropped_epoch = caption_dropout_every_n_epochs > 0 and (epoch + 1) % caption_dropout_every_n_epochs == 0
@@ -245,22 +268,25 @@ class EpochBatches:
         rng = random.Random(f"lorakit-order:{seed}:{epoch}")
         order: list[tuple[Size, tuple[int, ...]]] = []
         for bucket, indices in plan.buckets.items():
-            entries = [i for i in indices for _ in range(num_repeats)]
+            entries = [i for i in indices for _ in range(repeats[i])]
             rng.shuffle(entries)
             order += [(bucket, tuple(entries[s : s + batch_size])) for s in range(0, len(entries), batch_size)]
         rng.shuffle(order)
         self._order = order
 
     @classmethod
-    def from_config(cls, config, cache: LatentCache, captions: Sequence[str], plan: BucketPlan, epoch: int) -> EpochBatches:
+    def from_config(cls, config, cache: LatentCache, items: Sequence[TrainItem], plan: BucketPlan, epoch: int) -> EpochBatches:
+        """The epoch of ``items`` (each with its own repeats, regularisation images weighted
+        ``prior_loss_weight``)."""
         return cls(
             cache,
-            captions,
+            [item.caption for item in items],
             plan,
             epoch=epoch,
             seed=config.seed,
             batch_size=config.train_batch_size,
-            num_repeats=config.num_repeats,
+            num_repeats=[item.repeats for item in items],
+            loss_weights=[config.prior_loss_weight if item.regularisation else 1.0 for item in items],
             keep_tokens=config.keep_tokens,
             shuffle_tags=config.shuffle_tags,
             caption_dropout_rate=config.caption_dropout_rate,
@@ -280,7 +306,9 @@ class EpochBatches:
         captions = [process_caption(self._captions[i], *self._caption_args, rng, **self._caption_options) for i in indices]
         latents = torch.stack([self._cache.get(i, f) for i, f in zip(indices, flipped)])
         sizes = torch.tensor([size_conditioning(self._plan.placements[i], f) for i, f in zip(indices, flipped)], dtype=torch.float32)
-        return Batch(latents, captions, bucket, indices, flipped, sizes)
+        weights = (torch.tensor([self._loss_weights[i] for i in indices], dtype=torch.float32)
+                   if self._loss_weights is not None else None)
+        return Batch(latents, captions, bucket, indices, flipped, sizes, weights)
 
     def __iter__(self) -> Iterator[Batch]:
         return (self[step] for step in range(len(self)))

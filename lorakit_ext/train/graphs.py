@@ -33,8 +33,8 @@ def _mapped(text, fn):
 
 
 class _Graph:
-    def __init__(self, graph, latents, text, sizes, loss):
-        self.graph, self.latents, self.text, self.sizes, self.loss = graph, latents, text, sizes, loss
+    def __init__(self, graph, latents, text, sizes, weights, loss):
+        self.graph, self.latents, self.text, self.sizes, self.weights, self.loss = graph, latents, text, sizes, weights, loss
 
 
 class GraphedStep:
@@ -72,35 +72,40 @@ class GraphedStep:
         log.info("CUDA graphs off, training eagerly: %s", reason)
         self.on_fallback(reason)
 
-    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor, *, first: bool = True, last: bool = True) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor, *, weights: torch.Tensor | None = None,
+                 first: bool = True, last: bool = True) -> torch.Tensor:
         """One step on ``latents`` (on the device), ``text`` (token ids on the host, or cached
-        text states on the device) and image ``sizes`` (on the host); ``first``/``last``: where the
-        batch sits in its gradient-accumulation group (:class:`~lorakit_ext.train.step.StepFunction`)."""
+        text states on the device), image ``sizes`` and loss ``weights`` (on the host; None: all 1);
+        ``first``/``last``: where the batch sits in its gradient-accumulation group
+        (:class:`~lorakit_ext.train.step.StepFunction`)."""
         flags = {"first": first, "last": last}
         if self.disabled:
-            return self._eager(latents, text, sizes, flags)
-        key = (tuple(latents.shape), tuple(tuple(part.shape) for part in _parts(text)), first, last)
+            return self._eager(latents, text, sizes, weights, flags)
+        key = (tuple(latents.shape), tuple(tuple(part.shape) for part in _parts(text)), weights is not None, first, last)
         graph = self.graphs.get(key)
         if graph is None:
             if self.seen[key] < self.warmup:
                 self.seen[key] += 1
-                return self._side_stream(latents, text, sizes, flags)
+                return self._side_stream(latents, text, sizes, weights, flags)
             try:
-                graph = self._capture(key, latents, text, sizes, flags)
+                graph = self._capture(key, latents, text, sizes, weights, flags)
             except Exception as exc:  # any capture failure: eager is always correct
                 torch.cuda.synchronize()
                 self._fall_back(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-                return self._eager(latents, text, sizes, flags)
+                return self._eager(latents, text, sizes, weights, flags)
         graph.latents.copy_(latents)
         for static, part in zip(_parts(graph.text), _parts(text)):
             static.copy_(part, non_blocking=True)
         graph.sizes.copy_(sizes, non_blocking=True)
+        if weights is not None:
+            graph.weights.copy_(weights, non_blocking=True)
         graph.graph.replay()
         return graph.loss.clone()
 
-    def _eager(self, latents, text, sizes, flags) -> torch.Tensor:
+    def _eager(self, latents, text, sizes, weights, flags) -> torch.Tensor:
         device = latents.device
-        return self.step(latents, _mapped(text, lambda t: t.to(device, non_blocking=True)), sizes.to(device, non_blocking=True), **flags)
+        return self.step(latents, _mapped(text, lambda t: t.to(device, non_blocking=True)), sizes.to(device, non_blocking=True),
+                         weights=None if weights is None else weights.to(device, non_blocking=True), **flags)
 
     def _stream(self) -> torch.cuda.Stream:
         # One side stream for every warm-up and capture: cached memory belongs to a stream (a new
@@ -113,19 +118,20 @@ class GraphedStep:
             self._side = torch.cuda.Stream()
         return self._side
 
-    def _side_stream(self, latents, text, sizes, flags) -> torch.Tensor:
+    def _side_stream(self, latents, text, sizes, weights, flags) -> torch.Tensor:
         # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.
         stream = self._stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            loss = self._eager(latents, text, sizes, flags)
+            loss = self._eager(latents, text, sizes, weights, flags)
         torch.cuda.current_stream().wait_stream(stream)
         return loss
 
-    def _capture(self, key, latents, text, sizes, flags) -> _Graph:
+    def _capture(self, key, latents, text, sizes, weights, flags) -> _Graph:
         static_latents = latents.clone()
         static_text = _mapped(text, lambda t: t.to(latents.device).clone())
         static_sizes = sizes.to(latents.device).clone()
+        static_weights = None if weights is None else weights.to(latents.device).clone()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         # The warm-up's activations sit cached in the side stream's blocks; hand them back so the
@@ -133,10 +139,10 @@ class GraphedStep:
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved()
         with torch.cuda.graph(graph, pool=self.pool, stream=self._stream()):
-            static_loss = self.step(static_latents, static_text, static_sizes, **flags)
+            static_loss = self.step(static_latents, static_text, static_sizes, weights=static_weights, **flags)
         if self.pool is None:
             self.pool = graph.pool()
-        entry = _Graph(graph, static_latents, static_text, static_sizes, static_loss)
+        entry = _Graph(graph, static_latents, static_text, static_sizes, static_weights, static_loss)
         self.graphs[key] = entry
         log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)",
                  key[0], (torch.cuda.memory_reserved() - reserved) / 2**30, torch.cuda.memory_reserved() / 2**30)

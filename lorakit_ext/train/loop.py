@@ -197,7 +197,8 @@ class Trainer:
         weight_dtype = next(self.model.unet.parameters()).dtype
         self.precision = resolve_precision(config.mixed_precision, self.device, weight_dtype)
         self.schedule = NoiseSchedule(self.device, zero_terminal=config.zero_terminal_snr)
-        record.start(config, estimate, schedule, buckets, self.precision.name, self.model, self.job)
+        record.start(config, estimate, schedule, buckets, self.precision.name, self.model, self.job,
+                     repeats=[item.repeats for item in items], folders=[folder for folder, _ in data.folders])
         real = f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."
         self.on_progress(Progress("caching", message="\n".join(estimate.lines + [real])))
         cuda = self.device.type == "cuda"
@@ -211,14 +212,14 @@ class Trainer:
                 cache = self._cache_latents(items, buckets)
             with self._phase("validation_latents"):
                 validation = self._validation_set(data, cache)
-            saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name)
-            position, losses = self._train(cache, [item.caption for item in items], buckets, schedule, saver, record,
-                                           resume_state, validation)
+            saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name, data.folders)
+            position, losses = self._train(cache, items, buckets, schedule, saver, record, resume_state, validation)
         record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases)
         return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir, list(self.validation_losses))
 
-    def _train(self, cache, captions, buckets, schedule, saver, record, resume_state, validation):
+    def _train(self, cache, items, buckets, schedule, saver, record, resume_state, validation):
         config, model = self.config, self.model
+        captions = [item.caption for item in items]
         channels_last = self.device.type == "cuda" if self.job.channels_last is None else self.job.channels_last
         with contextlib.ExitStack() as stack:
             stack.callback(park(model.vae, self.device))
@@ -285,7 +286,7 @@ class Trainer:
             accumulate = config.gradient_accumulation_steps
             started, first_step = time.perf_counter(), position.global_step
             for epoch in range(position.epoch, schedule.epochs):
-                batches = EpochBatches.from_config(config, cache, captions, buckets, epoch)
+                batches = EpochBatches.from_config(config, cache, items, buckets, epoch)
                 for step in range(position.step_in_epoch if epoch == position.epoch else 0, len(batches)):
                     # A group of batches starts at every multiple of gradient_accumulation_steps;
                     # the run stops and saves only there, with no half-summed gradients to lose.
@@ -300,7 +301,7 @@ class Trainer:
                     batch = batches[step]
                     latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
                     text = text_cache.states(batch.indices) if text_cache else model.tokenize(batch.captions)
-                    group.append(graphed(latents, text, batch.sizes, first=first, last=last))
+                    group.append(graphed(latents, text, batch.sizes, weights=batch.loss_weights, first=first, last=last))
                     if "to_first_step" not in self.phases:
                         self._first_step_done()
                     if not last:
@@ -321,7 +322,7 @@ class Trainer:
                 self.on_progress(Progress("saving", epoch=epoch + 1, epochs=schedule.epochs, step=position.global_step, total_steps=schedule.total_steps))
                 for path in saver.save_epoch(network, epoch + 1, position.global_step, validation_loss):
                     self.on_epoch_file(path)
-                self._sample(network, captions, epoch + 1, schedule.epochs)
+                self._sample(network, [item.caption for item in items if not item.regularisation], epoch + 1, schedule.epochs)
                 save(position)
                 record.update(losses, saver.files, self.validation_losses, self.phases)
                 if position.global_step >= schedule.total_steps:

@@ -88,11 +88,13 @@ def diffusion_loss(
     v_prediction: bool,
     *,
     scale_v_like_noise: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over the batch of per-sample MSE (averaged over C,H,W), min-SNR weighted when γ > 0
     (v-prediction: min(SNR, γ)/(SNR + 1)). ``scale_v_like_noise`` (v only) then multiplies by
     SNR/(SNR + 1), SNR capped at 1000, as kohya's ``--scale_v_pred_loss_like_noise_pred``; both
-    weights are 0 at a zero-terminal-SNR schedule's last step."""
+    weights are 0 at a zero-terminal-SNR schedule's last step. ``weights`` (one per sample) multiply
+    each sample's loss last, as kohya's ``loss_weights`` (prior_loss_weight for regularisation images)."""
     per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma:
         clipped = torch.clamp(snr, max=min_snr_gamma)
@@ -100,4 +102,6 @@ def diffusion_loss(
     if scale_v_like_noise and v_prediction:
         capped = torch.clamp(snr, max=1000.0)
         per_sample = per_sample * (capped / (capped + 1))
+    if weights is not None:
+        per_sample = per_sample * weights
     return per_sample.mean()

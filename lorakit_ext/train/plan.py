@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from lorakit_ext.dataset.folders import balance_reg_repeats
 
 # The notebook aborts above this; we warn, because a long run can be deliberate.
 STEP_WARNING = 10_000
@@ -41,6 +44,32 @@ class Plan:
         return {**asdict(self), "text": self.text}
 
 
+@dataclass(frozen=True)
+class FolderCount:
+    """A further training folder or a regularisation folder, as the plan counts it."""
+
+    label: str
+    images: int
+    repeats: int
+
+
+def _folder_lines(dataset: FolderCount, more: Sequence[FolderCount], reg: Sequence[FolderCount], prior_loss_weight: float) -> tuple[list[str], int, list[str]]:
+    """kohya's counting of several folders: ``(lines, image steps per epoch, warnings)``; the
+    regularisation images' steps are matched to the training images' (:func:`balance_reg_repeats`)."""
+    lines = [f"{f.label}: found {f.images} images with {f.repeats} repeats, equaling {f.images * f.repeats} steps."
+             for f in (dataset, *more)]
+    train = sum(f.images * f.repeats for f in (dataset, *more))
+    if not reg:
+        return lines, train, []
+    offered = sum(f.images * f.repeats for f in reg)
+    balanced = sum(balance_reg_repeats(train, [f.repeats for f in reg for _ in range(f.images)]))
+    lines += [f"Regularisation {f.label}: {f.images} images with {f.repeats} repeats, equaling {f.images * f.repeats} steps." for f in reg]
+    lines.append(f"As kohya does, regularisation is matched to the {train} training steps: {balanced} regularisation steps "
+                 f"per epoch, weighted {prior_loss_weight:g}; {train + balanced} steps in all.")
+    warnings = [f"{offered - balanced} of the {offered} regularisation steps are not used (more than the training steps)"] if offered > balanced else []
+    return lines, train + balanced, warnings
+
+
 def make_plan(
     images: int,
     repeats: int,
@@ -48,8 +77,18 @@ def make_plan(
     epochs: int = 10,
     max_train_steps: int = 0,
     warmup_ratio: float = 0.05,
+    *,
+    more: Sequence[FolderCount] = (),
+    reg: Sequence[FolderCount] = (),
+    prior_loss_weight: float = 1.0,
 ) -> Plan:
+    """``images`` × ``repeats`` of the project's dataset, plus ``more`` training folders and ``reg``
+    regularisation folders, in batches of ``batch_size``."""
     image_steps = images * repeats
+    folder_lines, folder_warnings = [], []
+    if more or reg:
+        folder_lines, image_steps, folder_warnings = _folder_lines(FolderCount("dataset", images, repeats), more, reg, prior_loss_weight)
+        images += sum(f.images for f in more)
     steps_per_epoch = image_steps / batch_size
     if max_train_steps:
         total = max_train_steps
@@ -58,16 +97,17 @@ def make_plan(
     else:
         total = int(epochs * steps_per_epoch)
         last = f"There will be {epochs} epochs, for around {total} total training steps."
+    first = folder_lines or [f"Found {images} images with {repeats} repeats, equaling {image_steps} steps."]
     lines = [
-        f"Found {images} images with {repeats} repeats, equaling {image_steps} steps.",
+        *first,
         f"Divide {image_steps} steps by {batch_size} batch size to get {steps_per_epoch} steps per epoch.",
         last,
     ]
-    warnings, hints = [], []
+    warnings, hints = list(folder_warnings), []
     if total > STEP_WARNING:
         warnings.append(f"{total} total steps is over {STEP_WARNING}; that is probably a mistake (check repeats and epochs)")
     low, high = IMAGE_STEPS_HINT
-    if images and not low <= image_steps <= high:
+    if images and not (more or reg) and not low <= image_steps <= high:
         suggested = max(1, round((low + high) / 2 / images))
         hints.append(
             f"{images} images × {repeats} repeats = {image_steps} steps per epoch before batching; "
@@ -116,9 +156,10 @@ def validation_line(images: int, split: float) -> str:
     return f"Validation loss: measured on {min(images, MAX_VALIDATION_IMAGES)} training images with fixed noise ({why})."
 
 
-def plan_for(config, images: int) -> Plan:
+def plan_for(config, images: int, more: Sequence[FolderCount] = (), reg: Sequence[FolderCount] = ()) -> Plan:
     """The plan of a :class:`~lorakit_ext.train_config.TrainConfig` over a dataset of ``images``
-    images, of which those held out for validation do not train."""
+    images, of which those held out for validation do not train, and the further training and
+    regularisation folders it names."""
     plan = make_plan(
         images - held_out_count(images, held_out_share(config)),
         config.num_repeats,
@@ -126,6 +167,9 @@ def plan_for(config, images: int) -> Plan:
         config.max_train_epochs,
         config.max_train_steps,
         config.lr_warmup_ratio,
+        more=more,
+        reg=reg,
+        prior_loss_weight=config.prior_loss_weight,
     )
     accumulate = config.gradient_accumulation_steps
     if accumulate > 1:

@@ -7,6 +7,7 @@ reported in seconds, and no run folder is created for a run that could never sta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,13 +16,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorakit_ext.dataset.files import list_images
+from lorakit_ext.dataset.folders import ImageFolder, balance_reg_repeats, parse_folders
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.writer import SUFFIX
 from lorakit_ext.fsutil import stale_temp_files
 from lorakit_ext.train.buckets import bucket_plan_for
-from lorakit_ext.train.data import check_batch_size, load_train_items
+from lorakit_ext.train.data import check_batch_size, load_folder_items, load_train_items
 from lorakit_ext.train.optim import check_optimizer
-from lorakit_ext.train.plan import held_out_share, plan_for, split_items
+from lorakit_ext.train.plan import FolderCount, held_out_share, plan_for, split_items
 
 
 @dataclass
@@ -48,35 +51,73 @@ def real_schedule(config, batches_per_epoch: int) -> Schedule:
 
 @dataclass
 class DatasetSchedule:
-    items: list  # the images that train
+    items: list  # the images that train, regularisation images last, each with its repeats
     buckets: object  # BucketPlan of ``items``
     estimate: object  # the kohya-colab plan text
     schedule: Schedule
     validation_items: list = field(default_factory=list)  # held out of training, for validation loss
+    # The further training and regularisation folders with their image counts (kohya's
+    # ss_dataset_dirs / ss_reg_dataset_dirs count every image, used or not).
+    folders: list = field(default_factory=list)
 
     @property
     def all_items(self) -> list:
         return [*self.items, *self.validation_items]
 
 
+def named_folders(config, project_dir: Path) -> list[ImageFolder]:
+    """The further training folders, then the regularisation folders, that ``config`` names;
+    :class:`UserError` for a line that is no folder, and for the project's own dataset."""
+    folders = [*parse_folders(config.dataset_folders, project_dir),
+               *parse_folders(config.reg_folders, project_dir, regularisation=True)]
+    own = (Path(project_dir) / "dataset").resolve()
+    for folder in folders:
+        if folder.path.resolve() == own:
+            raise UserError(f"{folder.path} is the project's dataset, which always trains (with Repeats); remove its line")
+    return folders
+
+
+def folder_counts(config, project_dir: Path) -> tuple[list[FolderCount], list[FolderCount]]:
+    """``(further training folders, regularisation folders)`` as the plan counts them."""
+    counted = [(f, FolderCount(f.label, len(list_images(f.path)), f.repeats)) for f in named_folders(config, project_dir)]
+    return [c for f, c in counted if not f.regularisation], [c for f, c in counted if f.regularisation]
+
+
 def dataset_schedule(config, dataset_dir: Path) -> DatasetSchedule:
-    """Reads the dataset and computes the real schedule; raises :class:`UserError` for an empty
-    dataset or a batch larger than the images that train."""
+    """Reads the dataset (``<project>/dataset``) and the folders the config names, and computes
+    the real schedule; raises :class:`UserError` for an empty dataset or folder, or a batch larger
+    than the images that train. Validation holds out images of the project's dataset only."""
+    project_dir = Path(dataset_dir).parent
+    folders = named_folders(config, project_dir)
     every = load_train_items(dataset_dir)
-    items, held_out = split_items(every, held_out_share(config), config.seed)
+    own, held_out = split_items(every, held_out_share(config), config.seed)
+    loaded = [(folder, load_folder_items(folder)) for folder in folders]
+    train = [dataclasses.replace(item, repeats=config.num_repeats) for item in own]
+    train += [item for folder, items in loaded if not folder.regularisation for item in items]
+    offered = [item for folder, items in loaded if folder.regularisation for item in items]
+    balanced = balance_reg_repeats(sum(item.repeats for item in train), [item.repeats for item in offered])
+    items = train + [dataclasses.replace(item, repeats=n) for item, n in zip(offered, balanced) if n]
     check_batch_size(len(items), config.train_batch_size)
     buckets = bucket_plan_for(config, [item.size for item in items])
-    steps_per_epoch = buckets.steps_per_epoch(config.num_repeats, config.train_batch_size)
-    return DatasetSchedule(items, buckets, plan_for(config, len(every)), real_schedule(config, steps_per_epoch), held_out)
+    steps_per_epoch = buckets.steps_per_epoch([item.repeats for item in items], config.train_batch_size)
+    counts = [FolderCount(folder.label, len(found), folder.repeats) for folder, found in loaded]
+    estimate = plan_for(config, len(every), [c for c, (f, _) in zip(counts, loaded) if not f.regularisation],
+                        [c for c, (f, _) in zip(counts, loaded) if f.regularisation])
+    return DatasetSchedule(items, buckets, estimate, real_schedule(config, steps_per_epoch), held_out,
+                           [(folder, len(found)) for folder, found in loaded])
 
 
 def dataset_fingerprint(items) -> str:
-    """What the run trains on: file names, sizes on disk and captions. A resumed run refuses a
-    dataset whose fingerprint changed, since its schedule and batches would no longer match."""
+    """What the run trains on: file names, sizes on disk and captions (and, for a further or a
+    regularisation folder's image, its path, repeats and kind). A resumed run refuses a dataset
+    whose fingerprint changed, since its schedule and batches would no longer match."""
     digest = hashlib.sha256()
     for item in items:
         stat = item.image_path.stat()
-        digest.update(json.dumps([item.image_path.name, stat.st_size, list(item.size), item.caption]).encode("utf-8"))
+        entry = [item.image_path.name, stat.st_size, list(item.size), item.caption]
+        if item.folder:
+            entry = [str(item.image_path), *entry[1:], item.repeats, item.regularisation]
+        digest.update(json.dumps(entry).encode("utf-8"))
     return digest.hexdigest()
 
 

@@ -57,14 +57,16 @@ class RunRecord:
         path = self.run_dir / RUN_FILE
         self.info: dict = read_run(self.run_dir) if path.is_file() else {}
 
-    def start(self, config, estimate, schedule, buckets, precision: str, model, job) -> None:
+    def start(self, config, estimate, schedule, buckets, precision: str, model, job, repeats=None, folders=()) -> None:
+        """Writes the run's config, plan and kohya TOML pair; ``repeats``: each image's (default:
+        the config's for all); ``folders``: the further training and regularisation folders."""
         output_name = job.stem
         atomic_write_json(self.run_dir / "config.json", config.to_dict())
         real = (
             f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.epochs} epochs, "
             f"{schedule.total_steps} steps in total, {schedule.warmup_steps} warmup steps."
         )
-        atomic_write_text(self.run_dir / "plan.txt", estimate.text + "\n" + real + "\n" + buckets.describe(config.num_repeats, config.train_batch_size) + "\n")
+        atomic_write_text(self.run_dir / "plan.txt", estimate.text + "\n" + real + "\n" + buckets.describe(repeats or config.num_repeats, config.train_batch_size) + "\n")
         atomic_write_text(
             self.run_dir / "kohya_config.toml",
             training_toml(
@@ -82,7 +84,7 @@ class RunRecord:
                 optimizer=config.optimizer,
             ),
         )
-        atomic_write_text(self.run_dir / "kohya_dataset.toml", dataset_toml(config, job.project.dataset))
+        atomic_write_text(self.run_dir / "kohya_dataset.toml", dataset_toml(config, job.project.dataset, folders))
         self.info.update({
             "status": "running",
             "output_name": output_name,

@@ -22,7 +22,7 @@ def step_file_name(output_name: str, step: int) -> str:
 
 
 class EpochSaver:
-    def __init__(self, job, model, items, buckets, schedule, precision: str):
+    def __init__(self, job, model, items, buckets, schedule, precision: str, folders=()):
         self.job = job
         self.config = job.config
         self.model = model
@@ -36,7 +36,16 @@ class EpochSaver:
         self.files: list[Path] = []
         # kohya names a dataset folder "<repeats>_<name>"; tools that read ss_tag_frequency expect it.
         self.dataset_dir = f"{self.config.num_repeats}_{job.project.name}"
-        self.tag_frequency = dict(Counter(tag for item in items for tag in dict.fromkeys(split_tags(item.caption))))
+        self.tag_frequency: dict[str, dict] = {}
+        for item in items:
+            tags = self.tag_frequency.setdefault(item.folder or self.dataset_dir, Counter())
+            tags.update(set(split_tags(item.caption)))
+        own = sum(1 for item in items if not item.folder)
+        self.dataset_dirs = {self.dataset_dir: {"n_repeats": self.config.num_repeats, "img_count": own}}
+        self.reg_dataset_dirs: dict[str, dict] = {}
+        for folder, count in folders:
+            kind = self.reg_dataset_dirs if folder.regularisation else self.dataset_dirs
+            kind[folder.label] = {"n_repeats": folder.repeats, "img_count": count}
 
     def _due(self, epoch: int) -> bool:
         return epoch % self.config.save_every_n_epochs == 0 or epoch == self.schedule.epochs
@@ -53,11 +62,13 @@ class EpochSaver:
             epoch=epoch,
             num_epochs=self.schedule.epochs,
             steps=steps,
-            num_train_images=len(self.items) * c.num_repeats,
+            num_train_images=sum(item.repeats for item in self.items if not item.regularisation),
             num_batches_per_epoch=self.schedule.steps_per_epoch,
-            tag_frequency={self.dataset_dir: self.tag_frequency},
-            dataset_dirs={self.dataset_dir: {"n_repeats": c.num_repeats, "img_count": len(self.items)}},
-            bucket_info=self.buckets.bucket_info(c.num_repeats) if c.enable_bucket else None,
+            tag_frequency={folder: dict(tags) for folder, tags in self.tag_frequency.items()},
+            dataset_dirs=self.dataset_dirs,
+            num_reg_images=sum(d["n_repeats"] * d["img_count"] for d in self.reg_dataset_dirs.values()),
+            reg_dataset_dirs=self.reg_dataset_dirs,
+            bucket_info=self.buckets.bucket_info([item.repeats for item in self.items]) if c.enable_bucket else None,
             base_model_name=self.job.base_model_name,
             base_model_hash=self.job.base_model_hash,
             base_model_sha256=self.job.base_model_sha256,

@@ -102,12 +102,12 @@ class StepFunction:
         target = self.schedule.velocity(latents, noise, timesteps) if self.v else noise
         return pred, target
 
-    def loss(self, latents, text, sizes, noise, timesteps, input_noise=None):
+    def loss(self, latents, text, sizes, noise, timesteps, input_noise=None, weights=None):
         with self._autocast():
             states = self._text_states(text)
         pred, target = self._prediction(latents, states, sizes, noise, timesteps, input_noise)
         return diffusion_loss(pred, target, self.schedule.snr[timesteps], self.config.min_snr_gamma, self.v,
-                              scale_v_like_noise=self.config.scale_v_pred_loss_like_noise_pred)
+                              scale_v_like_noise=self.config.scale_v_pred_loss_like_noise_pred, weights=weights)
 
     @torch.no_grad()
     def prediction_error(self, latents, states, sizes, noise, timesteps) -> torch.Tensor:
@@ -116,10 +116,12 @@ class StepFunction:
         pred, target = self._prediction(latents, states, sizes, noise, timesteps)
         return (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
 
-    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor, *, first: bool = True, last: bool = True) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor, *, weights: torch.Tensor | None = None,
+                 first: bool = True, last: bool = True) -> torch.Tensor:
         """One batch: its gradients start a new optimizer step (``first``) or add to the current
         one, and ``last`` takes the optimizer step. Each batch's loss is divided by
-        ``gradient_accumulation_steps``, as accelerate divides it for kohya."""
+        ``gradient_accumulation_steps``, as accelerate divides it for kohya; ``weights`` (one per
+        image, None: all 1) weight each image's loss, as kohya's ``loss_weights``."""
         if first:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
@@ -129,7 +131,7 @@ class StepFunction:
         timesteps = draw_timesteps(latents.shape[0], None, latents.device)
         # kohya's input perturbation: the latents are noised a little more than the target says.
         input_noise = noise + c.ip_noise_gamma * torch.randn_like(noise) if c.ip_noise_gamma else None
-        loss = self.loss(latents, text, sizes, noise, timesteps, input_noise)
+        loss = self.loss(latents, text, sizes, noise, timesteps, input_noise, weights)
         share = loss / c.gradient_accumulation_steps if c.gradient_accumulation_steps > 1 else loss
         if self.grad_scaler is not None:
             self.grad_scaler.scale(share).backward()

@@ -40,6 +40,7 @@ from lorakit_ext.project import Project, confine, create_project, list_projects,
 from lorakit_ext.project_lock import ProjectBusy
 from lorakit_ext.train.record import find_run_dir, list_runs
 from lorakit_ext.train.plan import plan_for
+from lorakit_ext.train.preflight import folder_counts
 from lorakit_ext.webui import host, jobs, limits, suggestion, training
 from lorakit_ext.webui.ui_results import cell_for
 
@@ -316,7 +317,7 @@ def plan(name: str, body: Settings) -> dict:
     images = len(list_images(project.dataset))
     if not images:
         raise UserError(f"the dataset {project.dataset} has no images; import some first")
-    return plan_for(config, images).to_dict()
+    return plan_for(config, images, *folder_counts(config, project.path)).to_dict()
 
 
 @router.post("/projects/{name}/train", status_code=202)

@@ -37,6 +37,7 @@ class FieldSpec:
     step: float | None = None
     precision: int | None = None
     choices: tuple[str, ...] = ()
+    lines: int = 1  # a textbox's height: several for the fields that take one entry per line
 
     @property
     def elem_id(self) -> str:
@@ -69,7 +70,7 @@ def field_spec(field: dataclasses.Field) -> FieldSpec:
         # message naming no field, while TrainConfig.problems() names it in the plan box.
         base["info"] += _range_text(low, high)
         return FieldSpec(kind="number", precision=0 if kind_of_value is int else None, **base)
-    return FieldSpec(kind="textbox", **base)
+    return FieldSpec(kind="textbox", lines=meta.get("lines") or 1, **base)
 
 
 def form_specs(config_cls=TrainConfig) -> list[FieldSpec]:

@@ -29,6 +29,9 @@ PLAN_FIELDS = (
     "bucket_no_upscale",
     "validation_split",
     "seed",  # which images validation holds out
+    "dataset_folders",
+    "reg_folders",
+    "prior_loss_weight",
 )
 
 _sizes: dict[tuple[str, int, int], tuple[int, int]] = {}
@@ -63,8 +66,26 @@ def real_counts(config: TrainConfig, sizes: list[tuple[int, int]]) -> str:
     )
 
 
-def plan_text(config: TrainConfig, sizes: list[tuple[int, int]]) -> str:
+def _folders_plan(config: TrainConfig, dataset: Path) -> list[str]:
+    """With further or regularisation folders: the trainer's own reading of every folder."""
+    from lorakit_ext.train.preflight import dataset_schedule
+
+    data = dataset_schedule(config, dataset)
+    schedule, used = data.schedule, len(data.buckets.counts())
+    return [data.estimate.text,
+            f"After bucketing ({used} bucket{'' if used == 1 else 's'}): {schedule.steps_per_epoch} steps per epoch, "
+            f"{schedule.epochs} epochs, {schedule.total_steps} steps in total, {schedule.warmup_steps} warmup steps."]
+
+
+def plan_text(config: TrainConfig, sizes: list[tuple[int, int]], dataset: Path | None = None) -> str:
+    """The box's text for the project's images of ``sizes``; ``dataset`` (the project's folder of
+    them) is read in full when the config names further or regularisation folders."""
     problems = config.problems()
+    if dataset is not None and sizes and not problems and (config.dataset_folders.strip() or config.reg_folders.strip()):
+        try:
+            return "\n".join(_folders_plan(config, dataset))
+        except (UserError, ValueError) as exc:
+            return f"Problem: {exc}"
     lines = [plan_for(config, len(sizes)).text]
     if not sizes:
         lines.append("The dataset has no images yet: import some in the Dataset tab.")

@@ -1,5 +1,6 @@
 """The Train sub-tab: the form generated from ``TrainConfig``, presets, the plan, Start/Interrupt,
-and the run's loss curve, epoch files and samples.
+and the run's loss curve, epoch files and samples; regularisation images are drawn from the form
+(``ui_reg_images``).
 
 Start runs ``jobs.train_in_gradio`` under ``wrap_gradio_gpu_call``; the button's JS gives it a
 task id and A1111's ``requestProgress`` draws the progress bar. While it runs, the same JS presses
@@ -14,7 +15,7 @@ import gradio as gr
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.models.families import PRESETS, family_of_preset, first_preset, known_family
-from lorakit_ext.webui import ui_form, ui_plan, ui_results, ui_shared, ui_tables
+from lorakit_ext.webui import ui_form, ui_plan, ui_reg_images, ui_results, ui_shared, ui_tables
 
 SPECS = ui_form.form_specs()
 
@@ -29,7 +30,7 @@ def component(spec: ui_form.FieldSpec):
         return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, **common)
     if spec.kind == "number":
         return gr.Number(precision=spec.precision, **common)
-    return gr.Textbox(**common)
+    return gr.Textbox(lines=spec.lines, **common)
 
 
 def _follow_loaded_model(form_family, *current):
@@ -69,10 +70,11 @@ def _plan(project_name, *values) -> str:
         return "Choose a project to see the plan."
     try:
         config = ui_form.config_from_values(SPECS, values)
-        sizes = ui_plan.dataset_sizes(ui_shared.current_project(project_name).dataset)
+        dataset = ui_shared.current_project(project_name).dataset
+        sizes = ui_plan.dataset_sizes(dataset)
     except UserError as exc:
         return f"Problem: {exc}"
-    return ui_plan.plan_text(config, sizes)
+    return ui_plan.plan_text(config, sizes, dataset)
 
 
 def _start(id_task, project_name, *values):
@@ -153,6 +155,8 @@ def build(project):
                 with gr.Accordion(group, open=group in ui_form.OPEN_GROUPS, elem_id=f"lorakit_train_group_{group.lower()}"):
                     for spec in specs:
                         fields[spec.name] = component(spec)
+                        if spec.name == "reg_folders":
+                            reg_controls = ui_reg_images.build()
         with gr.Column(scale=2, elem_id="lorakit_train_side"):
             plan = gr.Textbox(label="Plan", lines=8, interactive=False, elem_id="lorakit_train_plan")
             with FormRow():
@@ -179,6 +183,7 @@ def build(project):
 
     values = [fields[spec.name] for spec in SPECS]
     planned = dict(fn=_plan, inputs=[project, *values], outputs=[plan], show_progress="hidden")
+    ui_reg_images.wire(reg_controls, project, fields).then(**planned)
     for name in ui_plan.PLAN_FIELDS:
         fields[name].input(**planned)
     project.change(**planned)

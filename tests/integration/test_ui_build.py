@@ -96,6 +96,7 @@ def test_every_train_config_field_has_its_component(tab):
         ("lorakit_train_start", "lorakit_start_training", "lorakit_ext.webui.ui_train._start"),
         ("lorakit_caption_start", "lorakit_run_captioner", "lorakit_ext.webui.ui_caption_run.run"),
         ("lorakit_grid_start", "lorakit_render_grid", "lorakit_ext.webui.ui_compare._grid"),
+        ("lorakit_reg_start", "lorakit_generate_reg_images", "lorakit_ext.webui.ui_reg_images.generate"),
     ],
 )
 def test_job_buttons_use_a1111s_progress_pattern(tab, wrapped, button, js, handler):

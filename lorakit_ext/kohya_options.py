@@ -82,6 +82,10 @@ def _network(values: dict, out: dict) -> None:
         raise UserError(f"network_module = {module!r} is not supported; LoRA Kit trains networks.lora (LoRA, LoCon) "
                         f"and {_LYCORIS} (LoHa, LoKr)")
     args = dict(arg.split("=", 1) for arg in values.get("network_args", []) if "=" in arg)
+    if str(args.get("dora_wd", "")).lower() == "true":
+        raise UserError("network_args dora_wd=True (DoRA) is refused: peft and LyCORIS (by default) normalise DoRA's magnitude per "
+                        "output row, A1111 1.10 applies it per input column, so the file would not draw what was "
+                        "trained; train LoRA, LoCon, LoHa or LoKr")
     unsupported = sorted(set(args) - {"conv_dim", "conv_alpha", "algo"})
     if unsupported:
         raise UserError(f"network_args {', '.join(unsupported)} are not supported (LoRA Kit reads algo, conv_dim, conv_alpha)")

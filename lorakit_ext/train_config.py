@@ -37,6 +37,7 @@ class TrainConfig:
     output_name: str = _f("", "Output name", "LoRA file stem; epochs are saved as <name>-01.safetensors … (empty: the project name)", "Output")
     trigger: str = _f("", "Activation tag", "Trigger word(s) put first in every caption and written into the card", "Output")
     sample_every_n_epochs: int = _f(0, "Samples every N epochs", "Draw the sample prompts with the LoRA as trained so far every N epochs (and after the last); 0: never", "Output", min=0, max=1000)
+    sample_every_n_steps: int = _f(0, "Samples every N steps", "Also draw them every N optimizer steps, as kohya's sample_every_n_steps (0: never)", "Output", min=0, max=1_000_000)
     sample_prompt: str = _f("", "Sample prompts", "One prompt per line, each drawn at seed + its line number; empty: the trigger and the dataset's most common tags", "Output", lines=2)
     training_comment: str = _f("", "Comment", "Stored in the file's ss_training_comment metadata", "Output")
 

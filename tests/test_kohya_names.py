@@ -90,6 +90,7 @@ def test_a_kohya_colab_config_pair_reads_as_the_user_wrote_it(tmp_path):
 
 @pytest.mark.parametrize("text, named", [
     ("color_aug = true", "color_aug"),
+    ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=locon", "dora_wd=True"]', "DoRA"),
     ('network_module = "lycoris.kohya"\nnetwork_args = ["algo=ia3"]', "algo=ia3"),
     ('network_module = "networks.oft"', "networks.oft"),
     ("text_encoder_lr = [0.0001, 0.00005]", "separate rates for two text encoders"),

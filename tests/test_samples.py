@@ -32,15 +32,16 @@ def _run(tiny_sd15_dir, project, tmp_path, name, sample: bool, **changes):
     return result
 
 
-def test_samples_every_two_epochs_and_after_the_last_leave_the_training_alone(tiny_sd15_dir, tmp_path):
+def test_samples_every_two_epochs_after_the_last_and_every_n_steps_leave_the_training_alone(tiny_sd15_dir, tmp_path):
     project = create_project(tmp_path / "projects", "kat")
     fill_dataset(project.dataset)
-    prompts = "kat, red hair\nkat, smile"
-    plain = _run(tiny_sd15_dir, project, tmp_path, "plain", False, sample_every_n_epochs=2, sample_prompt=prompts)
-    sampled = _run(tiny_sd15_dir, project, tmp_path, "sampled", True, sample_every_n_epochs=2, sample_prompt=prompts)
+    # 4 images in batches of 2: 2 steps an epoch, 6 in all.
+    options = dict(sample_every_n_epochs=2, sample_every_n_steps=5, sample_prompt="kat, red hair\nkat, smile")
+    plain = _run(tiny_sd15_dir, project, tmp_path, "plain", False, **options)
+    sampled = _run(tiny_sd15_dir, project, tmp_path, "sampled", True, **options)
     assert sampled.losses == plain.losses and sampled.validation == plain.validation
     drawn = sorted(p.name for p in (sampled.run_dir / "samples").iterdir())
-    assert drawn == ["kat-02-1.png", "kat-02-2.png", "kat-03-1.png", "kat-03-2.png"]
+    assert drawn == ["kat-02-1.png", "kat-02-2.png", "kat-03-1.png", "kat-03-2.png", "kat-step00000005-1.png", "kat-step00000005-2.png"]
     assert Image.open(sampled.run_dir / "samples" / "kat-03-1.png").size == (64, 64)
 
 

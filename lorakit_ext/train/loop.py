@@ -41,7 +41,7 @@ from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
 from lorakit_ext.train.latent_store import LatentStore, vae_identity
-from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_mode
+from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_due_at_step, sampling_mode
 from lorakit_ext.train.text_cache import TextCache
 from lorakit_ext.train.validation import ValidationSet
 from lorakit_ext.train.buckets import bucket_plan_for
@@ -220,6 +220,7 @@ class Trainer:
     def _train(self, cache, items, buckets, schedule, saver, record, resume_state, validation):
         config, model = self.config, self.model
         captions = [item.caption for item in items]
+        train_captions = [item.caption for item in items if not item.regularisation]
         channels_last = self.device.type == "cuda" if self.job.channels_last is None else self.job.channels_last
         with contextlib.ExitStack() as stack:
             stack.callback(park(model.vae, self.device))
@@ -316,24 +317,28 @@ class Trainer:
                     self._report(epoch, schedule, position.global_step, losses, scheduler, started, first_step)
                     for path in saver.save_step(network, epoch + 1, position.global_step):
                         self.on_epoch_file(path)
+                    self._sample(network, train_captions, epoch + 1, schedule.epochs, position.global_step)
                 self._flush(pending, losses, position.global_step)
                 position = Position(epoch + 1, 0, position.global_step)
                 validation_loss = validate(epoch + 1)
                 self.on_progress(Progress("saving", epoch=epoch + 1, epochs=schedule.epochs, step=position.global_step, total_steps=schedule.total_steps))
                 for path in saver.save_epoch(network, epoch + 1, position.global_step, validation_loss):
                     self.on_epoch_file(path)
-                self._sample(network, [item.caption for item in items if not item.regularisation], epoch + 1, schedule.epochs)
+                self._sample(network, train_captions, epoch + 1, schedule.epochs)
                 save(position)
                 record.update(losses, saver.files, self.validation_losses, self.phases)
                 if position.global_step >= schedule.total_steps:
                     break
         return position, losses
 
-    def _sample(self, network, captions, epoch: int, epochs: int) -> None:
-        if self.sampler is None or not sampling_due(self.config, epoch, epochs):
+    def _sample(self, network, captions, epoch: int, epochs: int, step: int | None = None) -> None:
+        """The samples of the epoch that just ended, or (``step``) of the optimizer step just taken."""
+        due = sampling_due(self.config, epoch, epochs) if step is None else sampling_due_at_step(self.config, step)
+        if self.sampler is None or not due:
             return
-        request = sample_request(self.config, captions, epoch, self.job.run_dir, self.job.stem)
-        self.on_progress(Progress("sampling", epoch=epoch, epochs=epochs, message=f"drawing {len(request.prompts)} sample(s) of epoch {epoch}"))
+        request = sample_request(self.config, captions, epoch, self.job.run_dir, self.job.stem, step)
+        when = f"epoch {epoch}" if step is None else f"step {step}"
+        self.on_progress(Progress("sampling", epoch=epoch, epochs=epochs, message=f"drawing {len(request.prompts)} sample(s) of {when}"))
         with sampling_mode([comp.root for comp in network.components], list(self.model.text_encoders.values()), self.device):
             self.sampler(request)
 

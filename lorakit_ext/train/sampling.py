@@ -1,5 +1,5 @@
-"""Samples while training: every ``sample_every_n_epochs`` epochs (and after the last) the sample
-prompts are drawn with the LoRA as trained so far, by whatever sampler the front door brings (the
+"""Samples while training: every ``sample_every_n_epochs`` epochs (and after the last), and every
+``sample_every_n_steps`` optimizer steps, the sample prompts are drawn with the LoRA as trained so far, by whatever sampler the front door brings (the
 WebUI: A1111's own; headless: :func:`~lorakit_ext.compare.sample.sample`).
 
 Drawing must not change the training: it runs in eval mode (no network dropout) without gradients,
@@ -28,10 +28,12 @@ class SampleRequest:
     seeds: list[int]  # one per prompt
     size: tuple[int, int]  # width, height
     folder: Path  # where the images go: the run's samples/
-    stem: str  # file names: <stem>-<epoch>-<n>.png
+    stem: str  # file names: <stem>-<epoch>-<n>.png, or <stem>-step<step>-<n>.png mid-epoch
+    step: int | None = None  # drawn after this optimizer step rather than at the epoch's end
 
     def path(self, index: int) -> Path:
-        return self.folder / f"{self.stem}-{self.epoch:02d}-{index + 1}.png"
+        when = f"{self.epoch:02d}" if self.step is None else f"step{self.step:08d}"
+        return self.folder / f"{self.stem}-{when}-{index + 1}.png"
 
 
 # Draws a request's images (one per prompt, at its seed) and returns where they were written.
@@ -43,11 +45,16 @@ def sampling_due(config, epoch: int, epochs: int) -> bool:
     return bool(every) and (epoch % every == 0 or epoch == epochs)
 
 
-def sample_request(config, captions: Sequence[str], epoch: int, run_dir: Path, stem: str) -> SampleRequest:
+def sampling_due_at_step(config, step: int) -> bool:
+    every = config.sample_every_n_steps
+    return bool(every) and step % every == 0
+
+
+def sample_request(config, captions: Sequence[str], epoch: int, run_dir: Path, stem: str, step: int | None = None) -> SampleRequest:
     prompts = [line.strip() for line in config.sample_prompt.splitlines() if line.strip()]
     prompts = prompts or [typical_prompt(captions, config.trigger.strip())]
     return SampleRequest(epoch, prompts, [config.seed + i for i in range(len(prompts))],
-                         (config.resolution, config.resolution), Path(run_dir) / SAMPLES_FOLDER, stem)
+                         (config.resolution, config.resolution), Path(run_dir) / SAMPLES_FOLDER, stem, step)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ class UnknownJob(UserError):
 @dataclass
 class Job:
     id: str
-    kind: str  # "train" | "grid"
+    kind: str  # "train" | "grid" | "reg-images"
     project: str
     status: str = "queued"  # queued | running | finished | interrupted | failed
     phase: str = ""
@@ -99,7 +99,8 @@ _lock = threading.Lock()
 _jobs: dict[str, Job] = {}
 
 
-def _new_job(kind: str, project: str, job_id: str | None = None) -> Job:
+def new_job(kind: str, project: str, job_id: str | None = None) -> Job:
+    """A queued job of ``kind`` on ``project``, listed by :func:`job_status` from now on."""
     job = Job(job_id or f"lorakit-{uuid.uuid4().hex[:12]}", kind, project)
     with _lock:
         _jobs[job.id] = job
@@ -154,8 +155,9 @@ def _execute(job: Job, work) -> None:
     job.set(status="running", phase="starting")
     try:
         work()
-    except Interrupted:
-        job.set(status="interrupted", message="interrupted; the epochs saved so far are kept")
+    except Interrupted as exc:
+        # Raised with what the work kept: training's says its epochs are.
+        job.set(status="interrupted", message=str(exc))
     except Exception as exc:  # noqa: BLE001 - a job must end with a status, whatever broke
         known = as_user_error(exc)
         if known is None:
@@ -169,7 +171,7 @@ def _execute(job: Job, work) -> None:
         bridge.free_memory()
 
 
-def _spawn(job: Job, work, on_end=lambda: None) -> None:
+def spawn(job: Job, work, on_end=lambda: None) -> None:
     """Runs ``work`` as a queued job in its own thread; ``on_end`` runs however it ends, also when
     the job was cancelled before it started."""
 
@@ -308,8 +310,8 @@ def start_training(project: str, config: TrainConfig | None = None, *, resume: s
     project, invalid settings, a busy project or a run that cannot resume raise :class:`UserError`
     before anything is queued; the job releases the lock when it ends."""
     prepared = training.prepare(project, config, resume=resume, force=force, by="HTTP API")
-    job = _new_job("train", project)
-    _spawn(job, lambda: _train_locked(job, prepared), on_end=prepared.lock.release)
+    job = new_job("train", project)
+    spawn(job, lambda: _train_locked(job, prepared), on_end=prepared.lock.release)
     return job.id
 
 
@@ -317,6 +319,8 @@ def _train_locked(job: Job, prepared) -> None:
     # The lock goes before the job reads as ended, so a client that sees "finished" can start again.
     try:
         _train(job, prepared)
+    except Interrupted:
+        raise Interrupted("interrupted; the epochs saved so far are kept") from None
     finally:
         prepared.lock.release()
 
@@ -331,8 +335,8 @@ def start_grid(project: str, lora_names: list[str], *, trigger: str = "", **opti
         raise UserError("name at least one LoRA for the grid")
     output_name = lora_names[0].rsplit("-", 1)[0] if "-" in lora_names[0] else lora_names[0]
     request = _grid_request(lora_names, trigger=trigger or output_name, output_name=output_name, **options)
-    job = _new_job("grid", project)
-    _spawn(job, lambda: _grid(job, request))
+    job = new_job("grid", project)
+    spawn(job, lambda: _grid(job, request))
     return job.id
 
 
@@ -346,7 +350,7 @@ def train_in_gradio(id_task: str, project: str, config_json: str) -> tuple:
     last because ``wrap_gradio_gpu_call`` appends its timing HTML to the last output and, when a
     handler raises, returns ``extra_outputs + [error_html]``: pass ``extra_outputs=[[], [], None]``.
     """
-    job = _new_job("train", project, job_id=id_task)
+    job = new_job("train", project, job_id=id_task)
     try:
         values = _json_object(config_json)
         resume = values.pop(RESUME_KEY, None)

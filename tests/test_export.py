@@ -279,7 +279,7 @@ def make_metadata(family=SD1, v=False, **overrides):
         base_model_name="v1-5-pruned-emaonly.safetensors", base_model_hash="6ce0161689",
         base_model_sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
         started_at=1_700_000_000.25, finished_at=1_700_000_600.5,
-        network_args={"conv_dim": 8, "conv_alpha": 4.0}, resolution=512, mixed_precision="bf16",
+        resolution=512, mixed_precision="bf16",
     )
     args.update(overrides)
     return training_metadata(config, **args)

@@ -51,7 +51,6 @@ def training_metadata(
     base_model_sha256: str | None,
     started_at: float,
     finished_at: float,
-    network_args: dict | None = None,
     resolution: int | tuple[int, int],
     mixed_precision: str,
     num_reg_images: int = 0,
@@ -68,7 +67,7 @@ def training_metadata(
     ``mixed_precision`` is the precision the run resolved ("no", "fp16" or "bf16"), not the option
     it was asked for ("auto"). ``ss_network_module`` and ``ss_network_args`` are what kohya
     sd-scripts trains the config's network type with (LoHa and LoKr: LyCORIS's ``lycoris.kohya`` and
-    its ``algo``); ``network_args`` adds entries to the latter.
+    its ``algo``; LoCon and those: the conv dim and alpha).
     """
     width, height = _resolution(resolution)
     network_module, type_args = network_options(config)
@@ -101,7 +100,7 @@ def training_metadata(
         "ss_network_dim": config.network_dim,
         "ss_network_alpha": config.network_alpha,
         "ss_network_dropout": config.network_dropout,
-        "ss_network_args": json.dumps({k: str(v) for k, v in {**type_args, **(network_args or {})}.items()}),
+        "ss_network_args": json.dumps({k: str(v) for k, v in type_args.items()}),
         "ss_mixed_precision": mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": family.v2,

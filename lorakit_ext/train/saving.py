@@ -52,7 +52,6 @@ class EpochSaver:
 
     def metadata(self, epoch: int, steps: int, stem: str | None = None) -> dict[str, str]:
         c = self.config
-        network_args = {"conv_dim": str(c.conv_dim), "conv_alpha": str(c.conv_alpha)} if c.network_type == "LoCon" else {}
         return training_metadata(
             # ss_optimizer names what ran (AdamW8bit falls back to AdamW without bitsandbytes).
             c.replace(optimizer=self.optimizer_name),
@@ -74,7 +73,6 @@ class EpochSaver:
             base_model_sha256=self.job.base_model_sha256,
             started_at=self.started_at,
             finished_at=time.time(),
-            network_args=network_args,
             resolution=c.resolution,
             mixed_precision=self.precision,
         )

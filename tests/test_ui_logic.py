@@ -131,6 +131,27 @@ def test_plan_text_has_the_notebook_lines_and_the_bucketed_count(project):
     assert f"After bucketing (2 buckets): 14 steps per epoch, 4 epochs, {schedule.total_steps} steps in total" in text
 
 
+def test_plan_box_counts_further_and_regularisation_folders_and_names_a_bad_line(project):
+    for i in range(4):
+        save(project.dataset / f"p{i}.png", (512, 768))
+    outfits, reg = project.path / "3_outfits", project.path / "reg"
+    outfits.mkdir()
+    reg.mkdir()
+    for i in range(2):
+        save(outfits / f"o{i}.png", (512, 768))
+    for i in range(3):
+        save(reg / f"r{i}.png", (512, 768))
+    config = TrainConfig(num_repeats=2, train_batch_size=2, max_train_epochs=1, dataset_folders="3_outfits", reg_folders="1 reg")
+    text = ui_plan.plan_text(config, ui_plan.dataset_sizes(project.dataset), project.dataset)
+    assert "3_outfits: found 2 images with 3 repeats, equaling 6 steps." in text
+    # 4 × 2 + 2 × 3 = 14 training steps, matched by 14 regularisation steps: 28, in batches of 2.
+    assert "As kohya does, regularisation is matched to the 14 training steps: 14 regularisation steps" in text
+    assert "After bucketing (1 bucket): 14 steps per epoch" in text
+    bad = config.replace(reg_folders="1 nowhere")
+    assert ui_plan.plan_text(bad, ui_plan.dataset_sizes(project.dataset), project.dataset).startswith(
+        f"Problem: regularisation folder {project.path / 'nowhere'} is not a folder")
+
+
 def test_plan_shows_problems_instead_of_bucketing(project):
     save(project.dataset / "a.png")
     text = ui_plan.plan_text(TrainConfig(resolution=500), ui_plan.dataset_sizes(project.dataset))

@@ -211,3 +211,20 @@ def test_the_plan_command_takes_folders_and_refuses_a_bad_one(tmp_path, capsys):
     assert main(["plan", "kat", *root, "--reg-folder", f"1 {tmp_path / 'nowhere'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: regularisation folder") and "is not a folder" in err
+
+
+def test_validation_on_training_images_leaves_the_regularisation_images_out(tmp_path):
+    from types import SimpleNamespace
+
+    from lorakit_ext.train.loop import Trainer, TrainJob
+
+    project = _project(tmp_path)  # 4 images: too few to hold any out
+    _, regs = _folders(tmp_path)
+    config = TrainConfig(**{**SMALL, "validate_every_n_epochs": 1}, reg_folders=str(regs)).validate()
+    data = dataset_schedule(config, project.dataset)
+    assert sum(item.regularisation for item in data.items) == 3 and not data.validation_items
+    job = TrainJob(config, project, tmp_path / "out", project.runs / "run")
+    trainer = Trainer(SimpleNamespace(device=torch.device("cpu")), job)
+    validation = trainer._validation_set(data, LatentCache([torch.zeros(4, 8, 8) for _ in data.items]))
+    assert validation.captions == [item.caption for item in data.items if not item.regularisation]
+    assert "woman" not in validation.captions

@@ -154,7 +154,9 @@ class Trainer:
         if not self.config.validate_every_n_epochs:
             return None
         if not data.validation_items:
-            return ValidationSet.build(cache, [item.caption for item in data.items], data.buckets, self.config.seed, held_out=False)
+            # Regularisation images come last in the cache and are not what the LoRA learns.
+            training = [item.caption for item in data.items if not item.regularisation]
+            return ValidationSet.build(cache, training, data.buckets, self.config.seed, held_out=False)
         plan = bucket_plan_for(self.config, [item.size for item in data.validation_items])
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.config.seed + 1)

@@ -277,7 +277,8 @@ class Trainer:
                                           total_steps=schedule.total_steps))
                 text_states = (validation_text.states if validation_text is not None
                                else lambda indices: step_fn.encode_text(model.tokenize([validation.captions[i] for i in indices])))
-                value = self._validation_loss(network, step_fn, validation, text_states, channels_last)
+                value = validation.loss_in_eval_mode([comp.root for comp in network.components], step_fn.prediction_error,
+                                                     text_states, channels_last=channels_last)
                 self.validation_losses.append((epoch, position.global_step, value))
                 self.on_progress(Progress("validating", epoch=epoch, epochs=schedule.epochs, step=position.global_step,
                                           total_steps=schedule.total_steps, validation_loss=value,
@@ -349,18 +350,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.phases["to_first_step"] = round(time.perf_counter() - self._run_started, 3)
-
-    @staticmethod
-    def _validation_loss(network, step_fn, validation, text_states, channels_last: bool) -> float:
-        # Eval mode turns network dropout off; training mode comes back for the next step.
-        roots = [comp.root for comp in network.components]
-        for root in roots:
-            root.eval()
-        try:
-            return validation.loss(step_fn.prediction_error, text_states, channels_last=channels_last)
-        finally:
-            for root in roots:
-                root.train()
 
     def _flush(self, pending: list[torch.Tensor], losses: list[float], global_step: int) -> None:
         """Reads the losses accumulated on the device (one host sync) and stops on NaN/inf."""

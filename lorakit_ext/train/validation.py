@@ -59,6 +59,17 @@ class ValidationSet:
     def captions(self) -> list[str]:
         return [e.caption for e in self.entries]
 
+    def loss_in_eval_mode(self, roots, error, text_states, *, channels_last: bool = False) -> float:
+        """:meth:`loss` with the LoRA's module ``roots`` in eval mode (network dropout off), back in
+        training mode for the next step."""
+        for root in roots:
+            root.eval()
+        try:
+            return self.loss(error, text_states, channels_last=channels_last)
+        finally:
+            for root in roots:
+                root.train()
+
     @torch.no_grad()
     def loss(self, error, text_states, *, channels_last: bool = False) -> float:
         """The mean prediction error over every image and timestep. ``error(latents, states, sizes,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import os
 import sys
 import tempfile
 import time
@@ -303,13 +302,11 @@ def run_bench(args) -> dict:
 
 
 def run_cli(args):
-    from lorakit_ext.models.sgm_import import SGM_DIR_ENV, sgm_folder_of_a1111
+    from lorakit_ext.models.sgm_import import use_a1111_sgm
 
     if args.steps < 1 or args.warmup < 1:
         raise UserError("--steps and --warmup must be at least 1")
-    if args.a1111_dir and not os.environ.get(SGM_DIR_ENV):
-        # The edge where the user's choice becomes the process's: sgm is looked for here.
-        os.environ[SGM_DIR_ENV] = str(sgm_folder_of_a1111(Path(args.a1111_dir)))
+    use_a1111_sgm(args.a1111_dir)
     _apply_family_defaults(args)
     figures = run_bench(args)
     return figures, report(figures, args)

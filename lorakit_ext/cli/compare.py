@@ -4,7 +4,6 @@ without A1111. The report lands in the run folder as ``epochs.json`` beside ``gr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from lorakit_ext.cli.output import Result
@@ -92,11 +91,10 @@ def _measure(args, project, run_dir: Path, record: dict, files: list[Path]):
     from lorakit_ext.compare.grid import epoch_grid_plan, render_epoch_cells
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
-    from lorakit_ext.models.sgm_import import SGM_DIR_ENV, sgm_folder_of_a1111
+    from lorakit_ext.models.sgm_import import use_a1111_sgm
     from lorakit_ext.train_config import TrainConfig
 
-    if args.a1111_dir and not os.environ.get(SGM_DIR_ENV):
-        os.environ[SGM_DIR_ENV] = str(sgm_folder_of_a1111(Path(args.a1111_dir)))
+    use_a1111_sgm(args.a1111_dir)
     options = record.get("options") or {}
     base_model = args.base_model or options.get("base_model")
     if not base_model:

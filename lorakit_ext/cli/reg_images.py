@@ -5,7 +5,6 @@ txt2img instead."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -75,10 +74,9 @@ def _draw(args, project, prompts) -> Result:
     from lorakit_ext.dataset.reg_images import REG_LINE, prompts_note, write_reg_images
     from lorakit_ext.models.checkpoint import family_of_checkpoint, load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
-    from lorakit_ext.models.sgm_import import SGM_DIR_ENV, sgm_folder_of_a1111
+    from lorakit_ext.models.sgm_import import use_a1111_sgm
 
-    if args.a1111_dir and not os.environ.get(SGM_DIR_ENV):
-        os.environ[SGM_DIR_ENV] = str(sgm_folder_of_a1111(Path(args.a1111_dir)))
+    use_a1111_sgm(args.a1111_dir)
     checkpoint = Path(args.base_model).expanduser()
     # The family's training defaults: the size it trains at and the text encoding it trains with.
     config = family_of_checkpoint(checkpoint).train_config()

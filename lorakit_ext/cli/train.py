@@ -7,7 +7,6 @@ change the run are refused.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -95,16 +94,14 @@ def _resolved_option(key: str, value: str) -> str:
 
 
 def run(args) -> Result:
-    from lorakit_ext.models.sgm_import import SGM_DIR_ENV, sgm_folder_of_a1111
+    from lorakit_ext.models.sgm_import import use_a1111_sgm
     from lorakit_ext.train.preflight import preflight
     from lorakit_ext.train.resume import check_unchanged, resume_point
 
     project = open_project(args.root, args.project)
     if args.force and not args.resume:
         raise UserError("--force only goes with --resume")
-    if args.a1111_dir and not os.environ.get(SGM_DIR_ENV):
-        # The edge where the user's choice becomes the process's: sgm is looked for here.
-        os.environ[SGM_DIR_ENV] = str(sgm_folder_of_a1111(Path(args.a1111_dir)))
+    use_a1111_sgm(args.a1111_dir)
     if not args.resume and not args.base_model:
         raise UserError("--base-model is required to start a run (give the checkpoint to train on)")
     with ProjectLock(project.path, "training (CLI)"):

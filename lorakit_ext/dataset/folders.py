@@ -41,14 +41,19 @@ def _kohya_folder(path: Path, regularisation: bool) -> ImageFolder | None:
     return ImageFolder(path, int(match.group(1)), regularisation, match.group(2).replace("_", " ").strip())
 
 
-def _folders_of_line(line: str, base: Path, regularisation: bool, what: str) -> list[ImageFolder]:
+def line_path(line: str, base: Path) -> tuple[int | None, Path]:
+    """A folder line's leading repeats (None when it gives none) and its folder, a relative one
+    inside ``base``; whether that folder exists is not looked at."""
     counted = _COUNTED.match(line)
     path = Path(counted.group(2).strip() if counted else line).expanduser()
-    path = path if path.is_absolute() else base / path
+    return (int(counted.group(1)) if counted else None), (path if path.is_absolute() else Path(base) / path)
+
+
+def _folders_of_line(line: str, base: Path, regularisation: bool, what: str) -> list[ImageFolder]:
+    repeats, path = line_path(line, base)
     if not path.is_dir():
         raise UserError(f"{what} {path} is not a folder; fix the line {line!r} or remove it")
-    if counted:
-        repeats = int(counted.group(1))
+    if repeats is not None:
         if repeats < 1:
             raise UserError(f"{what} line {line!r}: repeats must be at least 1")
         named = _kohya_folder(path, regularisation)

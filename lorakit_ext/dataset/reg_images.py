@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from lorakit_ext.dataset.captions import load_captions
+from lorakit_ext.dataset.folders import line_path
 from lorakit_ext.dataset.tags import as_tags, dedupe_tags, join_tags, remove_tags, split_tags
 from lorakit_ext.errors import UserError
 from lorakit_ext.fsutil import atomic_write_bytes, stale_temp_files
@@ -30,7 +31,6 @@ from lorakit_ext.project import Project
 
 REG_LINE = "1 reg"
 _NUMBERED = re.compile(r"^reg-(\d+)\.", re.IGNORECASE)
-_REPEATS = re.compile(r"^\d+\s+")
 
 # One image (a PIL image) of ``prompt`` at ``seed``; None when the renderer was stopped first.
 Render = Callable[[str, int], object]
@@ -72,12 +72,8 @@ def with_reg_line(reg_folders: str, project: Project) -> str:
     unless a line names that folder already (a folder named twice is refused by training)."""
     lines = [line.strip() for line in reg_folders.splitlines()]
     target = project.reg.resolve()
-    for line in lines:
-        if not line or line.startswith("#"):
-            continue
-        path = Path(_REPEATS.sub("", line)).expanduser()
-        if (path if path.is_absolute() else project.path / path).resolve() == target:
-            return reg_folders
+    if any(line_path(line, project.path)[1].resolve() == target for line in lines if line and not line.startswith("#")):
+        return reg_folders
     kept = reg_folders.rstrip()
     return f"{kept}\n{REG_LINE}" if kept else REG_LINE
 

@@ -44,6 +44,13 @@ def sgm_folder_of_a1111(a1111_dir: Path) -> Path:
     return folder
 
 
+def use_a1111_sgm(a1111_dir: str | Path | None) -> None:
+    """Makes ``--a1111-dir``'s sgm the one :func:`import_sgm` finds, unless ``LORAKIT_SGM_DIR``
+    names one already: the edge where the user's choice becomes the process's."""
+    if a1111_dir and not os.environ.get(SGM_DIR_ENV):
+        os.environ[SGM_DIR_ENV] = str(sgm_folder_of_a1111(Path(a1111_dir)))
+
+
 def import_sgm() -> ModuleType:
     """The ``sgm`` package: already imported (inside A1111), from ``LORAKIT_SGM_DIR``, or installed."""
     if "sgm" in sys.modules:

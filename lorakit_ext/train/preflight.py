@@ -77,10 +77,16 @@ def named_folders(config, project_dir: Path) -> list[ImageFolder]:
     return folders
 
 
-def folder_counts(config, project_dir: Path) -> tuple[list[FolderCount], list[FolderCount]]:
-    """``(further training folders, regularisation folders)`` as the plan counts them."""
-    counted = [(f, FolderCount(f.label, len(list_images(f.path)), f.repeats)) for f in named_folders(config, project_dir)]
+def _plan_counts(folders: list[tuple[ImageFolder, int]]) -> tuple[list[FolderCount], list[FolderCount]]:
+    """``(further training folders, regularisation folders)`` as the plan counts them, from each
+    folder with its number of images."""
+    counted = [(f, FolderCount(f.label, images, f.repeats)) for f, images in folders]
     return [c for f, c in counted if not f.regularisation], [c for f, c in counted if f.regularisation]
+
+
+def folder_counts(config, project_dir: Path) -> tuple[list[FolderCount], list[FolderCount]]:
+    """The plan's counts of the folders ``config`` names, from listing them (no image is opened)."""
+    return _plan_counts([(f, len(list_images(f.path))) for f in named_folders(config, project_dir)])
 
 
 def dataset_schedule(config, dataset_dir: Path) -> DatasetSchedule:
@@ -100,11 +106,9 @@ def dataset_schedule(config, dataset_dir: Path) -> DatasetSchedule:
     check_batch_size(len(items), config.train_batch_size)
     buckets = bucket_plan_for(config, [item.size for item in items])
     steps_per_epoch = buckets.steps_per_epoch([item.repeats for item in items], config.train_batch_size)
-    counts = [FolderCount(folder.label, len(found), folder.repeats) for folder, found in loaded]
-    estimate = plan_for(config, len(every), [c for c, (f, _) in zip(counts, loaded) if not f.regularisation],
-                        [c for c, (f, _) in zip(counts, loaded) if f.regularisation])
-    return DatasetSchedule(items, buckets, estimate, real_schedule(config, steps_per_epoch), held_out,
-                           [(folder, len(found)) for folder, found in loaded])
+    counted = [(folder, len(found)) for folder, found in loaded]
+    estimate = plan_for(config, len(every), *_plan_counts(counted))
+    return DatasetSchedule(items, buckets, estimate, real_schedule(config, steps_per_epoch), held_out, counted)
 
 
 def dataset_fingerprint(items) -> str:

@@ -167,11 +167,5 @@ def build(project):
         blacklist,
         ratings,
     ]
-    stop.click(_interrupt, inputs=[], outputs=[])
+    stop.click(ui_shared.interrupt_a1111, inputs=[], outputs=[])
     return ui_shared.job_button(start, run, inputs, [written, message], "lorakit_run_captioner")
-
-
-def _interrupt() -> None:
-    from modules import shared
-
-    shared.state.interrupt()

@@ -35,12 +35,6 @@ def generate(id_task, project_name, count, steps, trigger, seed, resolution, reg
     return gallery, folders, ui_shared.ok("\n".join(lines))
 
 
-def _interrupt() -> None:
-    from modules import shared
-
-    shared.state.interrupt()
-
-
 def build():
     """The controls, made where they should appear (inside the form's Dataset group); :func:`wire`
     connects them once every form field exists."""
@@ -63,7 +57,7 @@ def build():
 
 def wire(controls, project, fields: dict):
     """Start and Interrupt; returns Start's event."""
-    controls.stop.click(_interrupt, inputs=[], outputs=[])
+    controls.stop.click(ui_shared.interrupt_a1111, inputs=[], outputs=[])
     inputs = [controls.task, project, controls.count, controls.steps, *(fields[name] for name in FORM_FIELDS)]
     outputs = [controls.gallery, fields["reg_folders"], controls.message]
     return ui_shared.job_button(controls.start, generate, inputs, outputs, "lorakit_generate_reg_images")

@@ -86,6 +86,13 @@ def current_project(name: str | None) -> Project:
     return open_project(projects_root(), name)
 
 
+def interrupt_a1111() -> None:
+    """An Interrupt button's action for a job that runs as A1111's own (its queue lock held)."""
+    from modules import shared
+
+    shared.state.interrupt()
+
+
 def task_id_box():
     """The hidden input a job button's JS fills with the task id (A1111's dummy component)."""
     return gr.Textbox(visible=False)

@@ -8,13 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_datasets import fill_dataset
+from tiny_runs import tiny_sd15_trainer
 
-from lorakit_ext.models.checkpoint import load_sd_checkpoint
 from lorakit_ext.models.ldm import LdmModel
 from lorakit_ext.project import create_project
 from lorakit_ext.train import step as step_module
 from lorakit_ext.train.events import Interrupted
-from lorakit_ext.train.loop import Trainer, TrainJob
 from lorakit_ext.train.loss import NoiseSchedule
 from lorakit_ext.train.network import injected
 from lorakit_ext.train.plan import plan_for
@@ -84,11 +83,8 @@ def project(tmp_path):
 
 
 def _trainer(tiny_sd15_dir, project, tmp_path, name, **kwargs):
-    sd_model, _ = load_sd_checkpoint(tiny_sd15_dir / "tiny-sd15.safetensors")
     config = TrainConfig(**{**SMALL, "train_batch_size": 1, "gradient_accumulation_steps": 2}).validate()
-    job = TrainJob(config, project, tmp_path / name, project.runs / name, base_model_name="tiny-sd15")
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(LdmModel(sd_model.eval(), clip_skip=2), job, **kwargs)
+    return tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / name, name, **kwargs)
 
 
 def test_a_run_counts_optimizer_steps_and_resumes_at_a_group_boundary(tiny_sd15_dir, project, tmp_path):

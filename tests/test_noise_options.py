@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_datasets import fill_dataset
+from tiny_runs import tiny_sd15_trainer
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.writer import read_lora_metadata
-from lorakit_ext.models.checkpoint import load_sd_checkpoint
 from lorakit_ext.models.ldm import LdmModel
 from lorakit_ext.project import create_project
-from lorakit_ext.train.loop import Trainer, TrainJob
 from lorakit_ext.train.loss import NoiseSchedule, draw_noise, pyramid_noise
 from lorakit_ext.train.precision import Precision
 from lorakit_ext.train.step import StepFunction
@@ -63,13 +62,10 @@ def test_multires_noise_turns_cuda_graphs_off_with_the_reason_and_refuses_the_of
 def test_a_run_with_both_trains_and_says_so_in_its_files(tiny_sd15_dir, tmp_path):
     project = create_project(tmp_path / "projects", "kat")
     fill_dataset(project.dataset)
-    sd_model, _ = load_sd_checkpoint(tiny_sd15_dir / "tiny-sd15.safetensors")
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, num_repeats=1, max_train_epochs=1,
                          optimizer="AdamW", network_dim=4, multires_noise_iterations=6, multires_noise_discount=0.3,
                          ip_noise_gamma=0.1).validate()
-    job = TrainJob(config, project, tmp_path / "out", project.runs / "run", base_model_name="tiny-sd15")
-    job.run_dir.mkdir(parents=True)
-    result = Trainer(LdmModel(sd_model.eval(), clip_skip=2), job).run()
+    result = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / "out").run()
     assert len(result.losses) == 2 and all(0 < x < 10 for x in result.losses)
     metadata = read_lora_metadata(result.files[-1])
     assert (metadata["ss_multires_noise_iterations"], metadata["ss_ip_noise_gamma"]) == ("6", "0.1")

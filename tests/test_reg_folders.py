@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 from tiny_datasets import fill_dataset
+from tiny_runs import tiny_sd15_trainer
 
 from lorakit_ext.dataset.folders import balance_reg_repeats, parse_folders
 from lorakit_ext.errors import UserError
@@ -169,18 +170,13 @@ def test_kohya_dataset_configs_with_several_subsets_become_folder_lines(tmp_path
 
 
 def test_a_run_with_folders_and_regularisation_records_them_as_kohya(tiny_sd15_dir, tmp_path):
-    from lorakit_ext.models.checkpoint import load_sd_checkpoint
-    from lorakit_ext.models.ldm import LdmModel
-    from lorakit_ext.train.loop import Trainer, TrainJob
-
     project = _project(tmp_path)
     outfits, regs = _folders(tmp_path)
     config = TrainConfig(**SMALL, num_repeats=1, max_train_epochs=1, optimizer="AdamW", network_dim=4,
                          dataset_folders=f"2 {outfits}", reg_folders=str(regs), prior_loss_weight=0.5).validate()
-    sd_model, _ = load_sd_checkpoint(tiny_sd15_dir / "tiny-sd15.safetensors")
-    job = TrainJob(config, project, tmp_path / "out", project.runs / "run", base_model_name="tiny-sd15")
-    job.run_dir.mkdir(parents=True)
-    result = Trainer(LdmModel(sd_model.eval(), clip_skip=2), job).run()
+    trainer = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / "out")
+    job = trainer.job
+    result = trainer.run()
     # 4 + 2×2 = 8 training steps and 8 regularisation steps, batch 2 in two buckets of each kind.
     assert result.status == "finished" and result.steps == 8
     metadata = read_lora_metadata(result.files[0])

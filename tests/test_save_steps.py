@@ -4,12 +4,10 @@ kohya names them, with their own metadata, and count as the run's own when the n
 from __future__ import annotations
 
 from tiny_datasets import fill_dataset
+from tiny_runs import tiny_sd15_trainer
 
 from lorakit_ext.export.writer import read_lora_metadata
-from lorakit_ext.models.checkpoint import load_sd_checkpoint
-from lorakit_ext.models.ldm import LdmModel
 from lorakit_ext.project import create_project
-from lorakit_ext.train.loop import Trainer, TrainJob
 from lorakit_ext.train.preflight import free_output_stem
 from lorakit_ext.train_config import TrainConfig
 
@@ -17,13 +15,10 @@ from lorakit_ext.train_config import TrainConfig
 def test_step_files_are_written_every_n_steps_and_keep_their_names_free(tiny_sd15_dir, tmp_path):
     project = create_project(tmp_path / "projects", "kat")
     fill_dataset(project.dataset)
-    sd_model, _ = load_sd_checkpoint(tiny_sd15_dir / "tiny-sd15.safetensors")
     config = TrainConfig(resolution=64, min_bucket_reso=64, max_bucket_reso=128, num_repeats=1, max_train_epochs=3,
                          optimizer="AdamW", network_dim=4, save_every_n_steps=3, validate_every_n_epochs=0,
                          keep_only_last_n_epochs=0).validate()
-    job = TrainJob(config, project, tmp_path / "out", project.runs / "run", base_model_name="tiny-sd15")
-    job.run_dir.mkdir(parents=True)
-    result = Trainer(LdmModel(sd_model.eval(), clip_skip=2), job).run()
+    result = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / "out").run()
     names = sorted(p.name for p in result.files)
     # 4 images, batch 2: 2 steps an epoch, 6 in all; step files at 3 and 6 beside the 3 epochs.
     assert names == ["kat-01.safetensors", "kat-02.safetensors", "kat-03.safetensors",

@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_datasets import fill_dataset
+from tiny_runs import tiny_sd15_trainer
 from tiny_sdxl import sgm_dir, write_tiny_sdxl_checkpoint
 
 from lorakit_ext.cli import main
 from lorakit_ext.errors import UserError
 from lorakit_ext.export.writer import read_lora_file
-from lorakit_ext.models.checkpoint import load_sd_checkpoint
-from lorakit_ext.models.ldm import LdmModel
 from lorakit_ext.project import create_project
-from lorakit_ext.train.loop import Trainer, TrainJob
 from lorakit_ext.train.text_cache import TextCache
 from lorakit_ext.train_config import TrainConfig
 
@@ -67,15 +65,11 @@ def project(tmp_path):
 
 
 def _train(tiny_sd15_dir, project, tmp_path, name, **overrides):
-    sd_model, _ = load_sd_checkpoint(tiny_sd15_dir / "tiny-sd15.safetensors")
-    sd_model.eval()
     config = TrainConfig(**{**FROZEN, **overrides}).validate()
-    job = TrainJob(config, project, tmp_path / name, project.runs / name, base_model_name="tiny-sd15")
-    job.run_dir.mkdir(parents=True)
-    model = LdmModel(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
+    trainer = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / name, name)
     encoder_calls = []
-    model.text_encoders["te"].register_forward_hook(lambda *args: encoder_calls.append(1))
-    result = Trainer(model, job).run()
+    trainer.model.text_encoders["te"].register_forward_hook(lambda *args: encoder_calls.append(1))
+    result = trainer.run()
     return result, len(encoder_calls)
 
 

@@ -41,8 +41,12 @@ phase_graphs() {
     python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k accumulated 2>&1 | tee "$OUT/graphs.log" | tail -6
 }
 
+# The seed-sized run and its epochs' metrics, then kohya on the same dataset for start-up and memory.
 phase_seed() {
-    python3 dev/seed_run.py --out "$OUT/seed" 2>&1 | tail -25
+    python3 dev/seed_run.py --out /tmp/seed "${KOHYA[@]}" 2>&1 | tail -40
+    cp /tmp/seed/seed_run.json /tmp/seed/train.log /tmp/seed/compare.log "$OUT/" 2>/dev/null
+    cp /tmp/seed/work/projects/kat3r1na/runs/*/run.json "$OUT/seed_record.json" 2>/dev/null
+    cp /tmp/seed/work/kohya/kohya.log "$OUT/seed_kohya.log" 2>/dev/null
 }
 
 sdxl_rows() {

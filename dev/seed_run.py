@@ -6,7 +6,11 @@ Prints (and writes to ``--out``/seed_run.json) the wall time to the plan, to the
 report and to the end, the run's steps and it/s, nvidia-smi's peak, and the epoch report. Run on a
 CUDA machine; ``--tiny`` is a CPU check of the script itself (tiny model, 8 images, 1 epoch).
 
-    python dev/seed_run.py --out /tmp/seed
+With ``--kohya-sd-scripts`` kohya's ``train_network.py`` then trains on the same 3-bucket dataset
+from the run's own kohya TOML pair, cut to ``--kohya-steps`` steps (enough to meet every bucket),
+for its start-up, rate and nvidia-smi peak beside ours.
+
+    python dev/seed_run.py --out /tmp/seed [--kohya-sd-scripts DIR --kohya-python PY]
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+import tomllib
+
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +47,6 @@ def make_dataset(folder: Path, images: int, side: int) -> None:
 
 def write_checkpoint(path: Path, tiny: bool) -> Path:
     import safetensors.torch
-    import torch
 
     from lorakit_ext.models.tiny import build_random_sd15, build_tiny_sd15, fp16_checkpoint
 
@@ -52,11 +58,14 @@ def write_checkpoint(path: Path, tiny: bool) -> Path:
 
 
 def timed_cli(args: list[str], env: dict) -> tuple[dict, list[str]]:
-    """Runs the CLI, noting when the plan and the first training line appear (seconds from start)."""
+    """Runs the CLI, noting when the plan and the first training line appear (seconds from start)
+    and nvidia-smi's peak while it runs."""
+    from lorakit_ext.bench.smi import SmiPeak
+
     started = time.perf_counter()
     marks, lines = {}, []
-    with subprocess.Popen([sys.executable, "-m", "lorakit_ext", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as proc:
+    with SmiPeak(torch.device("cuda" if torch.cuda.is_available() else "cpu")) as smi, subprocess.Popen(
+            [sys.executable, "-m", "lorakit_ext", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             now = time.perf_counter() - started
             lines.append(f"{now:8.2f}  {line.rstrip()}")
@@ -66,13 +75,44 @@ def timed_cli(args: list[str], env: dict) -> tuple[dict, list[str]]:
                 marks["first_step_s"] = now
     marks["wall_s"] = time.perf_counter() - started
     marks["exit"] = proc.returncode
+    marks["smi_peak_MiB"] = smi.peak_mib
     return marks, lines
+
+
+def kohya_on_run(run: Path, sd_scripts: str, python: str, steps: int, work: Path) -> dict:
+    """kohya's train_network.py from the run's kohya TOML pair, cut to ``steps`` steps, writing into
+    ``work`` rather than the run's output folder."""
+    from lorakit_ext.bench.kohya import CLOCK, OFFLINE, _check_inputs, write_tokenizers
+    from lorakit_ext.bench.models import FAMILIES
+    from lorakit_ext.bench.smi import SmiPeak
+    from lorakit_ext.export.kohya_toml import render_train_table
+
+    folder, exe = _check_inputs(sd_scripts, python, "train_network.py")
+    args = tomllib.loads((run / "kohya_config.toml").read_text(encoding="utf-8"))["train"]
+    args.pop("max_train_epochs", None)
+    work.mkdir(parents=True, exist_ok=True)
+    args.update(max_train_steps=steps, output_dir=str(work / "out"), save_every_n_epochs=None,
+                tokenizer_cache_dir=str(write_tokenizers(work / "tokenizers", FAMILIES["sd1"])))
+    (work / "config.toml").write_text(render_train_table(args), encoding="utf-8")
+    clock = work / "clock.json"
+    started = time.perf_counter()
+    with open(work / "kohya.log", "w", encoding="utf-8") as log, SmiPeak(torch.device("cuda")) as smi:
+        done = subprocess.run([exe, str(CLOCK), str(folder / "train_network.py"), str(clock), "--config_file", str(work / "config.toml")],
+                              cwd=folder, env={**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    ends = json.loads(clock.read_text(encoding="utf-8"))["step_end_s"] if clock.exists() else []
+    record = {"exit": done.returncode, "steps": len(ends), "wall_s": time.perf_counter() - started, "smi_peak_MiB": smi.peak_mib}
+    if len(ends) > 20:
+        record.update(first_step_s=ends[0], it_s=(len(ends) - 20) / (ends[-1] - ends[19]))
+    return record
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--kohya-sd-scripts")
+    parser.add_argument("--kohya-python", default=sys.executable)
+    parser.add_argument("--kohya-steps", type=int, default=200)
     args = parser.parse_args()
     work = args.out / "work"
     root = work / "projects"
@@ -95,6 +135,8 @@ def main() -> int:
         record = json.loads((runs[-1] / "run.json").read_text(encoding="utf-8"))
         report["steps"] = record.get("steps_done")
         report["epochs"] = json.loads((runs[-1] / "epochs.json").read_text(encoding="utf-8"))
+        if args.kohya_sd_scripts:
+            report["kohya"] = kohya_on_run(runs[-1], args.kohya_sd_scripts, args.kohya_python, args.kohya_steps, work / "kohya")
     (args.out / "seed_run.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(json.dumps({k: v for k, v in report.items() if k != "epochs"}, indent=1))
     for row in report.get("epochs", {}).get("epochs", []):

@@ -28,11 +28,13 @@ SMALL = dict(resolution=64, min_bucket_reso=64, max_bucket_reso=128, num_repeats
              validate_every_n_epochs=0, keep_only_last_n_epochs=0)
 
 
+NOISE = torch.sin(torch.arange(2 * 4 * 8 * 8, dtype=torch.float32).view(2, 4, 8, 8) * 0.37)
+
+
 def _lora_after_one_update(sd_model, config, batches, monkeypatch):
-    # Noise and timesteps as functions of each image, so that a batch of two and two batches of one
-    # see the same for every image.
-    monkeypatch.setattr(step_module, "draw_noise", lambda latents, *args: torch.sin(latents * 3.0 + 1.0))
-    monkeypatch.setattr(step_module, "draw_timesteps", lambda batch, gen, device, latents=None: torch.tensor([150, 650])[:batch])
+    # The batch of two draws both images' noise and timesteps at once.
+    monkeypatch.setattr(step_module, "draw_noise", lambda shape, *args: NOISE[: shape[0]])
+    monkeypatch.setattr(step_module, "draw_timesteps", lambda batch, gen, device: torch.tensor([150, 650])[:batch])
     model = LdmModel(sd_model, clip_skip=1, max_token_length=75)
     with injected(model, config, seed=3) as network:
         # Plain SGD: the update is the summed gradient itself (Adam's would divide float noise by itself).
@@ -50,8 +52,10 @@ def test_two_batches_of_one_make_the_same_update_as_one_batch_of_two(tiny_sd15, 
     latents, captions = torch.randn(2, 4, 8, 8), ["kat, red hair", "kat, blue shirt"]
     # One timestep per image in both cases: the one-image batches take theirs by position.
     timesteps = iter([torch.tensor([150]), torch.tensor([650])])
+    noises = iter([NOISE[:1], NOISE[1:]])
     whole = _lora_after_one_update(sd_model, TrainConfig(**SMALL, min_snr_gamma=0.0), [(latents, captions)], monkeypatch)
     monkeypatch.setattr(step_module, "draw_timesteps", lambda *a, **k: next(timesteps))
+    monkeypatch.setattr(step_module, "draw_noise", lambda *a, **k: next(noises))
     config = TrainConfig(**SMALL, min_snr_gamma=0.0, gradient_accumulation_steps=2)
     model = LdmModel(sd_model, clip_skip=1, max_token_length=75)
     with injected(model, config, seed=3) as network:

@@ -35,7 +35,7 @@ def test_sdxl_rows_train_the_unet_on_cached_text_encoder_outputs(capsys):
     assert "kohya_it_per_s" not in row, "no recorded kohya SDXL figures stand in for a same-run comparison"
 
 
-def _skip_our_rows(sd_model, project, args, spec, *, device, kohya):
+def _skip_our_rows(sd_model, project, args, spec, *, device, kohya, world):
     """Our side of a row, not run: these tests look at what kohya was handed."""
     return {"weights": spec.weights, "mode": spec.mode, "notes": [], "train": spec.train, "text_encoder_outputs_cached": True,
             "gradient_checkpointing": spec.checkpointing, "channels_last": spec.layout, "batch": spec.batch, "precision": "bf16",

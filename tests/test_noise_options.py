@@ -30,9 +30,9 @@ def test_pyramid_noise_has_unit_spread_and_coarse_structure_white_noise_lacks():
     assert pyramid.std().item() == pytest.approx(1.0, abs=1e-4)
     assert abs(_neighbour_correlation(white)) < 0.05 and _neighbour_correlation(pyramid) > 0.1
     torch.manual_seed(1)
-    first = draw_noise(torch.zeros(2, 4, 32, 32), None, 0.0, 6, 0.3)
+    first = draw_noise((2, 4, 32, 32), "cpu", None, 0.0, 6, 0.3)
     torch.manual_seed(1)
-    assert torch.equal(first, draw_noise(torch.zeros(2, 4, 32, 32), None, 0.0, 6, 0.3))  # seeded: repeatable
+    assert torch.equal(first, draw_noise((2, 4, 32, 32), "cpu", None, 0.0, 6, 0.3))  # seeded: repeatable
 
 
 def test_input_perturbation_noises_the_latents_but_keeps_the_target(tiny_sd15):

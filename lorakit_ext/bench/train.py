@@ -9,7 +9,9 @@ base at 1024², the UNet alone on cached text-encoder outputs, batches 1 and 4
 figures recorded on one H200 are printed beside ours; ``bench train --kohya-sd-scripts DIR`` runs
 kohya's matching rows on this machine first and compares in the same run
 (:mod:`lorakit_ext.bench.kohya`). ``--memory-budget-gib`` caps our process's CUDA memory to show what
-fits a smaller GPU; a row that runs out of it is reported as such.
+fits a smaller GPU; a row that runs out of it is reported as such. ``--gpus 1,2`` trains every row
+data-parallel in each of those numbers of processes, one GPU each
+(:mod:`lorakit_ext.bench.train_ranks`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from lorakit_ext.bench.smi import SmiPeak
 from lorakit_ext.bench.train_report import report
 from lorakit_ext.caption.runner import is_out_of_memory
 from lorakit_ext.errors import UserError
+from lorakit_ext.train.data_parallel import World
 from lorakit_ext.train.precision import resolve_precision
 
 WEIGHTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -71,6 +74,9 @@ def add_arguments(p) -> None:
                         "sdxl_train_network.py) on the matching rows first, at the same settings, and compare in the same run")
     p.add_argument("--kohya-python", metavar="PYTHON", default=sys.executable,
                    help="the Python whose packages run sd-scripts (default: this one)")
+    p.add_argument("--gpus", metavar="N,…", default=None,
+                   help="numbers of GPUs, e.g. 1,2: every row trains data-parallel in that many processes (batch per GPU; "
+                        "img/s counts all GPUs), started as torchrun would")
 
 
 def _dataset(project, images: int, resolution: int) -> None:
@@ -151,7 +157,7 @@ def _kohya_columns(args, family: BenchFamily, spec: RowSpec, it_s: float | None,
     return row
 
 
-def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | None) -> dict:
+def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | None, world: World = World()) -> dict:
     """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
     from lorakit_ext.models.families import adapter_for
     from lorakit_ext.train.loop import Trainer, TrainJob
@@ -178,7 +184,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
         torch.cuda.reset_peak_memory_stats()
     # A folder per row: LoRA Kit never replaces an epoch file another run wrote.
     job = TrainJob(config, project, project.path / "out" / spec.name, project.runs / spec.name, patch_attention=True,
-                   channels_last={"auto": None, "on": True, "off": False}[spec.layout])
+                   channels_last={"auto": None, "on": True, "off": False}[spec.layout], world=world)
     job.run_dir.mkdir(parents=True)
     trainer = Trainer(model, job, on_progress=on_progress)
     # As the trainer resolves it, known also when a row runs out of memory before resolving it.
@@ -200,6 +206,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
         "gradient_checkpointing": spec.checkpointing,
         "channels_last": spec.layout,
         "batch": spec.batch,
+        "processes": world.size,
         "precision": precision.name,
         "out_of_memory": result is None,
         **_peak_memory_columns(device, smi),
@@ -212,7 +219,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
             torch.cuda.empty_cache()
     else:
         it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
-        row.update(it_per_s=it_s, images_per_s=it_s * spec.batch, start_to_first_step_s=marks["first_step"] - started,
+        row.update(it_per_s=it_s, images_per_s=it_s * spec.batch * world.size, start_to_first_step_s=marks["first_step"] - started,
                    final_loss=result.losses[-1])
     return {**row, **_kohya_columns(args, FAMILIES[args.family], spec, it_s, kohya)}
 
@@ -249,11 +256,19 @@ def _memory_fraction(device: torch.device, budget_gib: float | None) -> float | 
 
 
 def run_bench(args) -> dict:
+    """The rows of this process (of this rank, under ``--gpus``)."""
+    family = FAMILIES[args.family]
+    world = World.from_env()
+    asked = world.device(None if args.device == "auto" else args.device)
+    device = torch.device(asked or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with world.process_group(device):
+        return _run_rows(args, family, device, world)
+
+
+def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> dict:
     from lorakit_ext.models.checkpoint import place_model
     from lorakit_ext.project import create_project
 
-    family = FAMILIES[args.family]
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     weights = _list(args.weights or ("fp16" if device.type == "cuda" else "fp32"), WEIGHTS)
     batches = [int(b) for b in _list(args.batch)]
     trains = _list(args.train, ("te", "unet"))
@@ -268,7 +283,9 @@ def run_bench(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         project = create_project(Path(tmp), "bench")
         _dataset(project, args.images, args.resolution)
-        if args.kohya_sd_scripts:
+        if args.kohya_sd_scripts and world.distributed:
+            notes.append("kohya's rows run with --gpus left out: its several-GPU runs need accelerate's own launcher")
+        elif args.kohya_sd_scripts:
             # Before this process touches the GPU: kohya's nvidia-smi peak must be kohya's alone.
             configs = {(t, b, c): bench_config(args, batch=b, unet_only=t == "unet", checkpointing=c)
                        for t in trains for b in batches for c in checkpointing}
@@ -286,7 +303,7 @@ def run_bench(args) -> dict:
             place_model(sd_model, device, WEIGHTS[w])
             for train, batch, gc_on, mode, layout in itertools.product(trains, batches, checkpointing, modes, layouts):
                 spec = RowSpec(w, train, batch, gc_on, mode, layout)
-                rows.append(_measure(sd_model, project, args, spec, device=device, kohya=kohya.get(spec.kohya_key)))
+                rows.append(_measure(sd_model, project, args, spec, device=device, kohya=kohya.get(spec.kohya_key), world=world))
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "family": family.name,
@@ -296,6 +313,7 @@ def run_bench(args) -> dict:
         "memory_budget_gib": args.memory_budget_gib,
         "model_build_s": build_s,
         "rows": rows,
+        "processes": world.size,
         "kohya_script": family.family.kohya_script,
         "kohya_notes": notes,
     }
@@ -308,7 +326,12 @@ def run_cli(args):
         raise UserError("--steps and --warmup must be at least 1")
     use_a1111_sgm(args.a1111_dir)
     _apply_family_defaults(args)
-    figures = run_bench(args)
+    if args.gpus and not World.from_env().distributed:
+        from lorakit_ext.bench.train_ranks import run_world_sizes
+
+        figures = run_world_sizes(args)
+    else:
+        figures = run_bench(args)
     return figures, report(figures, args)
 
 

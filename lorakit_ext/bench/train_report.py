@@ -37,9 +37,11 @@ COLUMNS: tuple[tuple[str, str, Callable[[dict], str]], ...] = (
     ("TE cache", "<8", _yes("text_encoder_outputs_cached")),
     ("gc", "<3", _yes("gradient_checkpointing")),
     ("batch", ">5", lambda r: str(r["batch"])),
+    ("GPUs", ">4", lambda r: str(r.get("processes", 1))),
     ("prec", "<4", lambda r: r["precision"]),
     ("it/s", ">7", _it_s),
     ("img/s", ">7", lambda r: f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"),
+    ("scaling", ">7", lambda r: f"{r['scaling']:.2f}x" if "scaling" in r else "-"),
     ("first step", ">10", _seconds("start_to_first_step_s")),
     ("allocated", ">9", _gib("peak_allocated_gib")),
     ("reserved", ">8", _gib("peak_reserved_gib")),
@@ -77,6 +79,9 @@ def report(figures: dict, args) -> str:
             lines.append(f"graphs vs eager, same run ({_row_label(r)}): {graphs[key] / r['it_per_s']:.2f}x")
     lines.append("first step: seconds from Trainer.run() to the first optimizer step, model already in memory (latent and "
                  "text-encoder caching included); kohya 1st: from the start of kohya's process (imports and model load included).")
+    if any("scaling" in r for r in f["rows"]):
+        lines.append("GPUs: data-parallel processes, one GPU each, batch per GPU; img/s counts every GPU; scaling: img/s over the "
+                     "same row's in the fewest GPUs of this run.")
     lines.append("TE cache: UNet-only rows on text-encoder outputs encoded once (encoders off the GPU); gc: gradient checkpointing; "
                  "chlast: UNet weights and latents in channels_last (auto: on CUDA).")
     lines.append("allocated/reserved: torch's peak allocated/reserved memory, GiB; smi peak: nvidia-smi memory.used peak, GiB "

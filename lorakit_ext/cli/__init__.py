@@ -17,7 +17,7 @@ from lorakit_ext.cli.output import Result
 from lorakit_ext.failures import as_user_error
 
 # The order commands are listed in --help: the order of the workflow. Unlisted modules follow.
-ORDER = ("project", "import_images", "dedupe", "undo", "caption", "captions", "tags", "reg_images", "plan", "train", "compare", "demo", "bench")
+ORDER = ("project", "import_images", "dedupe", "undo", "caption", "captions", "tags", "reg_images", "plan", "train", "queue", "compare", "demo", "bench")
 
 
 def _command_modules():
@@ -104,6 +104,8 @@ def _bug_report(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # What a command that starts itself again in other processes (train --gpus) passes on.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result: Result = args.handler(args)
     except KeyboardInterrupt:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         known = as_user_error(exc)
         return _fail(args, str(known) if known else _bug_report(exc), 2)
+    if result.printed:
+        return result.code
     if args.json:
         print(json.dumps({"ok": result.ok, **result.data}, ensure_ascii=False, indent=2, default=str))
     elif result.text:

@@ -16,6 +16,7 @@ class Result:
     text: str = ""
     ok: bool = True
     exit_code: int | None = None
+    printed: bool = False  # the output was printed already (by the processes a launcher started)
 
     @property
     def code(self) -> int:

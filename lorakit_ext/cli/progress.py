@@ -47,7 +47,8 @@ def first_ctrl_c_stops(notice: str) -> Iterator[Callable[[], bool]]:
     def on_sigint(signum, frame):
         nonlocal asked
         asked = True
-        print(notice, file=sys.stderr, flush=True)
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
         signal.signal(signal.SIGINT, previous)
 
     previous = signal.signal(signal.SIGINT, on_sigint)

@@ -3,6 +3,10 @@
 ``train PROJECT --resume RUN`` continues an interrupted run with everything it started with (the
 run record holds base model, output folder, device options and settings); options that would
 change the run are refused.
+
+``train PROJECT --gpus N`` (or ``torchrun --nproc-per-node N -m lorakit_ext train PROJECT …``)
+trains data-parallel (:mod:`lorakit_ext.train.data_parallel`): rank 0 takes the project's lock,
+checks the settings and creates the run folder, and tells the other ranks what it found.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ def register(sub, common) -> None:
     p.add_argument("--force", action="store_true", help="with --resume: continue although the dataset or base model changed")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--weights", choices=DTYPES, help="dtype of the base weights (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="train data-parallel on N GPUs of this machine (cuda:0…N-1; pick them with CUDA_VISIBLE_DEVICES), "
+                        "each training the batch size; with --device cpu, N CPU processes")
     p.add_argument("--a1111-dir", help="an A1111 install (stable-diffusion-webui folder) whose copy of sgm, SDXL's model "
                                        "code, LoRA Kit may use; or set LORAKIT_SGM_DIR")
     add_train_options(p)
@@ -58,19 +65,24 @@ def _resolved(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path else None
 
 
-def _options(args, project) -> dict:
+def _options(args, project, world) -> dict:
     return {
         "base_model": _resolved(args.base_model),
         "model_config": _resolved(args.model_config),
         "out": _resolved(args.out) or str(project.path / "output"),
         "device": args.device or "auto",
         "weights": args.weights or "auto",
+        "processes": world.size,
     }
 
 
-def _resume_options(args, point) -> dict:
-    recorded = {"out": str(point.output_dir), "device": "auto", "weights": "auto", "model_config": None,
+def _resume_options(args, point, world) -> dict:
+    recorded = {"out": str(point.output_dir), "device": "auto", "weights": "auto", "model_config": None, "processes": 1,
                 **(point.record.get("options") or {})}
+    if recorded["processes"] != world.size:
+        gpus = f"--gpus {recorded['processes']}" if recorded["processes"] > 1 else "one process (no --gpus)"
+        raise UserError(f"run {point.run_dir.name} trained in {recorded['processes']} data-parallel process(es), this resume in "
+                        f"{world.size}: its batches and random stream depend on that number; resume it with {gpus}")
     if not recorded.get("base_model"):
         # Started in A1111 on its loaded model: the file is whatever the user names; its hash is
         # checked against the record once loaded.
@@ -94,9 +106,10 @@ def _resolved_option(key: str, value: str) -> str:
 
 
 def run(args) -> Result:
+    import torch
+
     from lorakit_ext.models.sgm_import import use_a1111_sgm
-    from lorakit_ext.train.preflight import preflight
-    from lorakit_ext.train.resume import check_unchanged, resume_point
+    from lorakit_ext.train.data_parallel import World
 
     project = open_project(args.root, args.project)
     if args.force and not args.resume:
@@ -104,26 +117,71 @@ def run(args) -> Result:
     use_a1111_sgm(args.a1111_dir)
     if not args.resume and not args.base_model:
         raise UserError("--base-model is required to start a run (give the checkpoint to train on)")
-    with ProjectLock(project.path, "training (CLI)"):
-        if args.resume:
-            point = resume_point(project, args.resume)
-            options, config = _resume_options(args, point), point.config
-            pre = preflight(project, config, Path(options["out"]), output_stem=point.output_stem)
-            check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=None, force=args.force)
-        else:
-            from lorakit_ext.models.checkpoint import family_of_checkpoint
-            from lorakit_ext.models.families.sd1 import SD1
+    world = World.from_env()
+    if args.gpus is not None and not world.distributed:
+        from lorakit_ext.cli.ranks import launch_ranks
 
-            options = _options(args, project)
-            # The family's defaults apply; a missing file is reported when it loads, after the
-            # settings and the dataset were checked.
-            family = family_of_checkpoint(options["base_model"]) if Path(options["base_model"]).is_file() else SD1
-            point, config = None, config_from_args(args, family)
-            pre = preflight(project, config, Path(options["out"]))
-        return _train(args, project, config, options, pre, point)
+        return launch_ranks(args.argv, args.gpus)
+    if args.gpus is not None and args.gpus != world.size:
+        raise UserError(f"--gpus {args.gpus} differs from the WORLD_SIZE {world.size} this process was started with")
+    with world.process_group(torch.device(world.device(args.device) or "cpu")):
+        if not world.main:
+            return _follow(args, project, world)
+        with ProjectLock(project.path, "training (CLI)"):
+            try:
+                point, options, config = _settings(args, project, world)
+                pre = _preflight(args, project, config, options, point, world)
+            except UserError as exc:
+                world.broadcast(("error", str(exc)))
+                raise
+            world.broadcast(("ok", pre.output_stem, pre.fingerprint))
+            return _train(args, project, config, options, pre, point, world)
 
 
-def _train(args, project, config, options, pre, point) -> Result:
+def _settings(args, project, world):
+    """``(resume point or None, front-door options, TrainConfig)`` of the run the arguments ask for."""
+    from lorakit_ext.train.resume import resume_point
+
+    if args.resume:
+        point = resume_point(project, args.resume)
+        return point, _resume_options(args, point, world), point.config
+    from lorakit_ext.models.checkpoint import family_of_checkpoint
+    from lorakit_ext.models.families.sd1 import SD1
+
+    options = _options(args, project, world)
+    # The family's defaults apply; a missing file is reported when it loads, after the settings
+    # and the dataset were checked.
+    family = family_of_checkpoint(options["base_model"]) if Path(options["base_model"]).is_file() else SD1
+    return None, options, config_from_args(args, family)
+
+
+def _preflight(args, project, config, options, point, world):
+    from lorakit_ext.train.preflight import preflight
+    from lorakit_ext.train.resume import check_unchanged
+
+    stem = point.output_stem if point else None
+    pre = preflight(project, config, Path(options["out"]), output_stem=stem, processes=world.size)
+    if point:
+        check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=None, force=args.force)
+    return pre
+
+
+def _follow(args, project, world) -> Result:
+    """A data-parallel rank other than 0: the run rank 0 checked, on the dataset it read."""
+    from lorakit_ext.train.preflight import Preflight, dataset_fingerprint, dataset_schedule
+
+    told = world.broadcast(None)
+    if told[0] == "error":
+        raise UserError(told[1])
+    _, stem, fingerprint = told
+    point, options, config = _settings(args, project, world)
+    data = dataset_schedule(config, project.dataset, world.size)
+    if dataset_fingerprint(sorted(data.all_items, key=lambda item: item.image_path.name)) != fingerprint:
+        raise UserError(f"rank {world.rank} read another dataset than rank 0 (it changed while the run started); start it again")
+    return _train(args, project, config, options, Preflight(data, stem, fingerprint), point, world)
+
+
+def _train(args, project, config, options, pre, point, world) -> Result:
     from lorakit_ext.compare.epoch_report import report_lines
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
@@ -132,7 +190,7 @@ def _train(args, project, config, options, pre, point) -> Result:
     from lorakit_ext.train.loop import Trainer
     from lorakit_ext.train.resume import check_unchanged
 
-    device, dtype = _device_and_dtype(options["device"], options["weights"])
+    device, dtype = _device_and_dtype(world.device(options["device"]), options["weights"])
     loading = time.perf_counter()
     sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype)
     loaded_s = round(time.perf_counter() - loading, 3)
@@ -140,18 +198,23 @@ def _train(args, project, config, options, pre, point) -> Result:
         check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=info.sha256, force=args.force)
     model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
     base = BaseModel(Path(options["base_model"]).name, options["base_model"], info.legacy_hash, info.sha256)
-    job = open_run(project, config, Path(options["out"]), pre, base, options=options, resume=point, patch_attention=True)
+    job = open_run(project, config, Path(options["out"]), pre, base, options=options, resume=point, world=world, patch_attention=True)
+    notice = "stopping after this step (Ctrl-C again to abort without saving)…" if world.main else ""
     try:
-        with first_ctrl_c_stops("stopping after this step (Ctrl-C again to abort without saving)…") as should_stop:
+        with first_ctrl_c_stops(notice) as should_stop:
             sampler = None
-            if config.sample_every_n_epochs:
+            if config.sample_every_n_epochs and world.main:
                 from lorakit_ext.compare.sample import headless_sampler
 
                 sampler = headless_sampler(model, zero_terminal_snr=config.zero_terminal_snr)
-            trainer = Trainer(model, job, on_progress=ProgressPrinter(), should_stop=should_stop, sampler=sampler)
+            trainer = Trainer(model, job, on_progress=ProgressPrinter() if world.main else None, should_stop=should_stop, sampler=sampler)
             result = trainer.run(point.state if point else None)
     except Interrupted as exc:
+        if not world.main:
+            return Result(exit_code=130)
         return _interrupted(project, job.run_dir, str(exc))
+    if not world.main:
+        return Result({"rank": world.rank, "steps": result.steps})
     files = [str(f) for f in result.files]
     report = _epoch_report(job.run_dir)
     phases = {"load_model": loaded_s, **trainer.phases}

@@ -55,6 +55,7 @@ def training_metadata(
     mixed_precision: str,
     num_reg_images: int = 0,
     reg_dataset_dirs: dict | None = None,
+    processes: int = 1,
 ) -> dict[str, str]:
     """Metadata of one epoch file; every value a string.
 
@@ -67,7 +68,7 @@ def training_metadata(
     ``mixed_precision`` is the precision the run resolved ("no", "fp16" or "bf16"), not the option
     it was asked for ("auto"). ``ss_network_module`` and ``ss_network_args`` are what kohya
     sd-scripts trains the config's network type with (LoHa and LoKr: LyCORIS's ``lycoris.kohya`` and
-    its ``algo``; LoCon and those: the conv dim and alpha).
+    its ``algo``; LoCon and those: the conv dim and alpha). ``processes``: data-parallel GPUs.
     """
     width, height = _resolution(resolution)
     network_module, type_args = network_options(config)
@@ -85,7 +86,7 @@ def training_metadata(
         "ss_prior_loss_weight": config.prior_loss_weight,
         "ss_num_batches_per_epoch": num_batches_per_epoch,
         "ss_batch_size_per_device": config.train_batch_size,
-        "ss_total_batch_size": config.train_batch_size * config.gradient_accumulation_steps,
+        "ss_total_batch_size": config.train_batch_size * processes * config.gradient_accumulation_steps,
         "ss_gradient_checkpointing": config.gradient_checkpointing,
         # kohya-colab passes the UNet rate as the base learning rate.
         "ss_learning_rate": config.unet_lr,

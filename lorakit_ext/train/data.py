@@ -275,16 +275,18 @@ class EpochBatches:
         self._order = order
 
     @classmethod
-    def from_config(cls, config, cache: LatentCache, items: Sequence[TrainItem], plan: BucketPlan, epoch: int) -> EpochBatches:
+    def from_config(cls, config, cache: LatentCache, items: Sequence[TrainItem], plan: BucketPlan, epoch: int,
+                    batch_size: int | None = None) -> EpochBatches:
         """The epoch of ``items`` (each with its own repeats, regularisation images weighted
-        ``prior_loss_weight``)."""
+        ``prior_loss_weight``) in batches of ``batch_size`` (default: the config's; data-parallel
+        runs cut batches of the total size)."""
         return cls(
             cache,
             [item.caption for item in items],
             plan,
             epoch=epoch,
             seed=config.seed,
-            batch_size=config.train_batch_size,
+            batch_size=batch_size or config.train_batch_size,
             num_repeats=[item.repeats for item in items],
             loss_weights=[config.prior_loss_weight if item.regularisation else 1.0 for item in items],
             keep_tokens=config.keep_tokens,

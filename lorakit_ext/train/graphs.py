@@ -73,15 +73,15 @@ class GraphedStep:
         self.on_fallback(reason)
 
     def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor, *, weights: torch.Tensor | None = None,
-                 first: bool = True, last: bool = True) -> torch.Tensor:
+                 first: bool = True, last: bool = True, rows=None) -> torch.Tensor:
         """One step on ``latents`` (on the device), ``text`` (token ids on the host, or cached
         text states on the device), image ``sizes`` and loss ``weights`` (on the host; None: all 1);
-        ``first``/``last``: where the batch sits in its gradient-accumulation group
-        (:class:`~lorakit_ext.train.step.StepFunction`)."""
-        flags = {"first": first, "last": last}
+        ``first``/``last``: where the batch sits in its gradient-accumulation group; ``rows``: which
+        rows of a data-parallel batch these are (:class:`~lorakit_ext.train.step.StepFunction`)."""
+        flags = {"first": first, "last": last, "rows": rows}
         if self.disabled:
             return self._eager(latents, text, sizes, weights, flags)
-        key = (tuple(latents.shape), tuple(tuple(part.shape) for part in _parts(text)), weights is not None, first, last)
+        key = (tuple(latents.shape), tuple(tuple(part.shape) for part in _parts(text)), weights is not None, first, last, rows)
         graph = self.graphs.get(key)
         if graph is None:
             if self.seen[key] < self.warmup:

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +23,7 @@ from lorakit_ext.errors import UserError
 from lorakit_ext.failures import as_user_error
 from lorakit_ext.train.checkpointing import configure_checkpointing
 from lorakit_ext.train.data import EpochBatches, LatentCache
+from lorakit_ext.train.data_parallel import GradientSync, agree, rank_share, share_parameters, share_rng
 from lorakit_ext.train.events import Interrupted, Progress
 from lorakit_ext.models.group_norm import use_half_saving_group_norm
 from lorakit_ext.models.layout import relayout_module
@@ -36,7 +36,8 @@ from lorakit_ext.train.network import injected
 from lorakit_ext.train.optim import DeviceLearningRates, build_optimizer, build_scheduler
 from lorakit_ext.train.preflight import dataset_schedule
 from lorakit_ext.train.precision import resolve_precision
-from lorakit_ext.train.record import RunRecord, has_saved_state
+from lorakit_ext.train.train_job import RunResult, TrainJob
+from lorakit_ext.train.record import ReadOnlyRecord, RunRecord, has_saved_state
 from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
@@ -47,44 +48,6 @@ from lorakit_ext.train.validation import ValidationSet
 from lorakit_ext.train.buckets import bucket_plan_for
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    status: str  # "finished" | "interrupted"
-    files: list[Path]
-    losses: list[float]
-    steps: int
-    run_dir: Path
-    validation: list[tuple[int, int, float]] = field(default_factory=list)  # (epoch, step, loss)
-
-
-@dataclass
-class TrainJob:
-    """Everything a run needs besides the model."""
-
-    config: object  # TrainConfig, validated
-    project: object  # Project
-    output_dir: Path
-    run_dir: Path
-    base_model_name: str = ""
-    base_model_hash: str = ""
-    base_model_sha256: str = ""
-    base_model_path: str = ""
-    patch_attention: bool = False  # headless: give stock ldm attention an SDPA forward
-    channels_last: bool | None = None  # None: on CUDA
-    output_stem: str = ""  # the stem preflight chose (free in output_dir); empty: the output name
-    # What preflight read (train.preflight.DatasetSchedule): the run trains on exactly the dataset
-    # its fingerprint describes, without reading it again. None: read it at the start.
-    dataset: object | None = None
-
-    @property
-    def stem(self) -> str:
-        return self.output_stem or self.config.output_name or self.project.name
-
-    @property
-    def run_id(self) -> str:
-        return Path(self.run_dir).name
 
 
 class Trainer:
@@ -106,6 +69,8 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.sampler = sampler  # draws the sample prompts every sample_every_n_epochs (None: never)
         self.device = model.device
+        self.world = job.world
+        self.stop_agreed = False  # data-parallel: some rank asked to stop, as of the last loss read
         self.loss_read_every = 1 if self.device.type == "cpu" else 10
         # Seconds each part of the run's start took (run.json's phases_s), to see where the wait goes;
         # to_first_step counts from the start of latent caching to the end of the first step.
@@ -128,7 +93,7 @@ class Trainer:
                 "zero_terminal_snr trains the last step on pure noise, where an ε-prediction model has nothing to "
                 "predict; turn it off, or load the v-prediction version of the model"
             )
-        return self.job.dataset or dataset_schedule(self.config, self.job.project.dataset)
+        return self.job.dataset or dataset_schedule(self.config, self.job.project.dataset, self.world.size)
 
     def _cache_latents(self, items, buckets) -> LatentCache:
         def progress(done, total):
@@ -145,13 +110,14 @@ class Trainer:
             flip_aug=self.config.flip_aug,
             progress=progress,
             should_stop=self.should_stop,
+            # Data-parallel ranks other than 0 read what rank 0 stored; they never write it.
             store=LatentStore(self.job.project.path, vae_identity(self.model)) if self.config.cache_latents_to_disk else None,
         )
 
     def _validation_set(self, data, cache: LatentCache) -> ValidationSet | None:
         """The images validation measures: the held-out ones (their latents encoded now, from a
         random stream of their own so training's is unchanged), else the training images."""
-        if not self.config.validate_every_n_epochs:
+        if not self.config.validate_every_n_epochs or not self.world.main:
             return None
         if not data.validation_items:
             # Regularisation images come last in the cache and are not what the LoRA learns.
@@ -175,7 +141,7 @@ class Trainer:
     def run(self, resume_state: dict | None = None) -> RunResult:
         """Trains; ``run.json`` ends ``finished``, ``interrupted`` or ``failed`` (with the reason)
         however the run ends, also when it ends before the first step."""
-        record = RunRecord(self.job.run_dir)
+        record = RunRecord(self.job.run_dir) if self.world.main else ReadOnlyRecord(self.job.run_dir)
         try:
             return self._run(record, resume_state)
         except Interrupted as exc:
@@ -210,10 +176,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(config.seed)
             self._run_started = time.perf_counter()
-            with self._phase("latents"):
+            with self._phase("latents"), self.world.main_first(self.config.cache_latents_to_disk):
                 cache = self._cache_latents(items, buckets)
             with self._phase("validation_latents"):
                 validation = self._validation_set(data, cache)
+            share_rng(self.world, self.device)
             saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name, data.folders)
             position, losses = self._train(cache, items, buckets, schedule, saver, record, resume_state, validation)
         record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases)
@@ -245,8 +212,10 @@ class Trainer:
                 self.on_progress(Progress("training", message=choice.note))
             scheduler = build_scheduler(config, optimizer, schedule.total_steps, schedule.warmup_steps)
             lrs = DeviceLearningRates(optimizer, self.device)
+            world = self.world
             step_fn = StepFunction(model, self.schedule, config, self.precision, network.parameters(), optimizer,
-                                   config.text_encoder_lr > 0, text_cached=config.cache_text_encoder_outputs)
+                                   config.text_encoder_lr > 0, text_cached=config.cache_text_encoder_outputs,
+                                   sync=GradientSync(world) if world.distributed else None)
             text_cache = validation_text = None
             if config.cache_text_encoder_outputs:
                 with self._phase("text_outputs"):
@@ -263,8 +232,11 @@ class Trainer:
                 lrs.sync()
                 saver.files = [Path(p) for p in resume_state.get("files", [])]
                 self.validation_losses = [tuple(row) for row in resume_state.get("validation", [])]
+            share_parameters(world, network.parameters())
 
             def save(pos: Position) -> None:
+                if not world.main:
+                    return
                 save_state(self.job.run_dir, network=network, optimizer=optimizer, scheduler=scheduler,
                            scaler_state=step_fn.scaler_state(), position=pos, device=self.device,
                            config=config.to_dict(), losses=losses, files=saver.files, validation=self.validation_losses)
@@ -290,22 +262,22 @@ class Trainer:
             accumulate = config.gradient_accumulation_steps
             started, first_step = time.perf_counter(), position.global_step
             for epoch in range(position.epoch, schedule.epochs):
-                batches = EpochBatches.from_config(config, cache, items, buckets, epoch)
+                batches = EpochBatches.from_config(config, cache, items, buckets, epoch, batch_size=config.train_batch_size * world.size)
                 for step in range(position.step_in_epoch if epoch == position.epoch else 0, len(batches)):
                     # A group of batches starts at every multiple of gradient_accumulation_steps;
                     # the run stops and saves only there, with no half-summed gradients to lose.
                     first, last = step % accumulate == 0, step % accumulate == accumulate - 1 or step == len(batches) - 1
                     if first and position.global_step >= schedule.total_steps:
                         break
-                    if first and self.should_stop():
+                    if first and (self.stop_agreed if world.distributed else self.should_stop()):
                         self._flush(pending, losses, position.global_step)
                         save(Position(epoch, step, position.global_step))
                         record.finish("interrupted", losses, saver.files, self.validation_losses, resumable=True)
                         raise Interrupted()
-                    batch = batches[step]
+                    batch, rows = rank_share(batches[step], world, config.train_batch_size) if world.distributed else (batches[step], None)
                     latents = batch.latents.contiguous(memory_format=torch.channels_last) if channels_last else batch.latents
                     text = text_cache.states(batch.indices) if text_cache else model.tokenize(batch.captions)
-                    group.append(graphed(latents, text, batch.sizes, weights=batch.loss_weights, first=first, last=last))
+                    group.append(graphed(latents, text, batch.sizes, weights=batch.loss_weights, first=first, last=last, rows=rows))
                     if "to_first_step" not in self.phases:
                         self._first_step_done()
                     if not last:
@@ -318,16 +290,18 @@ class Trainer:
                     if len(pending) >= self.loss_read_every:
                         self._flush(pending, losses, position.global_step)
                     self._report(epoch, schedule, position.global_step, losses, scheduler, started, first_step)
-                    for path in saver.save_step(network, epoch + 1, position.global_step):
-                        self.on_epoch_file(path)
-                    self._sample(network, train_captions, epoch + 1, schedule.epochs, position.global_step)
+                    if world.main:
+                        for path in saver.save_step(network, epoch + 1, position.global_step):
+                            self.on_epoch_file(path)
+                        self._sample(network, train_captions, epoch + 1, schedule.epochs, position.global_step)
                 self._flush(pending, losses, position.global_step)
                 position = Position(epoch + 1, 0, position.global_step)
                 validation_loss = validate(epoch + 1)
                 self.on_progress(Progress("saving", epoch=epoch + 1, epochs=schedule.epochs, step=position.global_step, total_steps=schedule.total_steps))
-                for path in saver.save_epoch(network, epoch + 1, position.global_step, validation_loss):
-                    self.on_epoch_file(path)
-                self._sample(network, train_captions, epoch + 1, schedule.epochs)
+                if world.main:
+                    for path in saver.save_epoch(network, epoch + 1, position.global_step, validation_loss):
+                        self.on_epoch_file(path)
+                    self._sample(network, train_captions, epoch + 1, schedule.epochs)
                 save(position)
                 record.update(losses, saver.files, self.validation_losses, self.phases)
                 if position.global_step >= schedule.total_steps:
@@ -352,10 +326,12 @@ class Trainer:
         self.phases["to_first_step"] = round(time.perf_counter() - self._run_started, 3)
 
     def _flush(self, pending: list[torch.Tensor], losses: list[float], global_step: int) -> None:
-        """Reads the losses accumulated on the device (one host sync) and stops on NaN/inf."""
+        """Reads the losses accumulated on the device (one host sync; data-parallel: the ranks'
+        mean, and whether any asked to stop) and stops on NaN/inf."""
         if not pending:
             return
-        values = torch.stack(pending).float().cpu().tolist()
+        stacked, self.stop_agreed = agree(self.world, torch.stack(pending), self.world.distributed and self.should_stop())
+        values = stacked.float().cpu().tolist()
         pending.clear()
         for offset, value in enumerate(values):
             if not math.isfinite(value):

@@ -46,15 +46,15 @@ class NoiseSchedule:
         return a * noise - s * latents
 
 
-def draw_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float,
+def draw_noise(shape: tuple[int, ...], device, generator: torch.Generator | None, noise_offset: float,
                multires_iterations: int = 0, multires_discount: float = 0.3) -> torch.Tensor:
-    """Gaussian noise like ``latents``, with kohya's noise offset or, instead, its multi-resolution
-    ("pyramid") noise: the two are alternatives in sd-scripts, which applies the offset when both
-    are set (LoRA Kit's settings refuse that combination)."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
+    """Gaussian noise of latents' ``shape``, with kohya's noise offset or, instead, its
+    multi-resolution ("pyramid") noise: the two are alternatives in sd-scripts, which applies the
+    offset when both are set (LoRA Kit's settings refuse that combination)."""
+    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     if noise_offset:
-        b, c = latents.shape[:2]
-        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator, device=latents.device)
+        b, c = shape[:2]
+        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator, device=device)
     elif multires_iterations:
         noise = pyramid_noise(noise, multires_iterations, multires_discount)
     return noise

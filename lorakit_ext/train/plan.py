@@ -156,14 +156,16 @@ def validation_line(images: int, split: float) -> str:
     return f"Validation loss: measured on {min(images, MAX_VALIDATION_IMAGES)} training images with fixed noise ({why})."
 
 
-def plan_for(config, images: int, more: Sequence[FolderCount] = (), reg: Sequence[FolderCount] = ()) -> Plan:
+def plan_for(config, images: int, more: Sequence[FolderCount] = (), reg: Sequence[FolderCount] = (), *, processes: int = 1) -> Plan:
     """The plan of a :class:`~lorakit_ext.train_config.TrainConfig` over a dataset of ``images``
     images, of which those held out for validation do not train, and the further training and
-    regularisation folders it names."""
+    regularisation folders it names, on ``processes`` data-parallel GPUs (each training the batch
+    size, so a step takes their sum)."""
+    batch = config.train_batch_size * processes
     plan = make_plan(
         images - held_out_count(images, held_out_share(config)),
         config.num_repeats,
-        config.train_batch_size,
+        batch,
         config.max_train_epochs,
         config.max_train_steps,
         config.lr_warmup_ratio,
@@ -171,11 +173,14 @@ def plan_for(config, images: int, more: Sequence[FolderCount] = (), reg: Sequenc
         reg=reg,
         prior_loss_weight=config.prior_loss_weight,
     )
+    if processes > 1:
+        plan = dataclasses.replace(plan, lines=[*plan.lines, f"On {processes} GPUs: batch size {config.train_batch_size} per GPU, "
+                                                             f"{batch} images per step in total."])
     accumulate = config.gradient_accumulation_steps
     if accumulate > 1:
         # kohya counts optimizer steps: each takes `accumulate` batches.
         total = config.max_train_steps or int(plan.epochs * plan.steps_per_epoch / accumulate)
-        line = (f"With gradient accumulation {accumulate}: {accumulate} batches ({accumulate * config.train_batch_size} images) "
+        line = (f"With gradient accumulation {accumulate}: {accumulate} batches ({accumulate * batch} images) "
                 f"per optimizer step, {total} optimizer steps in total.")
         plan = dataclasses.replace(plan, total_steps=total, warmup_steps=int(total * config.lr_warmup_ratio), lines=[*plan.lines, line])
     if not config.validate_every_n_epochs:

@@ -89,10 +89,11 @@ def folder_counts(config, project_dir: Path) -> tuple[list[FolderCount], list[Fo
     return _plan_counts([(f, len(list_images(f.path))) for f in named_folders(config, project_dir)])
 
 
-def dataset_schedule(config, dataset_dir: Path) -> DatasetSchedule:
+def dataset_schedule(config, dataset_dir: Path, processes: int = 1) -> DatasetSchedule:
     """Reads the dataset (``<project>/dataset``) and the folders the config names, and computes
-    the real schedule; raises :class:`UserError` for an empty dataset or folder, or a batch larger
-    than the images that train. Validation holds out images of the project's dataset only."""
+    the real schedule, in batches of the batch size × data-parallel ``processes``; raises
+    :class:`UserError` for an empty dataset or folder, or a batch larger than the images that
+    train. Validation holds out images of the project's dataset only."""
     project_dir = Path(dataset_dir).parent
     folders = named_folders(config, project_dir)
     every = load_train_items(dataset_dir)
@@ -103,11 +104,11 @@ def dataset_schedule(config, dataset_dir: Path) -> DatasetSchedule:
     offered = [item for folder, items in loaded if folder.regularisation for item in items]
     balanced = balance_reg_repeats(sum(item.repeats for item in train), [item.repeats for item in offered])
     items = train + [dataclasses.replace(item, repeats=n) for item, n in zip(offered, balanced) if n]
-    check_batch_size(len(items), config.train_batch_size)
+    check_batch_size(len(items), config.train_batch_size * processes)
     buckets = bucket_plan_for(config, [item.size for item in items])
-    steps_per_epoch = buckets.steps_per_epoch([item.repeats for item in items], config.train_batch_size)
+    steps_per_epoch = buckets.steps_per_epoch([item.repeats for item in items], config.train_batch_size * processes)
     counted = [(folder, len(found)) for folder, found in loaded]
-    estimate = plan_for(config, len(every), *_plan_counts(counted))
+    estimate = plan_for(config, len(every), *_plan_counts(counted), processes=processes)
     return DatasetSchedule(items, buckets, estimate, real_schedule(config, steps_per_epoch), held_out, counted)
 
 
@@ -183,17 +184,18 @@ class Preflight:
     fingerprint: str
 
 
-def preflight(project, config, output_dir: Path, *, output_stem: str | None = None, names_under: Path | None = None) -> Preflight:
+def preflight(project, config, output_dir: Path, *, output_stem: str | None = None, names_under: Path | None = None,
+              processes: int = 1) -> Preflight:
     """Validates ``config`` against the project; call it with the project's lock held. A new run
     gets a free output stem (free in ``output_dir``, or anywhere under ``names_under``: A1111's Lora
-    folder); a resumed one passes the stem it started with."""
+    folder); a resumed one passes the stem it started with. ``processes``: data-parallel ranks."""
     config.validate()
     check_optimizer(config)
     if config.network_weights and not Path(config.network_weights).is_file():
         # Its modules, ranks and alphas are checked once the network is in the model.
         raise UserError(f"network_weights {config.network_weights} does not exist; give the LoRA file to continue "
                         "from, or leave it empty to start fresh")
-    data = dataset_schedule(config, project.dataset)
+    data = dataset_schedule(config, project.dataset, processes)
     _check_writable(Path(output_dir))
     name = config.output_name or project.name
     clean_stale_temp(project, Path(output_dir), [name])

@@ -166,3 +166,17 @@ def list_runs(project) -> list[dict]:
             "resumable": status != "finished" and not live and has_saved_state(run_dir),
         })
     return runs
+
+
+class ReadOnlyRecord(RunRecord):
+    """The record as data-parallel ranks other than 0 hold it: they follow the run's status, and
+    rank 0 alone writes the run folder."""
+
+    def start(self, *args, **kwargs) -> None:
+        self.info["status"] = "running"
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def end(self, status: str, **details) -> None:
+        self.info.update(status=status, **details)

@@ -75,6 +75,7 @@ class EpochSaver:
             finished_at=time.time(),
             resolution=c.resolution,
             mixed_precision=self.precision,
+            processes=self.job.world.size,
         )
 
     def save_epoch(self, network, epoch: int, steps: int, validation_loss: float | None = None) -> list[Path]:

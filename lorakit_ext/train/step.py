@@ -47,7 +47,9 @@ class DeviceLossScale:
 
 
 class StepFunction:
-    def __init__(self, model, schedule, config, precision, params, optimizer, train_te: bool, text_cached: bool = False):
+    def __init__(self, model, schedule, config, precision, params, optimizer, train_te: bool, text_cached: bool = False,
+                 sync=None):
+        self.sync = sync  # averages the gradients over data-parallel ranks (train.data_parallel), None: one process
         self.model = model
         self.schedule = schedule
         self.config = config
@@ -117,20 +119,25 @@ class StepFunction:
         return (pred.float() - target.float()).square().mean(dim=(1, 2, 3))
 
     def __call__(self, latents: torch.Tensor, text, sizes: torch.Tensor, *, weights: torch.Tensor | None = None,
-                 first: bool = True, last: bool = True) -> torch.Tensor:
+                 first: bool = True, last: bool = True, rows=None) -> torch.Tensor:
         """One batch: its gradients start a new optimizer step (``first``) or add to the current
         one, and ``last`` takes the optimizer step. Each batch's loss is divided by
         ``gradient_accumulation_steps``, as accelerate divides it for kohya; ``weights`` (one per
-        image, None: all 1) weight each image's loss, as kohya's ``loss_weights``."""
+        image, None: all 1) weight each image's loss, as kohya's ``loss_weights``. ``rows`` (a
+        :class:`~lorakit_ext.train.data_parallel.Rows`): ``latents`` are these rows of a larger
+        batch, whose noise is drawn whole so every rank draws what one process would."""
         if first:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
                 torch._foreach_zero_(grads)
         c = self.config
-        noise = draw_noise(latents, None, c.noise_offset, c.multires_noise_iterations, c.multires_noise_discount)
-        timesteps = draw_timesteps(latents.shape[0], None, latents.device)
+        total, keep = (latents.shape[0], slice(None)) if rows is None else (rows.total, slice(rows.start, rows.start + rows.count))
+        noise = draw_noise((total, *latents.shape[1:]), latents.device, None, c.noise_offset, c.multires_noise_iterations,
+                           c.multires_noise_discount)
+        timesteps = draw_timesteps(total, None, latents.device)[keep]
         # kohya's input perturbation: the latents are noised a little more than the target says.
-        input_noise = noise + c.ip_noise_gamma * torch.randn_like(noise) if c.ip_noise_gamma else None
+        input_noise = (noise + c.ip_noise_gamma * torch.randn_like(noise))[keep] if c.ip_noise_gamma else None
+        noise = noise[keep]
         loss = self.loss(latents, text, sizes, noise, timesteps, input_noise, weights)
         share = loss / c.gradient_accumulation_steps if c.gradient_accumulation_steps > 1 else loss
         if self.grad_scaler is not None:
@@ -139,6 +146,7 @@ class StepFunction:
         (share * self.loss_scale.scale if self.loss_scale is not None else share).backward()
         if not last:
             return loss.detach().float()
+        self._sync()
         if self.loss_scale is not None:
             self.loss_scale.unscale([p.grad for p in self.params if p.grad is not None])
         if self.config.max_grad_norm:
@@ -148,7 +156,12 @@ class StepFunction:
             self.loss_scale.update()
         return loss.detach().float()
 
+    def _sync(self) -> None:
+        if self.sync is not None:
+            self.sync([p.grad for p in self.params if p.grad is not None])
+
     def _host_scaled_step(self, loss: torch.Tensor) -> torch.Tensor:
+        self._sync()
         self.grad_scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,3 +157,29 @@ def test_the_api_and_the_tab_share_one_definition_of_each_limit():
     assert (limits.GRID_SIZE.minimum, limits.GRID_SIZE.maximum, limits.GRID_SIZE.step) == (64, 2048, 8)
     assert schema["steps"]["maximum"] == limits.GRID_STEPS.maximum and schema["cfg_scale"]["maximum"] == limits.GRID_CFG.maximum
     assert math.isclose(json.loads(api.Promote.schema_json())["properties"]["preferred_weight"]["maximum"], 2.0)
+
+
+# ---- the run queue ----------------------------------------------------------------------------
+def test_a_training_queued_over_http_names_a1111s_checkpoint_and_is_checked_first(a1111, client, project, tiny_sd15_dir, monkeypatch):
+    checkpoint = str(tiny_sd15_dir / "tiny-sd15.safetensors")
+    known = {"tiny-sd15.safetensors [abc]": SimpleNamespace(filename=checkpoint)}
+    sd_models = sys.modules["modules"].sd_models = SimpleNamespace(get_closet_checkpoint_match=known.get, model_data=SimpleNamespace(sd_model=None))
+    monkeypatch.setitem(sys.modules, "modules.sd_models", sd_models)
+    sys.modules["modules.paths"].script_path = str(a1111.root / "webui")
+    assert client.post(f"{V1}/projects/kat/queue", json={"config": {"network_dim": -3}, "checkpoint": "tiny-sd15.safetensors [abc]"}).status_code == 400
+    answer = client.post(f"{V1}/projects/kat/queue", json={"checkpoint": "missing"})
+    assert answer.status_code == 400 and "knows no checkpoint" in answer.json()["detail"]
+    assert client.post(f"{V1}/projects/kat/queue", json={}).status_code == 400  # none loaded, none named
+    assert client.get(f"{V1}/queue").json()["entries"] == []
+
+    answer = client.post(f"{V1}/projects/kat/queue", json={"config": {"max_train_epochs": 3}, "checkpoint": "tiny-sd15.safetensors [abc]"})
+    assert answer.status_code == 201
+    entry = answer.json()["entry"]
+    folder = a1111.projects / ".queue" / entry["id"]
+    config_at = entry["argv"][entry["argv"].index("--config") + 1]
+    assert Path(config_at) == folder / "config.json" and json.loads(Path(config_at).read_text()) == {"max_train_epochs": 3}
+    assert entry["argv"][entry["argv"].index("--base-model") + 1] == checkpoint
+    assert [e["id"] for e in client.get(f"{V1}/queue").json()["entries"]] == [entry["id"]]
+    assert client.post(f"{V1}/queue/{entry['id']}/cancel").json()["entry"]["status"] == "cancelled"
+    assert client.post(f"{V1}/queue/{entry['id']}/cancel").status_code == 400
+    assert client.post(f"{V1}/queue/..%2F..%2Fkat/cancel").status_code in (400, 404)

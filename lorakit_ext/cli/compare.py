@@ -27,6 +27,9 @@ def register(sub, common) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default: the run's training resolution)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps per image (default: 20)")
     p.add_argument("--no-grid", action="store_true", help="only the validation losses: no images are drawn")
+    p.add_argument("--clip-likeness", action="store_true",
+                   help="also measure each epoch's likeness to the training images with a CLIP model already on this machine "
+                        "(LORAKIT_CLIP_MODEL, or openai/clip-vit-large-patch14 in the Hugging Face cache); never downloads")
     p.set_defaults(handler=run)
 
 
@@ -63,6 +66,10 @@ def run(args) -> Result:
     from lorakit_ext.train.record import find_run_dir, read_run
 
     project = open_project(args.root, args.project)
+    if args.clip_likeness and args.no_grid:
+        raise UserError("--clip-likeness measures the grid's images; leave out --no-grid")
+    if args.clip_likeness:
+        _clip_folder()  # before anything is drawn
     run_dir = find_run_dir(project, args.run or _newest_finished(project))
     record = read_run(run_dir)
     files = [Path(f) for f in record.get("files", []) if Path(f).is_file()]
@@ -109,7 +116,26 @@ def _measure(args, project, run_dir: Path, record: dict, files: list[Path]):
     prompt = args.prompt or _default_prompt(project, config.trigger)
     cells = render_epoch_cells(model, plan, prompt, negative=args.negative, size=(size, size), steps=args.steps,
                                zero_terminal_snr=config.zero_terminal_snr)
-    return plan, cells, measure_grid(cells, plan.columns[0][0], training_thumbnails(project.dataset))
+    embed = None
+    if args.clip_likeness:
+        from lorakit_ext.compare.clip_likeness import ClipEmbedder
+
+        embed = ClipEmbedder(_clip_folder(), device)
+    try:
+        return plan, cells, measure_grid(cells, plan.columns[0][0], training_thumbnails(project.dataset), embed)
+    finally:
+        if embed is not None:
+            embed.release()
+
+
+def _clip_folder() -> str:
+    from lorakit_ext.compare.clip_likeness import CLIP_HUB_ID, local_clip_model
+
+    folder = local_clip_model()
+    if folder is None:
+        raise UserError(f"--clip-likeness found no CLIP model on this machine (LoRA Kit never downloads one): set "
+                        f"LORAKIT_CLIP_MODEL to a transformers CLIP folder, or have {CLIP_HUB_ID} in the Hugging Face cache")
+    return folder
 
 
 def read_json(path: Path) -> dict:

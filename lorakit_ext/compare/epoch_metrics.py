@@ -54,6 +54,9 @@ class EpochMeasures:
     noise: float
     flags: tuple[str, ...]  # subset of (NO_EFFECT, OVERCOOKED), in that order
     reasons: tuple[str, ...]  # one sentence per flag, with the numbers that triggered it
+    # Mean cosine similarity of its cells' CLIP embeddings to the nearest training image's
+    # (compare.clip_likeness); None when no local CLIP model was asked for.
+    clip_likeness: float | None = None
 
 
 def _reduced(image: Image.Image) -> Image.Image:
@@ -138,10 +141,11 @@ def _baseline_cell(baseline: dict, seed, weight, label: str):
     return cell
 
 
-def measure_epochs(cells: dict, baseline_label: str, training_images: list) -> list[EpochMeasures]:
+def measure_epochs(cells: dict, baseline_label: str, training_images: list, embed=None) -> list[EpochMeasures]:
     """One :class:`EpochMeasures` per non-baseline column of ``cells`` (``(column label, seed,
     weight) → image``), in first-seen column order, judged against the ``baseline_label`` column
-    and the training images (may be empty)."""
+    and the training images (may be empty). ``embed`` (a :class:`~lorakit_ext.compare.clip_likeness.ClipEmbedder`)
+    adds each column's CLIP likeness."""
     baseline = {(seed, weight): image for (label, seed, weight), image in cells.items() if label == baseline_label}
     if not baseline:
         labels = ", ".join(dict.fromkeys(repr(label) for label, _, _ in cells)) or "none"
@@ -163,6 +167,11 @@ def measure_epochs(cells: dict, baseline_label: str, training_images: list) -> l
     for (label, seed, weight), image in cells.items():
         if label != baseline_label:
             columns.setdefault(label, []).append((image, _baseline_cell(baseline, seed, weight, label)))
+    clip = {}
+    if embed is not None and training_images:
+        from lorakit_ext.compare.clip_likeness import clip_likeness
+
+        clip = clip_likeness({label: [image for image, _ in pairs] for label, pairs in columns.items()}, training_images, embed)
     out = []
     for label, pairs in columns.items():
         effect = float(np.mean([_thumbnail_distance(thumbnail(image), thumbnail(base)) for image, base in pairs]))
@@ -178,5 +187,6 @@ def measure_epochs(cells: dict, baseline_label: str, training_images: list) -> l
         if overcooked:
             flags.append(OVERCOOKED)
             reasons.append(overcooked)
-        out.append(EpochMeasures(label, effect, likeness, stats.saturation, stats.clipped, stats.noise, tuple(flags), tuple(reasons)))
+        out.append(EpochMeasures(label, effect, likeness, stats.saturation, stats.clipped, stats.noise, tuple(flags), tuple(reasons),
+                                 clip.get(label)))
     return out

@@ -40,11 +40,12 @@ def training_thumbnails(dataset: Path, limit: int = THUMBNAILS) -> list[Image.Im
     return thumbnails
 
 
-def measure_grid(cells: dict, baseline_label: str, training_images: list) -> list[EpochMeasures] | None:
-    """The grid's measures, or None for a grid without a no-LoRA column (nothing to compare with)."""
+def measure_grid(cells: dict, baseline_label: str, training_images: list, embed=None) -> list[EpochMeasures] | None:
+    """The grid's measures, or None for a grid without a no-LoRA column (nothing to compare with);
+    ``embed``: a CLIP embedder for the CLIP likeness (None: not measured)."""
     if not any(label == baseline_label for label, _, _ in cells):
         return None
-    return measure_epochs(cells, baseline_label, training_images)
+    return measure_epochs(cells, baseline_label, training_images, embed)
 
 
 def build_report(output_name: str, labels: list[str], validation: list[dict], measures: list[EpochMeasures] | None) -> dict:
@@ -102,10 +103,11 @@ def _number(value, digits: int) -> str:
 def report_lines(report: dict) -> list[str]:
     """The report as a small table and the suggestion, for the CLI and the tab."""
     width = max([len("epoch"), *(len(row["label"]) for row in report["epochs"])])
-    lines = [f"{'epoch':<{width}}  {'validation':>10}  {'effect':>6}  {'likeness':>8}  flags"]
+    clip = any(row.get("clip_likeness") is not None for row in report["epochs"])
+    lines = [f"{'epoch':<{width}}  {'validation':>10}  {'effect':>6}  {'likeness':>8}  " + ("  CLIP  " if clip else "") + "flags"]
     for row in report["epochs"]:
         flags = ", ".join(row.get("flags", [])) or ("" if report["grid_measured"] else "(no grid)")
         lines.append(f"{row['label']:<{width}}  {_number(row['validation_loss'], 4):>10}  {_number(row.get('effect'), 3):>6}  "
-                     f"{_number(row.get('likeness'), 3):>8}  {flags}")
+                     f"{_number(row.get('likeness'), 3):>8}  " + (f"{_number(row.get('clip_likeness'), 3):>6}  " if clip else "") + flags)
     lines.append(report["suggestion"]["reason"])
     return lines

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -84,7 +85,11 @@ class World:
 
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", rank=self.rank, world_size=self.size, timeout=TIMEOUT, device_id=device)
+            options = {"rank": self.rank, "world_size": self.size, "timeout": TIMEOUT}
+            # torch 2.3 and later bind the group to the rank's GPU at once (no guessing it later).
+            if "device_id" in inspect.signature(dist.init_process_group).parameters:
+                options["device_id"] = device
+            dist.init_process_group("nccl", **options)
         else:
             dist.init_process_group("gloo", rank=self.rank, world_size=self.size, timeout=TIMEOUT)
         try:

@@ -6,7 +6,7 @@ JSON with a ``detail`` message: 400 for bad input (and a full disk, with the rem
 server path LoRA Kit may not use, 404 for an unknown project or job, 409 for a project another
 operation holds, 501 for a part this install lacks; 422 (FastAPI's list of fields and messages)
 for a number outside its range (:mod:`lorakit_ext.webui.limits`). The projects and datasets are
-:mod:`lorakit_ext.webui.api_dataset`'s routes; here is the GPU work (train, grid, regularisation
+:mod:`lorakit_ext.webui.api_dataset`'s routes, the run queue :mod:`lorakit_ext.webui.api_queue`'s; here is the GPU work (train, grid, regularisation
 images), queued through :mod:`lorakit_ext.webui.jobs`, which answers with a job id at once, and
 promote.
 """
@@ -30,7 +30,7 @@ from lorakit_ext.project import confine, validate_name
 from lorakit_ext.train.record import find_run_dir, list_runs
 from lorakit_ext.train.plan import plan_for
 from lorakit_ext.train.preflight import folder_counts
-from lorakit_ext.webui import api_dataset, host, jobs, limits, reg_drawing, suggestion, training
+from lorakit_ext.webui import api_dataset, api_queue, host, jobs, limits, reg_drawing, suggestion, training
 from lorakit_ext.webui.api_common import bounded, http_errors, named_project
 from lorakit_ext.webui.ui_results import cell_for
 
@@ -56,6 +56,7 @@ def require_auth(credentials: Optional[HTTPBasicCredentials] = Depends(_basic)) 
 
 router = APIRouter(prefix=PREFIX, dependencies=[Depends(require_auth)])
 router.include_router(api_dataset.router)
+router.include_router(api_queue.router)
 
 
 def mount(app) -> None:

@@ -24,6 +24,7 @@ DEFAULTS = {
     "lorakit_grid_seeds": "1,2",
     "lorakit_grid_size": 512,
     "lorakit_grid_steps": 20,
+    "lorakit_clip_likeness": False,
 }
 
 
@@ -43,6 +44,8 @@ def add_settings() -> None:
     option("lorakit_grid_seeds", "Grid seeds (comma-separated)")
     option("lorakit_grid_size", "Grid image size", gr.Slider, GRID_SIZE.slider())
     option("lorakit_grid_steps", "Grid sampling steps", gr.Slider, GRID_STEPS.slider())
+    option("lorakit_clip_likeness", "Measure epochs' likeness to the training images with CLIP too (a CLIP model already on "
+                                    "this machine: SD1's openai/clip-vit-large-patch14 in the Hugging Face cache; skipped without one, never downloads)")
 
 
 def setting(key: str):

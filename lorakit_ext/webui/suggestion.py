@@ -14,10 +14,31 @@ def measured_report(project, run_dir: Path, cells: dict) -> dict:
     measured; written to the run folder."""
     from lorakit_ext.webui.xyz import BASELINE_LABEL
 
-    measures = measure_grid(cells, BASELINE_LABEL, training_thumbnails(project.dataset))
+    embed = _clip_embedder()
+    try:
+        measures = measure_grid(cells, BASELINE_LABEL, training_thumbnails(project.dataset), embed)
+    finally:
+        if embed is not None:
+            embed.release()
     report = report_of_run(read_run(run_dir), measures)
     write_report(run_dir, report)
     return report
+
+
+def _clip_embedder():
+    """CLIP for the likeness measure when Settings ask for it and a local model exists (else None:
+    the measure is optional and never downloads)."""
+    from lorakit_ext.compare.clip_likeness import ClipEmbedder, local_clip_model
+    from lorakit_ext.webui.settings import setting
+
+    if not setting("lorakit_clip_likeness"):
+        return None
+    folder = local_clip_model()
+    if folder is None:
+        return None
+    from modules import devices
+
+    return ClipEmbedder(folder, devices.device)
 
 
 def saved_report(run_dir: Path) -> dict:

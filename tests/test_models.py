@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -314,3 +315,22 @@ def test_sd2_without_yaml_gets_v_from_a1111s_test(tiny_sd2, tmp_path, monkeypatc
     model, info = load_sd_checkpoint(bare)
     assert (info.family, info.v_parameterization, info.resolution) == (SD2, v, 768 if v else 512)
     assert model.parameterization == ("v" if v else "eps")
+
+
+def test_a1111_dir_lends_its_copies_of_the_model_code_that_exist(tmp_path, monkeypatch):
+    from lorakit_ext.errors import UserError
+    from lorakit_ext.models.ldm_import import LDM_DIR_ENV
+    from lorakit_ext.models.sgm_import import SGM_DIR_ENV, use_a1111_model_code
+
+    monkeypatch.delenv(LDM_DIR_ENV, raising=False)
+    monkeypatch.delenv(SGM_DIR_ENV, raising=False)
+    with pytest.raises(UserError, match="has neither"):
+        use_a1111_model_code(tmp_path)
+    ldm = tmp_path / "repositories" / "stable-diffusion-stability-ai"
+    (ldm / "ldm").mkdir(parents=True)
+    (ldm / "ldm" / "util.py").write_text("")  # a namespace package, as Stability-AI's
+    use_a1111_model_code(tmp_path)  # an install that never ran SDXL has no sgm: SD1/SD2 still train
+    assert os.environ[LDM_DIR_ENV] == str(ldm) and SGM_DIR_ENV not in os.environ
+    monkeypatch.setenv(LDM_DIR_ENV, "/the/users/own")
+    use_a1111_model_code(tmp_path)
+    assert os.environ[LDM_DIR_ENV] == "/the/users/own"  # a folder the user named is kept

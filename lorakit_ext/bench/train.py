@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lorakit_ext.cli.a1111_dir import add_a1111_dir
 from lorakit_ext.bench.kohya import kohya_rows
 from lorakit_ext.bench.models import FAMILIES, BenchFamily
 from lorakit_ext.bench.smi import SmiPeak
@@ -45,8 +46,7 @@ SWITCH = {"off": False, "on": True}
 def add_arguments(p) -> None:
     p.add_argument("--family", choices=sorted(FAMILIES), default="sd1",
                    help="sd1: full-size SD1.5 (default); sdxl: full-size SDXL base (sgm: --a1111-dir or LORAKIT_SGM_DIR)")
-    p.add_argument("--a1111-dir", help="an A1111 install (stable-diffusion-webui folder) whose copy of sgm, SDXL's model code, "
-                                       "LoRA Kit may use; or set LORAKIT_SGM_DIR")
+    add_a1111_dir(p)
     p.add_argument("--batch", default=None, help="batch size(s), comma-separated (default: sd1 2, sdxl 1,4)")
     p.add_argument("--train", default=None, help="te (TE + UNet), unet (UNet only) or both: te,unet (default: sd1 te, sdxl unet)")
     p.add_argument("--cache-text-encoder-outputs", action=argparse.BooleanOptionalAction, default=None,
@@ -320,11 +320,11 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
 
 
 def run_cli(args):
-    from lorakit_ext.models.sgm_import import use_a1111_sgm
+    from lorakit_ext.models.sgm_import import use_a1111_model_code
 
     if args.steps < 1 or args.warmup < 1:
         raise UserError("--steps and --warmup must be at least 1")
-    use_a1111_sgm(args.a1111_dir)
+    use_a1111_model_code(args.a1111_dir)
     _apply_family_defaults(args)
     if args.gpus and not World.from_env().distributed:
         from lorakit_ext.bench.train_ranks import run_world_sizes

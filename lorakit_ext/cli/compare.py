@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorakit_ext.cli.a1111_dir import add_a1111_dir
 from lorakit_ext.cli.output import Result
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import open_project
@@ -19,7 +20,7 @@ def register(sub, common) -> None:
     p.add_argument("--run", help="the run's id in <project>/runs/ (default: the newest finished run)")
     p.add_argument("--base-model", help="the checkpoint to sample on (default: the one the run trained on)")
     p.add_argument("--model-config", help="ldm/sgm .yaml for the checkpoint (default: beside it, or detected)")
-    p.add_argument("--a1111-dir", help="an A1111 install whose copy of sgm (SDXL's model code) LoRA Kit may use")
+    add_a1111_dir(p)
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: the run's, else cuda when available)")
     p.add_argument("--prompt", help="test prompt (default: the trigger and the dataset's most common tags)")
     p.add_argument("--negative", default="", help="negative prompt")
@@ -98,10 +99,10 @@ def _measure(args, project, run_dir: Path, record: dict, files: list[Path]):
     from lorakit_ext.compare.grid import epoch_grid_plan, render_epoch_cells
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
-    from lorakit_ext.models.sgm_import import use_a1111_sgm
+    from lorakit_ext.models.sgm_import import use_a1111_model_code
     from lorakit_ext.train_config import TrainConfig
 
-    use_a1111_sgm(args.a1111_dir)
+    use_a1111_model_code(args.a1111_dir)
     options = record.get("options") or {}
     base_model = args.base_model or options.get("base_model")
     if not base_model:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorakit_ext.cli.a1111_dir import add_a1111_dir
 from lorakit_ext.cli.output import Result
 from lorakit_ext.cli.progress import first_ctrl_c_stops
 from lorakit_ext.cli.train import DTYPES
@@ -41,7 +42,7 @@ def register(sub, common) -> None:
     p.add_argument("--height", type=int, help="image height in pixels (default: the model family's training resolution)")
     p.add_argument("--seed", type=int, default=TrainConfig.seed, help=f"image n is drawn at seed + n - 1 (default: {TrainConfig.seed})")
     p.add_argument("--model-config", help="ldm/sgm .yaml for the checkpoint (default: beside it, or detected)")
-    p.add_argument("--a1111-dir", help="an A1111 install whose copy of sgm (SDXL's model code) LoRA Kit may use")
+    add_a1111_dir(p)
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--weights", default="auto", choices=DTYPES, help="dtype of the weights (default: fp16 on CUDA, fp32 on CPU)")
     p.set_defaults(handler=run)
@@ -74,9 +75,9 @@ def _draw(args, project, prompts) -> Result:
     from lorakit_ext.dataset.reg_images import REG_LINE, prompts_note, write_reg_images
     from lorakit_ext.models.checkpoint import family_of_checkpoint, load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
-    from lorakit_ext.models.sgm_import import use_a1111_sgm
+    from lorakit_ext.models.sgm_import import use_a1111_model_code
 
-    use_a1111_sgm(args.a1111_dir)
+    use_a1111_model_code(args.a1111_dir)
     checkpoint = Path(args.base_model).expanduser()
     # The family's training defaults: the size it trains at and the text encoding it trains with.
     config = family_of_checkpoint(checkpoint).train_config()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lorakit_ext.cli.a1111_dir import add_a1111_dir
 from lorakit_ext.cli.output import Result
 from lorakit_ext.cli.progress import ProgressPrinter, first_ctrl_c_stops
 from lorakit_ext.cli.train_options import add_train_options, config_from_args, given_train_options
@@ -39,8 +40,7 @@ def register(sub, common) -> None:
     p.add_argument("--gpus", type=int, metavar="N",
                    help="train data-parallel on N GPUs of this machine (cuda:0…N-1; pick them with CUDA_VISIBLE_DEVICES), "
                         "each training the batch size; with --device cpu, N CPU processes")
-    p.add_argument("--a1111-dir", help="an A1111 install (stable-diffusion-webui folder) whose copy of sgm, SDXL's model "
-                                       "code, LoRA Kit may use; or set LORAKIT_SGM_DIR")
+    add_a1111_dir(p)
     add_train_options(p)
     p.set_defaults(handler=run)
 
@@ -108,13 +108,13 @@ def _resolved_option(key: str, value: str) -> str:
 def run(args) -> Result:
     import torch
 
-    from lorakit_ext.models.sgm_import import use_a1111_sgm
+    from lorakit_ext.models.sgm_import import use_a1111_model_code
     from lorakit_ext.train.data_parallel import World
 
     project = open_project(args.root, args.project)
     if args.force and not args.resume:
         raise UserError("--force only goes with --resume")
-    use_a1111_sgm(args.a1111_dir)
+    use_a1111_model_code(args.a1111_dir)
     if not args.resume and not args.base_model:
         raise UserError("--base-model is required to start a run (give the checkpoint to train on)")
     world = World.from_env()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import sys
 import tempfile
 import warnings
@@ -20,9 +21,10 @@ import torch
 from ..errors import UserError
 from ..fsutil import atomic_write_text
 
+LDM_DIR_ENV = "LORAKIT_LDM_DIR"
 _INSTALL_LDM = (
-    "run `pip install --no-deps stable-diffusion-sdkit==2.1.5` and install LoRA Kit's `[ldm]` extra "
-    "(`pip install -e '.[ldm]'` in the LoRA Kit folder; dev/setup.sh does both)"
+    "give --a1111-dir with an A1111 install (its copy is used), or run `pip install --no-deps stable-diffusion-sdkit==2.1.5` "
+    "and install LoRA Kit's `[ldm]` extra (`pip install -e '.[ldm]'` in the LoRA Kit folder; dev/setup.sh does both)"
 )
 
 # torch only keeps an operator definition while its Library object lives.
@@ -60,7 +62,16 @@ def _ignore_import_warnings() -> None:
 
 @functools.lru_cache(maxsize=None)
 def import_ldm() -> ModuleType:
-    """Imports ``ldm`` and the modules its SD1/SD2 classes need; returns the ``ldm`` package."""
+    """Imports ``ldm`` and the modules its SD1/SD2 classes need; returns the ``ldm`` package: the
+    one imported already (inside A1111), from the folder ``LORAKIT_LDM_DIR`` names (an A1111
+    install's copy), or installed."""
+    folder = os.environ.get(LDM_DIR_ENV)
+    if folder and "ldm" not in sys.modules:
+        if not (Path(folder) / "ldm" / "util.py").is_file():
+            raise UserError(f"{LDM_DIR_ENV}={folder} has no ldm/util.py; point it at an A1111 install's "
+                            "repositories/stable-diffusion-stability-ai, or unset it")
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         # pytorch-lightning 1.9, pkg_resources, timm and ldm's "no xformers" print are noise to a user.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

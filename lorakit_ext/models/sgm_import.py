@@ -2,8 +2,8 @@
 it, importing it, and building SDXL's ``DiffusionEngine`` without the network.
 
 sgm is not on PyPI. Inside A1111 it is imported already; headless it comes from the folder
-``LORAKIT_SGM_DIR`` names (the CLI's ``--a1111-dir`` points it at A1111's own copy), or from an
-installed ``sgm`` package.
+``LORAKIT_SGM_DIR`` names (the CLI's ``--a1111-dir`` points it, and ``LORAKIT_LDM_DIR`` for ldm, at
+A1111's own copies), or from an installed ``sgm`` package.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from types import ModuleType
 from torch import nn
 
 from ..errors import UserError
-from .ldm_import import import_torchvision, missing_code, offline_clip_l, skip_random_init
+from .ldm_import import LDM_DIR_ENV, import_torchvision, missing_code, offline_clip_l, skip_random_init
 
 SGM_DIR_ENV = "LORAKIT_SGM_DIR"
 A1111_SGM = Path("repositories") / "generative-models"
+A1111_LDM = Path("repositories") / "stable-diffusion-stability-ai"
 HOW_TO_GET_SGM = (
     "SDXL's model code (sgm, from Stability-AI/generative-models) is not on PyPI. Point LoRA Kit at the copy "
     "an A1111 install keeps (--a1111-dir /path/to/stable-diffusion-webui), or clone "
@@ -33,22 +34,23 @@ HOW_TO_GET_SGM = (
 _TINY_VISION = {"image_size": 28, "layers": 1, "width": 32, "head_width": 16, "patch_size": 14}
 
 
-def sgm_folder_of_a1111(a1111_dir: Path) -> Path:
-    """The sgm checkout inside an A1111 install; ``UserError`` if it has none."""
-    folder = Path(a1111_dir).expanduser() / A1111_SGM
-    if not (folder / "sgm" / "__init__.py").is_file():
-        raise UserError(
-            f"{a1111_dir} has no {A1111_SGM} with sgm in it; give the stable-diffusion-webui folder of an A1111 "
-            "install that has run once with an SDXL model, or set LORAKIT_SGM_DIR"
-        )
-    return folder
-
-
-def use_a1111_sgm(a1111_dir: str | Path | None) -> None:
-    """Makes ``--a1111-dir``'s sgm the one :func:`import_sgm` finds, unless ``LORAKIT_SGM_DIR``
-    names one already: the edge where the user's choice becomes the process's."""
-    if a1111_dir and not os.environ.get(SGM_DIR_ENV):
-        os.environ[SGM_DIR_ENV] = str(sgm_folder_of_a1111(Path(a1111_dir)))
+def use_a1111_model_code(a1111_dir: str | Path | None) -> None:
+    """Makes ``--a1111-dir``'s copies of the model code the ones LoRA Kit imports: sgm (SDXL) from
+    its ``repositories/generative-models``, ldm (SD1/SD2) from ``repositories/stable-diffusion-stability-ai``,
+    unless ``LORAKIT_SGM_DIR``/``LORAKIT_LDM_DIR`` name others already: the edge where the user's
+    choice becomes the process's. An install lacks sgm until it has run an SDXL model; one that has
+    neither is refused."""
+    if not a1111_dir:
+        return
+    root = Path(a1111_dir).expanduser()
+    # Stability-AI/stablediffusion's ldm is a namespace package: no __init__.py, but ldm/util.py.
+    found = {env: root / folder for env, folder, marker in ((SGM_DIR_ENV, A1111_SGM, "sgm/__init__.py"), (LDM_DIR_ENV, A1111_LDM, "ldm/util.py"))
+             if (root / folder / marker).is_file()}
+    if not found:
+        raise UserError(f"{a1111_dir} has neither {A1111_LDM} nor {A1111_SGM}; give the stable-diffusion-webui folder of an "
+                        "A1111 install that has started once")
+    for env, folder in found.items():
+        os.environ.setdefault(env, str(folder))
 
 
 def import_sgm() -> ModuleType:

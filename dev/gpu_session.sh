@@ -7,6 +7,7 @@
 #   bash dev/gpu_session.sh setup sdxl_b4               # SDXL batch 4, the same
 #   bash dev/gpu_session.sh setup tests seed            # GPU tests, smoke run, the seed-sized run + its epochs
 #   bash dev/gpu_session.sh setup sd1                   # SD1.5 rows against kohya's train_network.py
+#   bash dev/gpu_session.sh setup ranks queue           # one NCCL rank against one process; 2 queued runs on one GPU
 #
 # Inputs, git-ignored and carried along (never committed):
 #   .whl/                 wheels for the machine's Python: ldm's and sgm's needs, the optional optimizers
@@ -84,6 +85,20 @@ phase_sd1() {
     python3 -m lorakit_ext bench train "${KOHYA[@]}" --weights bf16 --batch 2 --train te,unet --json > "$OUT/bench_sd1_b2.json" 2> "$OUT/bench_sd1_b2.log"
     python3 -m lorakit_ext bench train "${KOHYA[@]}" --weights bf16 --batch 8 --train unet --json > "$OUT/bench_sd1_b8.json" 2> "$OUT/bench_sd1_b8.log"
     tail -20 "$OUT/bench_sd1_b2.log" "$OUT/bench_sd1_b8.log"
+}
+
+# The data-parallel path at world size 1 (NCCL, CUDA graphs) against the plain one: its GPU test,
+# then bench rows of both (the issue's bar: ≥ 0.97× the plain it/s).
+phase_ranks() {
+    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k data_parallel 2>&1 | tee "$OUT/ranks_test.log" | tail -4
+    python3 -m lorakit_ext bench train --weights bf16 --modes graphs --steps 200 --warmup 20 --json > "$OUT/bench_plain.json" 2> "$OUT/bench_plain.log"
+    python3 -m lorakit_ext bench train --weights bf16 --modes graphs --steps 200 --warmup 20 --gpus 1 --json > "$OUT/bench_ranks1.json" 2> "$OUT/bench_ranks1.log"
+    python3 -c "import json; a, b = (json.load(open('$OUT/bench_' + n + '.json'))['rows'][0]['it_per_s'] for n in ('plain', 'ranks1')); print(f'plain {a:.2f} it/s, one NCCL rank {b:.2f} it/s: {b / a:.3f}x')"
+}
+
+phase_queue() {
+    python3 dev/queue_bench.py --out /tmp/queue 2>&1 | tail -30
+    cp /tmp/queue/queue_bench.json "$OUT/" 2>/dev/null
 }
 
 for phase in "$@"; do

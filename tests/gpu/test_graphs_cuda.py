@@ -38,8 +38,9 @@ def _dataset(folder, n=8, caption="kat3r1na"):
         (folder / f"{i}.txt").write_text(f"{caption}, tag{i % 3}, red hair")
 
 
-def _train(tmp_path, name, weights, **config):
+def _train(tmp_path, name, weights, world=None, **config):
     from lorakit_ext.models.tiny import build_random_sd15
+    from lorakit_ext.train.data_parallel import World
 
     torch.manual_seed(0)
     sd_model = build_random_sd15("cuda", weights, full=False)
@@ -49,7 +50,7 @@ def _train(tmp_path, name, weights, **config):
         _dataset(project.path / "reg", 5, caption="woman")
     cfg = TrainConfig(resolution=256, num_repeats=13, max_train_epochs=1, max_train_steps=50, train_batch_size=2,
                       optimizer="AdamW", keep_only_last_n_epochs=0, **config).validate()
-    job = TrainJob(cfg, project, tmp_path / name / "out", project.runs / "r", patch_attention=True)
+    job = TrainJob(cfg, project, tmp_path / name / "out", project.runs / "r", patch_attention=True, world=world or World())
     job.run_dir.mkdir(parents=True)
     messages = []
     trainer = Trainer(adapter_for(sd_model, cfg.clip_skip, cfg.max_token_length), job,
@@ -96,6 +97,28 @@ def test_accumulated_steps_with_regularisation_images_match_eager(tmp_path, dete
     assert graph_losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-4)
     overall, worst = _difference(graph_lora, eager_lora)
     print(f"accumulation 2 + regularisation: LoRA weights differ by {overall:.2e} overall, {worst:.2e} in the worst tensor")
+    assert overall < 1e-3
+
+
+def test_the_data_parallel_step_with_one_nccl_rank_is_captured_and_trains_as_one_process(tmp_path, deterministic, monkeypatch):
+    # World size 1 through torch.distributed: the all-reduce of the LoRA gradients is inside the
+    # captured step (no fallback), and averaging over one rank changes nothing.
+    import socket
+
+    from lorakit_ext.train.data_parallel import World
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    plain_losses, plain_lora, _ = _train(tmp_path, "plain", torch.bfloat16, mixed_precision="bf16")
+    world = World(0, 1, 0, True)
+    with world.process_group(torch.device("cuda", 0)):
+        losses, lora, messages = _train(tmp_path, "ranks", torch.bfloat16, world=world, mixed_precision="bf16")
+    assert messages == [], messages
+    assert losses == pytest.approx(plain_losses, rel=1e-3, abs=1e-4)
+    overall, worst = _difference(lora, plain_lora)
+    print(f"one NCCL rank vs one process: LoRA weights differ by {overall:.2e} overall, {worst:.2e} in the worst tensor")
     assert overall < 1e-3
 
 

@@ -83,7 +83,7 @@ phase_sdxl_budget() {
 
 phase_sd1() {
     python3 -m lorakit_ext bench train "${KOHYA[@]}" --weights bf16 --batch 2 --train te,unet --json > "$OUT/bench_sd1_b2.json" 2> "$OUT/bench_sd1_b2.log"
-    python3 -m lorakit_ext bench train "${KOHYA[@]}" --weights bf16 --batch 8 --train unet --json > "$OUT/bench_sd1_b8.json" 2> "$OUT/bench_sd1_b8.log"
+    python3 -m lorakit_ext bench train "${KOHYA[@]}" --weights bf16 --batch 8 --train unet --kernel-breakdown --json > "$OUT/bench_sd1_b8.json" 2> "$OUT/bench_sd1_b8.log"
     tail -20 "$OUT/bench_sd1_b2.log" "$OUT/bench_sd1_b8.log"
 }
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,6 +82,52 @@ def test_bench_train_measures_the_trainer(capsys):
     assert row["mode"] == "eager" and row["train"] == "TE + UNet" and row["batch"] == 2
     assert row["it_per_s"] > 0 and row["images_per_s"] == 2 * row["it_per_s"]
     assert "kohya_it_per_s" not in row, "recorded H200 kohya figures are not a reference for the tiny model"
+
+
+def test_kernel_kinds_sort_cuda_kernels_and_torch_operators():
+    from lorakit_ext.bench.kernel_profile import breakdown, kind_of
+
+    assert kind_of("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kind_of("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNN") == "GEMM" and kind_of("aten::addmm") == "GEMM"
+    assert kind_of("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>") == "other"
+    assert kind_of("void at::native::group_norm_kernel") == "norm"
+    assert kind_of("void at::native::elementwise_kernel<128, 4>") == "elementwise/copy/cast" and kind_of("aten::copy_") == "elementwise/copy/cast"
+    assert kind_of("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    result = breakdown([("aten::addmm", 3000.0, 6), ("aten::copy_", 1000.0, 30)], steps=2)
+    assert result["step_ms"] == pytest.approx(2.0) and result["floor_it_s"] == pytest.approx(500.0)
+    assert result["kinds_ms"] == {"GEMM": 1.5, "elementwise/copy/cast": 0.5} and result["top"][0]["calls"] == 3
+
+
+def test_the_step_profiler_measures_the_steps_between_its_marks():
+    from lorakit_ext.bench.kernel_profile import StepProfiler
+    from lorakit_ext.train.events import Progress
+
+    profiler = StepProfiler(torch.device("cpu"), 2, 4)
+    conv, weight = torch.nn.Conv2d(4, 4, 3), torch.randn(64, 64)
+    for step in range(1, 6):
+        conv(torch.randn(1, 4, 16, 16)).sum()
+        weight @ weight
+        profiler(Progress("training", step=step, total_steps=5))
+    kinds = profiler.result["kinds_ms"]
+    assert kinds.keys() >= {"convolution", "GEMM"} and profiler.result["step_ms"] == pytest.approx(sum(kinds.values()))
+    calls = {kernel["name"]: kernel["calls"] for kernel in profiler.result["top"]}
+    assert calls["aten::mm"] == 1  # per step: two steps were profiled, one product each
+
+
+def test_kernel_breakdown_adds_each_rows_kinds_to_the_figures_and_the_report(monkeypatch, capsys):
+    from lorakit_ext.bench import kernel_profile
+
+    # The profiler itself is tested above; parsing a whole CPU training step's events takes a minute.
+    monkeypatch.setattr(kernel_profile.StepProfiler, "_events", lambda self: [("aten::addmm", 6000.0, 8), ("aten::copy_", 2000.0, 40)])
+    from lorakit_ext.bench.train_report import report
+
+    assert main([*TINY, "--kernel-breakdown"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    (row,) = figures["rows"]
+    assert row["kernels"]["kinds_ms"] == {"GEMM": 1.5, "elementwise/copy/cast": 0.5}
+    text = report(figures, SimpleNamespace(dim=16, alpha=8.0))
+    assert "kernels (fp32 eager TE + UNet b2): 2.0 ms per eager step, a captured step's floor 500.00 it/s: GEMM 1.5 ms (75 %)" in text
 
 
 def test_kohya_rows_run_train_network_at_our_settings_and_report_ratios(stand_in_sd15_scripts, capsys):

@@ -74,6 +74,9 @@ def add_arguments(p) -> None:
                         "sdxl_train_network.py) on the matching rows first, at the same settings, and compare in the same run")
     p.add_argument("--kohya-python", metavar="PYTHON", default=sys.executable,
                    help="the Python whose packages run sd-scripts (default: this one)")
+    p.add_argument("--kernel-breakdown", action="store_true",
+                   help="after each row, profile a few eager steps of it: device time per step by kind (GEMM, attention, "
+                        "convolution, norm, optimizer, elementwise/copy/cast), the floor a captured step can reach")
     p.add_argument("--gpus", metavar="N,…", default=None,
                    help="numbers of GPUs, e.g. 1,2: every row trains data-parallel in that many processes (batch per GPU; "
                         "img/s counts all GPUs), started as torchrun would")
@@ -221,7 +224,25 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
         it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
         row.update(it_per_s=it_s, images_per_s=it_s * spec.batch * world.size, start_to_first_step_s=marks["first_step"] - started,
                    final_loss=result.losses[-1])
+    if args.kernel_breakdown and result is not None:
+        row["kernels"] = _kernel_breakdown(model, project, args, spec, world)
     return {**row, **_kohya_columns(args, FAMILIES[args.family], spec, it_s, kohya)}
+
+
+def _kernel_breakdown(model, project, args, spec: RowSpec, world: World) -> dict:
+    """Steps 4 to 7 of the row's settings run eagerly under the profiler (kernel_profile)."""
+    from lorakit_ext.bench.kernel_profile import StepProfiler
+    from lorakit_ext.train.loop import Trainer, TrainJob
+
+    config = bench_config(args, batch=spec.batch, unet_only=spec.unet_only, checkpointing=spec.checkpointing, graphs=False)
+    config = config.replace(max_train_steps=8)
+    name = f"{spec.name}-profile"
+    job = TrainJob(config, project, project.path / "out" / name, project.runs / name, patch_attention=True,
+                   channels_last={"auto": None, "on": True, "off": False}[spec.layout], world=world)
+    job.run_dir.mkdir(parents=True)
+    profiler = StepProfiler(model.device, 4, 8)
+    Trainer(model, job, on_progress=profiler).run()
+    return profiler.result
 
 
 def _list(value: str, allowed=None) -> list[str]:

@@ -71,6 +71,12 @@ def report(figures: dict, args) -> str:
     for r in f["rows"]:
         lines += [f"note ({_row_label(r)}): {n}" for n in r["notes"]]
     lines += [f"note: {n}" for n in f["kohya_notes"]]
+    for r in f["rows"]:
+        if r.get("kernels"):
+            k = r["kernels"]
+            kinds = ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / k['step_ms']:.0f} %)" for kind, ms in k["kinds_ms"].items())
+            lines.append(f"kernels ({_row_label(r)}): {k['step_ms']:.1f} ms per eager step, a captured step's floor "
+                         f"{k['floor_it_s']:.2f} it/s: {kinds}")
     graphs = {(r["weights"], r["train"], r["batch"], r["gradient_checkpointing"]): r.get("it_per_s")
               for r in f["rows"] if r["mode"] == "graphs"}
     for r in f["rows"]:

@@ -8,6 +8,7 @@
 #   bash dev/gpu_session.sh setup tests seed            # GPU tests, smoke run, the seed-sized run + its epochs
 #   bash dev/gpu_session.sh setup sd1                   # SD1.5 rows against kohya's train_network.py
 #   bash dev/gpu_session.sh setup ranks queue           # one NCCL rank against one process; 2 queued runs on one GPU
+#   bash dev/gpu_session.sh setup triton                # the Triton GroupNorm+SiLU: its tests on CUDA, then b8 with and without
 #
 # Inputs, git-ignored and carried along (never committed):
 #   .whl/                 wheels for the machine's Python: ldm's and sgm's needs, the optional optimizers
@@ -94,6 +95,18 @@ phase_ranks() {
     python3 -m lorakit_ext bench train --weights bf16 --modes graphs --steps 200 --warmup 20 --json > "$OUT/bench_plain.json" 2> "$OUT/bench_plain.log"
     python3 -m lorakit_ext bench train --weights bf16 --modes graphs --steps 200 --warmup 20 --gpus 1 --json > "$OUT/bench_ranks1.json" 2> "$OUT/bench_ranks1.log"
     python3 -c "import json; a, b = (json.load(open('$OUT/bench_' + n + '.json'))['rows'][0]['it_per_s'] for n in ('plain', 'ranks1')); print(f'plain {a:.2f} it/s, one NCCL rank {b:.2f} it/s: {b / a:.3f}x')"
+}
+
+# The channels_last GroupNorm(+SiLU) Triton kernels (opt-in): correct on CUDA against torch and in
+# the captured step against eager, then SD1.5 UNet-only batch 8 with and without them.
+phase_triton() {
+    python3 -m pytest -q -p no:cacheprovider tests/test_triton_group_norm.py 2>&1 | tee "$OUT/triton_tests.log" | tail -3
+    LORAKIT_TRITON_GROUP_NORM=1 python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k "fifty and bf16" 2>&1 | tail -4
+    for on in 0 1; do
+        LORAKIT_TRITON_GROUP_NORM=$on python3 -m lorakit_ext bench train --weights bf16 --batch 8 --train unet --modes graphs \
+            --kernel-breakdown --json > "$OUT/bench_b8_triton$on.json" 2> "$OUT/bench_b8_triton$on.log"
+        grep -E "^bf16|^kernels" "$OUT/bench_b8_triton$on.log"
+    done
 }
 
 phase_queue() {

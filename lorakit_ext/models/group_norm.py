@@ -5,9 +5,16 @@ activation until the backward pass, twice the size of the half-precision input i
 This forward keeps the input as it is and makes the fp32 copy again in backward. Forward and
 gradients are the stock ones bit for bit (the fp32 copy of a half tensor is exact); for SD1.5 at
 512² it is the difference between our peak memory and kohya's. fp32 models are left as they are.
+
+With ``LORAKIT_TRITON_GROUP_NORM=1`` and Triton installed, channels_last half activations go through
+:mod:`lorakit_ext.models.triton_group_norm` instead (no layout or fp32 copies), fused with the SiLU
+that follows a GroupNorm in ResBlocks and the output head. Opt-in until its speed on a GPU has been
+measured against this path.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -53,18 +60,70 @@ class _GroupNormFromHalf(torch.autograd.Function):
         )
 
 
-def _forward(module: nn.GroupNorm):
+TRITON_ENV = "LORAKIT_TRITON_GROUP_NORM"
+
+
+def _triton_group_norm():
+    """The Triton GroupNorm(+SiLU), or None: asked for with ``LORAKIT_TRITON_GROUP_NORM=1`` and Triton installed."""
+    if os.environ.get(TRITON_ENV) != "1":
+        return None
+    try:
+        from lorakit_ext.models.triton_group_norm import group_norm_silu
+    except ImportError:
+        return None
+    return group_norm_silu
+
+
+def _triton_takes(x: torch.Tensor) -> bool:
+    on_device = x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _forward(module: nn.GroupNorm, kernel, silu: bool):
+    """The module's forward; ``silu``: it also applies the SiLU that follows it (patched to pass through)."""
     stock = type(module).forward
 
     def forward(x):
         if x.dtype == torch.float32 or not torch.is_grad_enabled():
-            return stock(module, x)
-        return _GroupNormFromHalf.apply(x, module.weight, module.bias, module.num_groups, module.eps)
+            y = stock(module, x)
+        elif kernel is not None and _triton_takes(x):
+            return kernel(x, module.weight, module.bias, module.num_groups, module.eps, silu)
+        else:
+            y = _GroupNormFromHalf.apply(x, module.weight, module.bias, module.num_groups, module.eps)
+        return nn.functional.silu(y) if silu else y
 
     return forward
 
 
+def _silus_after(unet: nn.Module, norms: list[nn.Module]) -> dict[int, nn.Module]:
+    """``{id(norm): the nn.SiLU right after it}`` in the UNet's Sequentials (ResBlocks, the output
+    head), for pairs neither of which carries a patch already."""
+    ids = {id(m) for m in norms}
+    pairs = {}
+    for seq in unet.modules():
+        if isinstance(seq, nn.Sequential):
+            children = list(seq)
+            for first, second in zip(children, children[1:]):
+                if id(first) in ids and type(second) is nn.SiLU and "forward" not in vars(second) and "forward" not in vars(first):
+                    pairs[id(first)] = second
+    return pairs
+
+
+def _passes_through(module: nn.Module):
+    return lambda x: x
+
+
 def use_half_saving_group_norm(unet: nn.Module):
-    """Patches ldm's and sgm's ``GroupNorm32`` modules (the same class); returns the function that removes the patch."""
+    """Patches ldm's and sgm's ``GroupNorm32`` modules (the same class), and with the Triton kernels
+    the SiLUs fused into them; returns the function that removes the patches."""
     stock = [m for m in unet.modules() if type(m).__name__ == "GroupNorm32" and type(m).__module__.startswith(("ldm.", "sgm.")) and m.affine]
-    return patch_forwards(stock, _forward)
+    kernel = _triton_group_norm()
+    fused = _silus_after(unet, stock) if kernel is not None else {}
+    undo_norms = patch_forwards(stock, lambda m: _forward(m, kernel, id(m) in fused))
+    undo_silus = patch_forwards(fused.values(), _passes_through)
+
+    def undo() -> None:
+        undo_silus()
+        undo_norms()
+
+    return undo

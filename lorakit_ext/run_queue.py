@@ -46,8 +46,9 @@ def _read(folder: Path) -> dict | None:
         return None  # being written by ``add``, or not ours
 
 
-def add_entry(root: Path, project: str, argv: list[str], files: dict[str, str] | None = None) -> dict:
-    """Queues ``python -m lorakit_ext <argv>`` for ``project``; ``files`` are written into the
+def add_entry(root: Path, project: str, argv: list[str], files: dict[str, str] | None = None, cwd: str | None = None) -> dict:
+    """Queues ``python -m lorakit_ext <argv>`` for ``project``, to run in ``cwd`` (where relative
+    paths in ``argv`` were meant; default: wherever the queue runs); ``files`` are written into the
     entry's folder first (``{name: text}``, e.g. the config file an API request brings), and
     ``{entry}`` in ``argv`` stands for that folder."""
     folder = queue_dir(root)
@@ -62,7 +63,7 @@ def add_entry(root: Path, project: str, argv: list[str], files: dict[str, str] |
         for name, text in (files or {}).items():
             (entry_dir / name).write_text(text, encoding="utf-8")
         entry = {"id": entry_dir.name, "project": project, "argv": [a.replace("{entry}", str(entry_dir)) for a in argv],
-                 "status": "queued", "added_at": time.time()}
+                 "cwd": cwd, "status": "queued", "added_at": time.time()}
         atomic_write_json(entry_dir / ENTRY_FILE, entry)
         return entry
     raise UserError(f"could not add to the queue in {folder}: too many entries added this second")
@@ -121,7 +122,7 @@ def _start(entry: dict, slot: Slot, root: Path) -> _Running:
     folder = queue_dir(root) / entry["id"]
     log = open(folder / "run.log", "w", encoding="utf-8")
     with open(folder / "result.json", "w", encoding="utf-8") as result:
-        process = subprocess.Popen([sys.executable, "-m", "lorakit_ext", *entry["argv"], "--json"],
+        process = subprocess.Popen([sys.executable, "-m", "lorakit_ext", *entry["argv"], "--json"], cwd=entry.get("cwd"),
                                    env={**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}, stdout=result, stderr=log)
     entry.update(status="running", slot=slot.name, started_at=time.time(), pid=process.pid)
     atomic_write_json(folder / ENTRY_FILE, entry)

@@ -29,14 +29,18 @@ def _add(root, project, model, *extra) -> dict:
     return add_entry(root, project, ["train", project, "--root", str(root), "--base-model", model, *SMALL, *extra])
 
 
-def test_queued_runs_of_two_projects_train_at_once_each_with_its_own_record(root, tiny_sd15_dir, capsys):
+def test_queued_runs_of_two_projects_train_at_once_each_with_its_own_record(root, tiny_sd15_dir, monkeypatch, capsys):
     model = str(tiny_sd15_dir / "tiny-sd15.safetensors")
-    for project in ("kat", "kat", "rex"):
+    for project in ("kat", "kat"):
         assert main(["queue", "add", project, "--root", str(root), "--base-model", model, *SMALL, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["entry"]["status"] == "queued"
+    monkeypatch.chdir(tiny_sd15_dir)  # a path relative to where it was added means the same when it runs
+    assert main(["queue", "add", "rex", "--root", str(root), "--base-model", "tiny-sd15.safetensors", *SMALL]) == 0
+    assert capsys.readouterr().out.startswith("queued ")
+    monkeypatch.chdir(root)
     assert main(["queue", "run", "--root", str(root), "--cpu", "2", "--json"]) == 0
     ran = json.loads(capsys.readouterr().out)["entries"]
-    assert [e["status"] for e in ran] == ["finished"] * 3
+    assert [e["status"] for e in ran] == ["finished"] * 3, [e.get("error") for e in ran]
     kat = sorted((e for e in ran if e["project"] == "kat"), key=lambda e: e["started_at"])
     rex = next(e for e in ran if e["project"] == "rex")
     assert rex["started_at"] < kat[0]["finished_at"]  # two projects at once

@@ -51,7 +51,8 @@ def _add(args) -> Result:
     # Checked now, not when its turn comes: a queue left running overnight should not meet a typo.
     config_from_args(train)
     options = [o for o in args.train_options if o != "--json"]
-    entry = add_entry(project.root, project.name, ["train", project.name, *options, "--root", str(project.root)])
+    # Run where it was added: relative paths among the options (--base-model, --config, --out) mean the same then.
+    entry = add_entry(project.root, project.name, ["train", project.name, *options, "--root", str(project.root)], cwd=os.getcwd())
     return Result({"entry": entry}, f"queued {entry['id']}; run the queue with: python -m lorakit_ext queue run --root {project.root}")
 
 

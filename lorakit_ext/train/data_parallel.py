@@ -177,7 +177,12 @@ class GradientSync:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         flat.div_(self.world.size)
-        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        parts = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(grads, parts)
+        else:  # torch before 2.2
+            for g, part in zip(grads, parts):
+                g.copy_(part)
 
 
 def agree(world: World, losses: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:

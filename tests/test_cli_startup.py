@@ -56,7 +56,7 @@ def project(tmp_path):
 
 def test_help_of_every_command_imports_no_torch(tmp_path):
     # Training and sampling commands load torch in their handlers only, never to build the parser.
-    commands = ("plan", "project", "import", "tags", "captions", "dedupe", "undo", "train", "compare", "demo", "caption", "reg-images")
+    commands = ("plan", "project", "import", "tags", "captions", "dedupe", "undo", "train", "queue", "compare", "demo", "caption", "reg-images")
     report, out = run_light(tmp_path, ["--help"], *([command, "--help"] for command in commands))
     assert_light(report)
     assert "import → dedupe → caption" in out and "--preset" in out
@@ -121,3 +121,14 @@ def test_presets_the_cli_offers_are_the_families_own():
     assert [(s.label, s.presets, dict(s.defaults)) for s in FAMILY_SETTINGS] == [
         (f.label, f.presets, dict(f.defaults)) for f in FAMILIES
     ]
+
+
+def test_queueing_a_run_and_listing_the_queue_import_no_torch(tmp_path, project):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"checked when the run starts")
+    root = str(project.root)
+    report, out = run_light(tmp_path, ["queue", "add", project.name, "--root", root, "--base-model", str(model), "--epochs", "3"],
+                            ["queue", "list", "--root", root])
+    assert_light(report)
+    assert out.startswith("queued ") and out.splitlines()[-1].endswith("  queued")
+

@@ -223,12 +223,20 @@ def _train(args, project, config, options, pre, point, world) -> Result:
         [f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else f"trained {result.steps} steps"]
         + [f"  {f}" for f in files]
         + [f"run record: {job.run_dir}", "start-up: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items()),
+           *_pool_line(trainer.graph_pools),
            *report_lines(report),
            f"to see each epoch and check it for no effect or overcooking: {compare}"]
     )
     data = {"status": result.status, "files": files, "steps": result.steps, "run": job.run_dir.name, "run_dir": str(job.run_dir),
-            "epochs": report["epochs"], "suggestion": report["suggestion"], "phases_s": phases}
+            "epochs": report["epochs"], "suggestion": report["suggestion"], "phases_s": phases, "graph_pools": trainer.graph_pools}
     return Result(data, text)
+
+
+def _pool_line(pools: list[dict]) -> list[str]:
+    if not pools:
+        return []
+    added = ", ".join(f"{'×'.join(map(str, p['latents']))} +{p['pool_added_gib']:.2f}" for p in pools)
+    return [f"CUDA graphs: {len(pools)} captured step(s) sharing one memory pool, GiB each added: {added}"]
 
 
 def _epoch_report(run_dir: Path) -> dict:

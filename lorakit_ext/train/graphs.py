@@ -45,6 +45,9 @@ class GraphedStep:
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: Counter = Counter()
         self.pool = None
+        # Per capture: the batch's latent shape, its place in an accumulation group, and the GiB
+        # its capture added to the one pool every graph shares (0 once a larger shape set it up).
+        self.pools: list[dict] = []
         self._side = None
         self.disabled: str | None = None
         reason = self._unsupported_reason()
@@ -144,8 +147,11 @@ class GraphedStep:
             self.pool = graph.pool()
         entry = _Graph(graph, static_latents, static_text, static_sizes, static_weights, static_loss)
         self.graphs[key] = entry
+        added = (torch.cuda.memory_reserved() - reserved) / 2**30
+        self.pools.append({"latents": list(key[0]), "first": flags["first"], "last": flags["last"],
+                           "pool_added_gib": round(added, 3), "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3)})
         log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)",
-                 key[0], (torch.cuda.memory_reserved() - reserved) / 2**30, torch.cuda.memory_reserved() / 2**30)
+                 key[0], added, torch.cuda.memory_reserved() / 2**30)
         return entry
 
     def release(self) -> None:

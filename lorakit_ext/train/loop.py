@@ -75,6 +75,8 @@ class Trainer:
         # Seconds each part of the run's start took (run.json's phases_s), to see where the wait goes;
         # to_first_step counts from the start of latent caching to the end of the first step.
         self.phases: dict[str, float] = {}
+        # Each captured step's shape and what its capture added to the graphs' one memory pool.
+        self.graph_pools: list[dict] = []
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -183,7 +185,7 @@ class Trainer:
             share_rng(self.world, self.device)
             saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name, data.folders)
             position, losses = self._train(cache, items, buckets, schedule, saver, record, resume_state, validation)
-        record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases)
+        record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases, graph_pools=self.graph_pools)
         return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir, list(self.validation_losses))
 
     def _train(self, cache, items, buckets, schedule, saver, record, resume_state, validation):
@@ -225,6 +227,7 @@ class Trainer:
                 for encoder in model.text_encoders.values():
                     stack.callback(park(encoder, self.device))
             graphed = GraphedStep(step_fn, on_fallback=lambda reason: self.on_progress(Progress("training", message=f"CUDA graphs off: {reason}")))
+            self.graph_pools = graphed.pools
             stack.callback(graphed.release)
             position, losses, self.validation_losses = Position(0, 0, 0), [], []
             if resume_state is not None:

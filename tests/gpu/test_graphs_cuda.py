@@ -122,6 +122,31 @@ def test_the_data_parallel_step_with_one_nccl_rank_is_captured_and_trains_as_one
     assert overall < 1e-3
 
 
+def test_every_bucket_shape_is_captured_into_the_one_pool_and_recorded(tmp_path):
+    import json
+
+    from lorakit_ext.models.tiny import build_random_sd15
+
+    sd_model = build_random_sd15("cuda", torch.bfloat16, full=False)
+    project = create_project(tmp_path, "p")
+    _dataset(project.dataset)
+    from PIL import Image
+
+    for i in range(4):  # a second, landscape bucket
+        Image.new("RGB", (384, 256), (40 * i, 90, 200)).save(project.dataset / f"wide{i}.png")
+        (project.dataset / f"wide{i}.txt").write_text("kat3r1na, wide")
+    cfg = TrainConfig(resolution=256, num_repeats=4, max_train_epochs=1, train_batch_size=2, optimizer="AdamW",
+                      mixed_precision="bf16", keep_only_last_n_epochs=0, validate_every_n_epochs=0).validate()
+    job = TrainJob(cfg, project, tmp_path / "out", project.runs / "r", patch_attention=True)
+    job.run_dir.mkdir(parents=True)
+    trainer = Trainer(adapter_for(sd_model, cfg.clip_skip, cfg.max_token_length), job)
+    trainer.run()
+    shapes = {tuple(p["latents"]) for p in trainer.graph_pools}
+    assert len(shapes) >= 2, trainer.graph_pools
+    print("graph pools:", trainer.graph_pools)
+    assert json.loads((job.run_dir / "run.json").read_text())["graph_pools"] == trainer.graph_pools
+
+
 def test_run_leaves_the_model_in_place_and_gives_the_memory_back(tmp_path):
     import gc
 

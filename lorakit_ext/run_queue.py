@@ -29,6 +29,9 @@ from lorakit_ext.project_lock import ProjectLock
 
 QUEUE_DIR = ".queue"
 ENTRY_FILE = "entry.json"
+# Created (O_EXCL) by whichever acts on a queued entry first, the runner starting it or a cancel:
+# the other then leaves it alone.
+CLAIM_FILE = ".claimed"
 # Exit codes of ``train``: 130 is a stop by Ctrl-C (resumable).
 _STATUS = {0: "finished", 130: "interrupted"}
 
@@ -78,14 +81,28 @@ def list_entries(root: Path) -> list[dict]:
     return [e for e in found if e is not None]
 
 
+def _claim(folder: Path) -> bool:
+    try:
+        os.close(os.open(folder / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _waiting(entry: dict, root: Path) -> bool:
+    """Queued and claimed by no one yet."""
+    return entry["status"] == "queued" and not (queue_dir(root) / entry["id"] / CLAIM_FILE).exists()
+
+
 def cancel_entry(root: Path, entry_id: str) -> dict:
     """Takes a queued entry out of the queue (its folder stays, marked ``cancelled``)."""
     path = queue_dir(root) / entry_id
     entry = _read(path) if path.parent == queue_dir(root) and path.is_dir() else None
     if entry is None:
         raise UserError(f"no queue entry {entry_id!r}; `queue list` shows them")
-    if entry["status"] != "queued":
-        raise UserError(f"entry {entry_id} is {entry['status']}; only a queued entry can be cancelled")
+    if entry["status"] != "queued" or not _claim(path):
+        status = entry["status"] if entry["status"] != "queued" else "starting"
+        raise UserError(f"entry {entry_id} is {status}; only a queued entry can be cancelled")
     entry["status"] = "cancelled"
     atomic_write_json(path / ENTRY_FILE, entry)
     return entry
@@ -173,11 +190,11 @@ def run_queue(root: Path, slots: list[Slot], *, should_stop: Callable[[], bool] 
                     slot = next((s for s in slots if not any(r.slot is s for r in running)), None)
                     if slot is None:
                         break
-                    if entry["status"] == "queued" and entry["project"] not in busy:
+                    if _waiting(entry, root) and entry["project"] not in busy and _claim(queue_dir(root) / entry["id"]):
                         running.append(_start(entry, slot, root))
                         busy.add(entry["project"])
                         on_change(entry)
-            waiting = any(e["status"] == "queued" for e in list_entries(root)) and not should_stop()
+            waiting = any(_waiting(e, root) for e in list_entries(root)) and not should_stop()
             if not running and not waiting:
                 return done
             time.sleep(poll_s)

@@ -71,9 +71,16 @@ def test_a_second_queue_runner_is_refused_and_cancelled_entries_do_not_run(root,
             run_queue(root, [Slot.cpu()])
     assert main(["queue", "cancel", entry["id"], "--root", str(root)]) == 0
     assert capsys.readouterr().out.startswith(f"cancelled {entry['id']}")
+    assert main(["queue", "cancel", entry["id"], "--root", str(root)]) == 2
+    assert "is cancelled; only a queued entry can be cancelled" in capsys.readouterr().err
+    # An entry the runner has claimed (about to start it) can no longer be cancelled, and vice versa.
+    claimed = _add(root, "rex", str(tiny_sd15_dir / "tiny-sd15.safetensors"))
+    (queue_dir(root) / claimed["id"] / ".claimed").touch()
+    assert main(["queue", "cancel", claimed["id"], "--root", str(root)]) == 2
+    assert "is starting" in capsys.readouterr().err
     assert main(["queue", "run", "--root", str(root), "--cpu", "1", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["entries"] == []
-    assert list_entries(root)[0]["status"] == "cancelled"
+    assert json.loads(capsys.readouterr().out)["entries"] == []  # neither the cancelled nor the claimed one ran
+    assert [e["status"] for e in list_entries(root)] == ["cancelled", "queued"]
     assert not (root / "kat" / "runs").exists() or not any((root / "kat" / "runs").iterdir())
 
 

@@ -14,6 +14,7 @@ itself; nothing here needs to change for that.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,8 +42,6 @@ def queue_dir(root: Path) -> Path:
 
 
 def _read(folder: Path) -> dict | None:
-    import json
-
     try:
         return json.loads((folder / ENTRY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -147,8 +146,6 @@ def _start(entry: dict, slot: Slot, root: Path) -> _Running:
 
 
 def _finish(running: _Running, root: Path) -> dict:
-    import json
-
     folder = queue_dir(root) / running.entry["id"]
     running.log.close()
     code = running.process.returncode

@@ -163,7 +163,7 @@ def _kohya_columns(args, family: BenchFamily, spec: RowSpec, it_s: float | None,
 def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | None, world: World = World()) -> dict:
     """One Trainer run: ``warmup`` steps unmeasured, then ``steps`` timed between two syncs."""
     from lorakit_ext.models.families import adapter_for
-    from lorakit_ext.train.loop import Trainer, TrainJob
+    from lorakit_ext.train.loop import Trainer
 
     total = args.warmup + args.steps
     config = bench_config(args, batch=spec.batch, unet_only=spec.unet_only, checkpointing=spec.checkpointing, graphs=spec.mode == "graphs")
@@ -185,10 +185,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    # A folder per row: LoRA Kit never replaces an epoch file another run wrote.
-    job = TrainJob(config, project, project.path / "out" / spec.name, project.runs / spec.name, patch_attention=True,
-                   channels_last={"auto": None, "on": True, "off": False}[spec.layout], world=world)
-    job.run_dir.mkdir(parents=True)
+    job = _row_job(config, project, spec.name, spec, world)
     trainer = Trainer(model, job, on_progress=on_progress)
     # As the trainer resolves it, known also when a row runs out of memory before resolving it.
     precision = resolve_precision(config.mixed_precision, device, next(model.unet.parameters()).dtype)
@@ -229,17 +226,25 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
     return {**row, **_kohya_columns(args, FAMILIES[args.family], spec, it_s, kohya)}
 
 
-def _kernel_breakdown(model, project, args, spec: RowSpec, world: World) -> dict:
-    """Steps 4 to 7 of the row's settings run eagerly under the profiler (kernel_profile)."""
-    from lorakit_ext.bench.kernel_profile import StepProfiler
-    from lorakit_ext.train.loop import Trainer, TrainJob
+def _row_job(config, project, name: str, spec: RowSpec, world: World):
+    """A run of ``config`` in folders of its own (``name``): LoRA Kit never replaces an epoch file
+    another run wrote."""
+    from lorakit_ext.train.loop import TrainJob
 
-    config = bench_config(args, batch=spec.batch, unet_only=spec.unet_only, checkpointing=spec.checkpointing, graphs=False)
-    config = config.replace(max_train_steps=8)
-    name = f"{spec.name}-profile"
     job = TrainJob(config, project, project.path / "out" / name, project.runs / name, patch_attention=True,
                    channels_last={"auto": None, "on": True, "off": False}[spec.layout], world=world)
     job.run_dir.mkdir(parents=True)
+    return job
+
+
+def _kernel_breakdown(model, project, args, spec: RowSpec, world: World) -> dict:
+    """Steps 5 to 8 of the row's settings, run eagerly under the profiler (kernel_profile)."""
+    from lorakit_ext.bench.kernel_profile import StepProfiler
+    from lorakit_ext.train.loop import Trainer
+
+    config = bench_config(args, batch=spec.batch, unet_only=spec.unet_only, checkpointing=spec.checkpointing, graphs=False)
+    config = config.replace(max_train_steps=8)
+    job = _row_job(config, project, f"{spec.name}-profile", spec, world)
     profiler = StepProfiler(model.device, 4, 8)
     Trainer(model, job, on_progress=profiler).run()
     return profiler.result

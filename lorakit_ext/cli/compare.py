@@ -69,8 +69,7 @@ def run(args) -> Result:
     project = open_project(args.root, args.project)
     if args.clip_likeness and args.no_grid:
         raise UserError("--clip-likeness measures the grid's images; leave out --no-grid")
-    if args.clip_likeness:
-        _clip_folder()  # before anything is drawn
+    clip_folder = _clip_folder() if args.clip_likeness else None  # before anything is drawn
     run_dir = find_run_dir(project, args.run or _newest_finished(project))
     record = read_run(run_dir)
     files = [Path(f) for f in record.get("files", []) if Path(f).is_file()]
@@ -83,7 +82,7 @@ def run(args) -> Result:
         if previous and previous.get("grid_measured"):
             report = previous  # --no-grid keeps the measured report rather than a poorer one
     else:
-        plan, cells, measures = _measure(args, project, run_dir, record, files)
+        plan, cells, measures = _measure(args, project, run_dir, record, files, clip_folder)
         report = report_of_run(record, measures)
         grid = run_dir / GRID_FILE
         image = grid_of_cells(plan, cells, marked=report["suggestion"]["label"])
@@ -93,7 +92,7 @@ def run(args) -> Result:
     return Result({**report, "run": run_dir.name, "grid": str(grid) if grid else None, "report": str(path)}, "\n".join(lines))
 
 
-def _measure(args, project, run_dir: Path, record: dict, files: list[Path]):
+def _measure(args, project, run_dir: Path, record: dict, files: list[Path], clip_folder: str | None):
     from lorakit_ext.cli.train import _device_and_dtype
     from lorakit_ext.compare.epoch_report import measure_grid, training_thumbnails
     from lorakit_ext.compare.grid import epoch_grid_plan, render_epoch_cells
@@ -118,10 +117,10 @@ def _measure(args, project, run_dir: Path, record: dict, files: list[Path]):
     cells = render_epoch_cells(model, plan, prompt, negative=args.negative, size=(size, size), steps=args.steps,
                                zero_terminal_snr=config.zero_terminal_snr)
     embed = None
-    if args.clip_likeness:
+    if clip_folder is not None:
         from lorakit_ext.compare.clip_likeness import ClipEmbedder
 
-        embed = ClipEmbedder(_clip_folder(), device)
+        embed = ClipEmbedder(clip_folder, device)
     try:
         return plan, cells, measure_grid(cells, plan.columns[0][0], training_thumbnails(project.dataset), embed)
     finally:

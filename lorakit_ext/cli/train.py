@@ -168,7 +168,7 @@ def _preflight(args, project, config, options, point, world):
 
 def _follow(args, project, world) -> Result:
     """A data-parallel rank other than 0: the run rank 0 checked, on the dataset it read."""
-    from lorakit_ext.train.preflight import Preflight, dataset_fingerprint, dataset_schedule
+    from lorakit_ext.train.preflight import Preflight, dataset_schedule, schedule_fingerprint
 
     told = world.broadcast(None)
     if told[0] == "error":
@@ -176,7 +176,7 @@ def _follow(args, project, world) -> Result:
     _, stem, fingerprint = told
     point, options, config = _settings(args, project, world)
     data = dataset_schedule(config, project.dataset, world.size)
-    if dataset_fingerprint(sorted(data.all_items, key=lambda item: item.image_path.name)) != fingerprint:
+    if schedule_fingerprint(data) != fingerprint:
         raise UserError(f"rank {world.rank} read another dataset than rank 0 (it changed while the run started); start it again")
     return _train(args, project, config, options, Preflight(data, stem, fingerprint), point, world)
 

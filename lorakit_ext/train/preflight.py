@@ -126,6 +126,12 @@ def dataset_fingerprint(items) -> str:
     return digest.hexdigest()
 
 
+def schedule_fingerprint(data: DatasetSchedule) -> str:
+    """The fingerprint of what ``data`` trains on, held-out images included."""
+    # In name order, as the dataset lists them, whichever are held out.
+    return dataset_fingerprint(sorted(data.all_items, key=lambda item: item.image_path.name))
+
+
 def _file_names(folder: Path, recursive: bool) -> set[str]:
     if not recursive:
         try:
@@ -201,5 +207,4 @@ def preflight(project, config, output_dir: Path, *, output_stem: str | None = No
     clean_stale_temp(project, Path(output_dir), [name])
     stem = output_stem or (free_output_stem(names_under, name, recursive=True) if names_under
                            else free_output_stem(Path(output_dir), name))
-    # In name order, as the dataset lists them, whichever are held out.
-    return Preflight(data, stem, dataset_fingerprint(sorted(data.all_items, key=lambda item: item.image_path.name)))
+    return Preflight(data, stem, schedule_fingerprint(data))

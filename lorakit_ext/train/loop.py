@@ -25,10 +25,8 @@ from lorakit_ext.train.checkpointing import configure_checkpointing
 from lorakit_ext.train.data import EpochBatches, LatentCache
 from lorakit_ext.train.data_parallel import GradientSync, agree, rank_share, share_parameters, share_rng
 from lorakit_ext.train.events import Interrupted, Progress
-from lorakit_ext.models.group_norm import use_half_saving_group_norm
 from lorakit_ext.models.layout import relayout_module
-from lorakit_ext.models.sdpa import use_sdpa
-from lorakit_ext.models.timestep import use_device_timestep_embedding
+from lorakit_ext.models.training_forwards import use_training_forwards
 from lorakit_ext.train.gpu_memory import park, prime_workspaces
 from lorakit_ext.train.graphs import GraphedStep
 from lorakit_ext.train.loss import NoiseSchedule
@@ -203,11 +201,7 @@ class Trainer:
                 if config.network_weights and resume_state is None:
                     network.load_weights(Path(config.network_weights))
             stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
-            stack.callback(use_half_saving_group_norm(model.unet))
-            if self.job.patch_attention:
-                stack.callback(use_sdpa(model.unet))
-            if self.device.type == "cuda":
-                stack.callback(use_device_timestep_embedding(model.unet, self.device))
+            stack.callback(use_training_forwards(model.unet, self.device, stock_attention=self.job.patch_attention))
             optimizer, choice = build_optimizer(config, network.param_groups(), self.device)
             saver.optimizer_name = choice.name
             if choice.note:

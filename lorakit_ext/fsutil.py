@@ -122,6 +122,9 @@ def stale_temp_files(folder: Path, final_names=None) -> list[Path]:
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid runs on this host (one of another user's counts)."""
+    if os.name == "nt":
+        # On Windows os.kill(pid, 0) is no probe: it terminates the process.
+        return windows_pid_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -129,3 +132,24 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True
     return True
+
+
+_QUERY_LIMITED_INFORMATION, _ACCESS_DENIED, _STILL_ACTIVE = 0x1000, 5, 259
+
+
+def windows_pid_alive(pid: int, kernel32=None, last_error=None) -> bool:
+    """``pid_alive`` through the Win32 API (``kernel32``/``last_error``: stand-ins for tests)."""
+    import ctypes
+
+    if kernel32 is None:
+        kernel32, last_error = ctypes.WinDLL("kernel32", use_last_error=True), ctypes.get_last_error
+    handle = kernel32.OpenProcess(_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return last_error() == _ACCESS_DENIED  # exists, another user's
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == _STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)

@@ -133,6 +133,35 @@ def test_a_dead_holders_lock_is_recovered_and_a_live_one_is_not(project):
         ProjectLock(project.path, "undo").acquire()
 
 
+def test_on_windows_a_liveness_check_asks_the_win32_api_and_never_signals(monkeypatch):
+    from lorakit_ext import fsutil
+
+    class Kernel32:  # the three calls, over a table of pid -> exit code (259: still running)
+        codes = {10: 259, 11: 0}
+        closed = []
+
+        def OpenProcess(self, access, inherit, pid):
+            return pid if pid in self.codes else 0
+
+        def GetExitCodeProcess(self, handle, code):
+            code._obj.value = self.codes[handle]
+            return 1
+
+        def CloseHandle(self, handle):
+            self.closed.append(handle)
+
+    last_error = {"value": 87}  # ERROR_INVALID_PARAMETER: no such process
+    alive = lambda pid: fsutil.windows_pid_alive(pid, Kernel32(), lambda: last_error["value"])  # noqa: E731
+    assert alive(10) and not alive(11) and not alive(12)
+    last_error["value"] = 5  # ERROR_ACCESS_DENIED: it exists, another user's
+    assert alive(12)
+    assert Kernel32.closed == [10, 11]
+    monkeypatch.setattr(fsutil.os, "name", "nt")
+    monkeypatch.setattr(fsutil, "windows_pid_alive", lambda pid: pid == 10)
+    monkeypatch.setattr(fsutil.os, "kill", lambda *a: pytest.fail("os.kill terminates a process on Windows"))
+    assert fsutil.pid_alive(10) and not fsutil.pid_alive(11)
+
+
 def test_run_folders_are_claimed_atomically(project):
     made, barrier = [], threading.Barrier(8)
 

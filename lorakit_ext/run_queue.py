@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -25,14 +26,16 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.fsutil import atomic_write_json
+from lorakit_ext.fsutil import atomic_write_json, pid_alive
 from lorakit_ext.project_lock import ProjectLock
 
 QUEUE_DIR = ".queue"
 ENTRY_FILE = "entry.json"
 # Created (O_EXCL) by whichever acts on a queued entry first, the runner starting it or a cancel:
-# the other then leaves it alone.
+# the other then leaves it alone. It names its claimant (pid, host), so that a claim whose
+# claimant died before it marked the entry is taken back; an unreadable one only after a grace.
 CLAIM_FILE = ".claimed"
+_UNWRITTEN_CLAIM_GRACE_S = 30
 # Exit codes of ``train``: 130 is a stop by Ctrl-C (resumable).
 _STATUS = {0: "finished", 130: "interrupted"}
 
@@ -82,15 +85,40 @@ def list_entries(root: Path) -> list[dict]:
 
 def _claim(folder: Path) -> bool:
     try:
-        os.close(os.open(folder / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        fd = os.open(folder / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
+    with os.fdopen(fd, "w", encoding="utf-8") as claim:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, claim)
     return True
 
 
+def _gone(pid, host) -> bool:
+    """A process of this host that no longer runs (one of another host is never judged)."""
+    return host == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid)
+
+
+def _claim_is_stale(path: Path) -> bool:
+    try:
+        claimant = json.loads(path.read_text(encoding="utf-8"))
+        return _gone(claimant.get("pid"), claimant.get("host"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        try:
+            return time.time() - path.stat().st_mtime > _UNWRITTEN_CLAIM_GRACE_S
+        except FileNotFoundError:
+            return False
+
+
 def _waiting(entry: dict, root: Path) -> bool:
-    """Queued and claimed by no one yet."""
-    return entry["status"] == "queued" and not (queue_dir(root) / entry["id"] / CLAIM_FILE).exists()
+    """Queued and claimed by no one (alive) yet; a dead claimant's claim is taken back here."""
+    if entry["status"] != "queued":
+        return False
+    claim = queue_dir(root) / entry["id"] / CLAIM_FILE
+    if _claim_is_stale(claim):
+        claim.unlink(missing_ok=True)
+    return not claim.exists()
 
 
 def cancel_entry(root: Path, entry_id: str) -> dict:
@@ -140,27 +168,56 @@ def _start(entry: dict, slot: Slot, root: Path) -> _Running:
     with open(folder / "result.json", "w", encoding="utf-8") as result:
         process = subprocess.Popen([sys.executable, "-m", "lorakit_ext", *entry["argv"], "--json"], cwd=entry.get("cwd"),
                                    env={**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}, stdout=result, stderr=log)
-    entry.update(status="running", slot=slot.name, started_at=time.time(), pid=process.pid)
+    entry.update(status="running", slot=slot.name, started_at=time.time(), pid=process.pid, host=socket.gethostname())
     atomic_write_json(folder / ENTRY_FILE, entry)
     return _Running(entry, slot, process, log)
 
 
 def _finish(running: _Running, root: Path) -> dict:
-    folder = queue_dir(root) / running.entry["id"]
     running.log.close()
     code = running.process.returncode
-    entry = running.entry
-    entry.update(status=_STATUS.get(code, "failed"), exit_code=code, finished_at=time.time(),
-                 wall_s=round(time.time() - running.started, 3))
-    try:
-        entry["result"] = json.loads((folder / "result.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        entry["error"] = f"the run ended without a result (exit code {code}); its output is in {folder / 'run.log'}"
+    running.entry.update(status=_STATUS.get(code, "failed"), exit_code=code)
+    return _record_end(running.entry, root, f"exit code {code}")
+
+
+def _record_end(entry: dict, root: Path, how: str) -> dict:
+    folder = queue_dir(root) / entry["id"]
+    entry.update(finished_at=time.time(), wall_s=round(time.time() - entry["started_at"], 3))
+    result = _read_result(folder)
+    if result is None:
+        entry["error"] = f"the run ended without a result ({how}); its output is in {folder / 'run.log'}"
     else:
-        if entry["result"].get("error"):
-            entry["error"] = entry["result"]["error"]
+        entry["result"] = result
+        if result.get("error"):
+            entry["error"] = result["error"]
     atomic_write_json(folder / ENTRY_FILE, entry)
     return entry
+
+
+def _orphans(root: Path, running: list[_Running]) -> list[dict]:
+    """Entries marked running that no runner watches: an earlier runner stopped (killed, a power
+    cut) while they ran. One that has ended since is recorded from its result file (its exit code
+    is lost with the runner); the rest are still training and are returned, so that their projects
+    count as busy (their entries are not waited for otherwise)."""
+    ours = {r.entry["id"] for r in running}
+    alive = []
+    for entry in list_entries(root):
+        if entry["status"] != "running" or entry["id"] in ours:
+            continue
+        if _gone(entry.get("pid"), entry.get("host")):
+            result = _read_result(queue_dir(root) / entry["id"]) or {}
+            entry.update(status=result.get("status") if result.get("status") in _STATUS.values() else "failed", exit_code=None)
+            _record_end(entry, root, "the queue runner that started it stopped first")
+        else:
+            alive.append(entry)
+    return alive
+
+
+def _read_result(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def run_queue(root: Path, slots: list[Slot], *, should_stop: Callable[[], bool] = lambda: False,
@@ -181,8 +238,9 @@ def run_queue(root: Path, slots: list[Slot], *, should_stop: Callable[[], bool] 
                 running.remove(item)
                 done.append(_finish(item, root))
                 on_change(item.entry)
+            orphans = _orphans(root, running)
             if not should_stop():
-                busy = {r.entry["project"] for r in running}
+                busy = {r.entry["project"] for r in running} | {e["project"] for e in orphans}
                 for entry in list_entries(root):
                     slot = next((s for s in slots if not any(r.slot is s for r in running)), None)
                     if slot is None:

@@ -91,3 +91,42 @@ def test_a_bad_option_is_refused_when_added_not_when_its_turn_comes(root, tiny_s
     assert main(["queue", "add", "kat", "--root", str(root), "--base-model", str(root / "missing.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert list_entries(root) == []
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_claim_or_a_run_left_by_a_runner_that_died_is_taken_back(root, tiny_sd15_dir):
+    import os
+    import socket
+
+    host = socket.gethostname()
+    model = str(tiny_sd15_dir / "tiny-sd15.safetensors")
+    # Claimed by a runner that died before it started the run: the next runner runs it.
+    claimed = _add(root, "kat", model)
+    (queue_dir(root) / claimed["id"] / ".claimed").write_text(json.dumps({"pid": _dead_pid(), "host": host}))
+    # Claimed by a live process (a cancel in its last millisecond): left alone.
+    held = _add(root, "kat", model)
+    (queue_dir(root) / held["id"] / ".claimed").write_text(json.dumps({"pid": os.getppid(), "host": host}))
+    # Started by a runner that died; the run ended meanwhile and left its result, or left none.
+    for project, result in (("rex", {"status": "finished", "files": []}), ("rex", None)):
+        entry = _add(root, project, model)
+        folder = queue_dir(root) / entry["id"]
+        entry.update(status="running", pid=_dead_pid(), host=host, started_at=entry["added_at"])
+        (folder / "entry.json").write_text(json.dumps(entry))
+        if result is not None:
+            (folder / ".claimed").touch()
+            (folder / "result.json").write_text(json.dumps(result))
+    ran = run_queue(root, [Slot.cpu()], poll_s=0.1)
+    assert [(e["id"], e["status"]) for e in ran] == [(claimed["id"], "finished")], [e.get("error") for e in ran]
+    statuses = {e["id"]: (e["status"], e.get("error", "")) for e in list_entries(root)}
+    assert statuses[held["id"]] == ("queued", "")
+    recovered = [statuses[e["id"]] for e in list_entries(root) if e["project"] == "rex"]
+    assert recovered[0] == ("finished", "")
+    assert recovered[1][0] == "failed" and "the queue runner that started it stopped first" in recovered[1][1]

@@ -94,6 +94,10 @@ def _trainer(tiny_sd15_dir, project, tmp_path, name, **kwargs):
 def test_a_run_counts_optimizer_steps_and_resumes_at_a_group_boundary(tiny_sd15_dir, project, tmp_path):
     full = _trainer(tiny_sd15_dir, project, tmp_path, "full").run()
     assert full.steps == 2 * 2 and len(full.losses) == 4  # 4 images, batch 1, 2 per step, 2 epochs
+    with safe_open(str(full.files[-1]), "pt") as f:
+        metadata = f.metadata()
+    # As kohya counts: batches per epoch before accumulation, optimizer steps in total.
+    assert (metadata["ss_num_batches_per_epoch"], metadata["ss_max_train_steps"], metadata["ss_steps"]) == ("4", "4", "4")
     reports = []
     first = _trainer(tiny_sd15_dir, project, tmp_path, "cut", should_stop=lambda: len(reports) >= 1)
     first.on_progress = lambda p: reports.append(p) if p.phase == "training" and p.total_steps and not p.message else None

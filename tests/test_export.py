@@ -272,7 +272,7 @@ def make_metadata(family=SD1, v=False, **overrides):
     config = TrainConfig(trigger="kat3r1na", training_comment="first try", network_type="LoCon")
     args = dict(
         family=family, v_parameterization=v, output_name="kat-03", epoch=3, num_epochs=10, steps=1890,
-        num_train_images=1260, num_batches_per_epoch=630,
+        num_train_images=1260, num_batches_per_epoch=630, max_train_steps=6300,
         tag_frequency={"10_kat": {"kat3r1na": 126, "smile": 40}},
         dataset_dirs={"10_kat": {"n_repeats": 10, "img_count": 126}},
         bucket_info={"buckets": {"0": {"resolution": [512, 512], "count": 1260}}, "mean_img_ar_error": 0.0},

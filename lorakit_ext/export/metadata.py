@@ -43,6 +43,7 @@ def training_metadata(
     steps: int,
     num_train_images: int,
     num_batches_per_epoch: int,
+    max_train_steps: int,
     tag_frequency: dict,
     dataset_dirs: dict,
     bucket_info: dict | None,
@@ -61,6 +62,8 @@ def training_metadata(
 
     ``output_name`` is the file's own stem (A1111 uses ``ss_output_name`` as the alias, and equal
     aliases collide). ``num_train_images`` counts images × repeats, as kohya does.
+    ``num_batches_per_epoch`` counts batches (kohya's ``len(train_dataloader)``), ``max_train_steps``
+    the run's optimizer steps: they differ by ``gradient_accumulation_steps``.
     ``tag_frequency`` is ``{dir: {tag: count}}``, ``dataset_dirs`` ``{dir: {"n_repeats", "img_count"}}``,
     ``num_reg_images`` and ``reg_dataset_dirs`` the same of the regularisation images (their own
     repeats, before kohya matches them to the training images), ``bucket_info`` kohya's ``{"buckets": …, "mean_img_ar_error": …}`` or None without buckets.
@@ -72,7 +75,6 @@ def training_metadata(
     """
     width, height = _resolution(resolution)
     network_module, type_args = network_options(config)
-    max_steps = config.max_train_steps or num_batches_per_epoch * num_epochs
     values = {
         "ss_output_name": output_name,
         "ss_training_started_at": float(started_at),
@@ -80,7 +82,7 @@ def training_metadata(
         "ss_epoch": epoch,
         "ss_num_epochs": num_epochs,
         "ss_steps": steps,
-        "ss_max_train_steps": max_steps,
+        "ss_max_train_steps": max_train_steps,
         "ss_num_train_images": num_train_images,
         "ss_num_reg_images": num_reg_images,
         "ss_prior_loss_weight": config.prior_loss_weight,
@@ -93,7 +95,7 @@ def training_metadata(
         "ss_unet_lr": config.unet_lr,
         "ss_text_encoder_lr": config.text_encoder_lr,
         "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": int(max_steps * config.lr_warmup_ratio),
+        "ss_lr_warmup_steps": int(max_train_steps * config.lr_warmup_ratio),
         "ss_optimizer": config.optimizer,
         "ss_max_grad_norm": config.max_grad_norm,
         "ss_gradient_accumulation_steps": config.gradient_accumulation_steps,

@@ -36,6 +36,7 @@ class Schedule:
     epochs: int
     total_steps: int
     warmup_steps: int
+    batches_per_epoch: int  # kohya's len(train_dataloader): steps_per_epoch before accumulation
 
 
 def real_schedule(config, batches_per_epoch: int) -> Schedule:
@@ -46,7 +47,7 @@ def real_schedule(config, batches_per_epoch: int) -> Schedule:
     else:
         epochs = config.max_train_epochs
         total = epochs * steps_per_epoch
-    return Schedule(steps_per_epoch, epochs, total, int(total * config.lr_warmup_ratio))
+    return Schedule(steps_per_epoch, epochs, total, int(total * config.lr_warmup_ratio), batches_per_epoch)
 
 
 @dataclass

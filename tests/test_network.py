@@ -95,3 +95,41 @@ def test_network_dropout_acts_on_the_rank_sized_down_output(model):
             layer.eval()
             layer(x)
     assert seen == [(4, False), (4, True)]
+
+
+def _layer_sized_elementwise_ops(fn, numel):
+    """The mul/add kernels a forward and backward run on tensors of ``numel`` elements or more."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("mul", "mul_", "add", "add_") and out.numel() >= numel:
+                self.seen.append(func.overloadpacket.__name__)
+            return out
+
+    with Ops():
+        fn().sum().backward()
+    return Ops.seen
+
+
+def test_a_linear_layers_lora_adds_no_layer_sized_multiply_or_add_and_trains_as_peft_does(model):
+    torch.manual_seed(0)
+    with injected(model, TrainConfig(**CONFIG).validate(), seed=0):
+        layer = _layers(model.unet, nn.Linear)[0]
+        with torch.no_grad():
+            layer.lora_B[ADAPTER].weight.normal_(std=0.1)
+        x = _input(layer)
+        size = layer(x).numel()
+        params = [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+        ours = _layer_sized_elementwise_ops(lambda: layer(x), size)
+        ours_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        peft = _layer_sized_elementwise_ops(lambda: type(layer).forward(layer, x), size)
+        peft_grads = [p.grad for p in params]
+    assert ours == [] and peft, peft
+    for a, b in zip(ours_grads, peft_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

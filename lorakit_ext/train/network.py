@@ -82,20 +82,33 @@ def _config(network_type: NetworkType, targets, c):
 
 
 def _lora_forward(layer: BaseTunerLayer):
-    """The forward pass of one injected layer: ``base(x) + up(dropout(down(x))) * alpha / dim``.
+    """The forward pass of one injected layer: ``base(x) + up(dropout(down(x)) · alpha / dim)``.
 
     peft's own forward casts every LoRA input to the LoRA weights' dtype (fp32 here). Under autocast
     that is an fp32 copy and a half copy of each input, and the half copy is kept for backward:
     an activation-sized tensor per module that kohya's network does not keep, and four extra
     kernels per module. Here the input stays as it is and autocast casts the small LoRA weights.
     Dropout acts on the rank-sized down output, as kohya's ``network_dropout`` does.
+
+    The scale multiplies that rank-sized output rather than the layer-sized one (the same product:
+    ``up`` is linear), and for a Linear the up projection adds itself into the base output inside
+    its GEMM (``addmm_``): no layer-sized multiply or add, forward or backward, in a module that
+    runs ~200 times per SD1.5 step.
     """
     base = layer.get_base_layer()
     down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
     dropout, scale = layer.lora_dropout[ADAPTER], layer.scaling[ADAPTER]
+    if not isinstance(base, nn.Linear):
+        return lambda x, *args, **kwargs: base(x, *args, **kwargs) + up(dropout(down(x)) * scale)
 
     def forward(x, *args, **kwargs):
-        return base(x, *args, **kwargs) + up(dropout(down(x))) * scale
+        # On rows, so that the base output is a fresh 2-D tensor: an in-place op on a view of it
+        # would make autograd copy the whole gradient back in backward.
+        rows = x.reshape(-1, x.shape[-1])
+        out = base(rows, *args, **kwargs)
+        low = dropout(down(rows)) * scale
+        out.addmm_(low.to(out.dtype), up.weight.to(out.dtype).t())
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
 

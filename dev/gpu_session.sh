@@ -9,6 +9,7 @@
 #   bash dev/gpu_session.sh setup sd1                   # SD1.5 rows against kohya's train_network.py
 #   bash dev/gpu_session.sh setup ranks queue           # one NCCL rank against one process; 2 queued runs on one GPU
 #   bash dev/gpu_session.sh setup triton                # the Triton GroupNorm+SiLU: its tests on CUDA, then b8 with and without
+#   bash dev/gpu_session.sh setup compile               # compiled UNet blocks against stock at b8 and b2, compile time per shape
 #
 # Inputs, git-ignored and carried along (never committed):
 #   .whl/                 wheels for the machine's Python: ldm's and sgm's needs, the optional optimizers
@@ -107,6 +108,15 @@ phase_triton() {
             --kernel-breakdown --json > "$OUT/bench_b8_triton$on.json" 2> "$OUT/bench_b8_triton$on.log"
         grep -E "^bf16|^kernels" "$OUT/bench_b8_triton$on.log"
     done
+}
+
+# Compiled UNet blocks against stock, b8 and b2 (graphs): it/s, the first warm-up step per shape
+# (the compile time), and the kernel breakdown of the compiled b8 step. Then equivalence.
+phase_compile() {
+    python3 -m lorakit_ext bench train --weights bf16 --batch 8,2 --train unet --modes graphs --compile-blocks off,on \
+        --steps 200 --warmup 10 --json > "$OUT/bench_compile.json" 2> "$OUT/bench_compile.log"
+    grep -E "^bf16|^compiled|^note" "$OUT/bench_compile.log"
+    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k compiled 2>&1 | tail -4
 }
 
 phase_queue() {

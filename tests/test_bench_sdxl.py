@@ -38,7 +38,8 @@ def test_sdxl_rows_train_the_unet_on_cached_text_encoder_outputs(capsys):
 def _skip_our_rows(sd_model, project, args, spec, *, device, kohya, world):
     """Our side of a row, not run: these tests look at what kohya was handed."""
     return {"weights": spec.weights, "mode": spec.mode, "notes": [], "train": spec.train, "text_encoder_outputs_cached": True,
-            "gradient_checkpointing": spec.checkpointing, "channels_last": spec.layout, "batch": spec.batch, "precision": "bf16",
+            "gradient_checkpointing": spec.checkpointing, "channels_last": spec.layout, "compiled_blocks": spec.compiled,
+            "batch": spec.batch, "precision": "bf16",
             "out_of_memory": False, "it_per_s": 1.0, "images_per_s": float(spec.batch), "kohya_record": kohya}
 
 

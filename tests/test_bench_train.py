@@ -84,6 +84,18 @@ def test_bench_train_measures_the_trainer(capsys):
     assert "kohya_it_per_s" not in row, "recorded H200 kohya figures are not a reference for the tiny model"
 
 
+def test_compiled_block_rows_run_the_trainer_with_the_blocks_compiled(monkeypatch, capsys):
+    from lorakit_ext.models import compiled_blocks
+
+    # What compiling does is tests/test_compiled_blocks.py's; here: each row runs as it says.
+    calls = []
+    monkeypatch.setattr(compiled_blocks, "compile_blocks", lambda unet: calls.append(unet) or (lambda: None))
+    assert main([*TINY, "--compile-blocks", "off,on"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["compiled_blocks"] for r in rows] == [False, True] and len(calls) == 1
+    assert all(r["it_per_s"] > 0 for r in rows)
+
+
 def test_kernel_kinds_sort_cuda_kernels_and_torch_operators():
     from lorakit_ext.bench.kernel_profile import breakdown, kind_of
 

@@ -63,6 +63,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default="off", metavar="off,on",
                    help="off, on or both: off,on (given alone: on; default off)")
     p.add_argument("--channels-last", default="auto", help="auto, on, off or a list: UNet weights and latents in channels_last (default auto: on CUDA)")
+    p.add_argument("--compile-blocks", default="off", metavar="off,on",
+                   help="off, on or both: each UNet block compiled with torch.compile (train --compile-blocks); the "
+                        "rows' first-step and per-shape warm-up columns show what compiling costs (default off)")
     p.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (default both: the eager row is the same-run reference)")
     p.add_argument("--memory-budget-gib", type=float, metavar="N", default=None,
                    help="CUDA only: cap this process's torch allocator at N GiB (torch.cuda.set_per_process_memory_fraction) to "
@@ -118,6 +121,7 @@ class RowSpec:
     checkpointing: bool
     mode: str  # "graphs" or "eager"
     layout: str  # channels_last: auto, on or off
+    compiled: bool = False  # the UNet's blocks compiled (models.compiled_blocks)
 
     @property
     def unet_only(self) -> bool:
@@ -129,7 +133,8 @@ class RowSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.weights}-{self.train}-b{self.batch}-{'gc' if self.checkpointing else 'nogc'}-{self.mode}-{self.layout}"
+        compiled = "-compiled" if self.compiled else ""
+        return f"{self.weights}-{self.train}-b{self.batch}-{'gc' if self.checkpointing else 'nogc'}-{self.mode}-{self.layout}{compiled}"
 
 
 def _peak_memory_columns(device: torch.device, smi: SmiPeak) -> dict:
@@ -205,6 +210,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
         "text_encoder_outputs_cached": config.cache_text_encoder_outputs,
         "gradient_checkpointing": spec.checkpointing,
         "channels_last": spec.layout,
+        "compiled_blocks": spec.compiled,
         "batch": spec.batch,
         "processes": world.size,
         "precision": precision.name,
@@ -220,7 +226,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
     else:
         it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
         row.update(it_per_s=it_s, images_per_s=it_s * spec.batch * world.size, start_to_first_step_s=marks["first_step"] - started,
-                   final_loss=result.losses[-1])
+                   final_loss=result.losses[-1], graph_warmup_s=[p["warmup_s"] for p in trainer.graph_pools])
     if args.kernel_breakdown and result is not None:
         row["kernels"] = _kernel_breakdown(model, project, args, spec, world)
     return {**row, **_kohya_columns(args, FAMILIES[args.family], spec, it_s, kohya)}
@@ -232,7 +238,7 @@ def _row_job(config, project, name: str, spec: RowSpec, world: World):
     from lorakit_ext.train.loop import TrainJob
 
     job = TrainJob(config, project, project.path / "out" / name, project.runs / name, patch_attention=True,
-                   channels_last={"auto": None, "on": True, "off": False}[spec.layout], world=world)
+                   channels_last={"auto": None, "on": True, "off": False}[spec.layout], compile_blocks=spec.compiled, world=world)
     job.run_dir.mkdir(parents=True)
     return job
 
@@ -301,6 +307,7 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
     checkpointing = [SWITCH[c] for c in _list(args.gradient_checkpointing, SWITCH)]
     modes = _list(args.modes, ("graphs", "eager"))
     layouts = _list(args.channels_last, ("auto", "on", "off"))
+    compiling = [SWITCH[c] for c in _list(args.compile_blocks, SWITCH)]
     fraction = _memory_fraction(device, args.memory_budget_gib)
     if device.type != "cuda":
         modes = ["eager"]  # CUDA graphs exist only on CUDA: a "graphs" row would repeat the eager one
@@ -327,8 +334,8 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
         build_s = time.perf_counter() - t0
         for w in weights:
             place_model(sd_model, device, WEIGHTS[w])
-            for train, batch, gc_on, mode, layout in itertools.product(trains, batches, checkpointing, modes, layouts):
-                spec = RowSpec(w, train, batch, gc_on, mode, layout)
+            for train, batch, gc_on, mode, layout, compiled in itertools.product(trains, batches, checkpointing, modes, layouts, compiling):
+                spec = RowSpec(w, train, batch, gc_on, mode, layout, compiled)
                 rows.append(_measure(sd_model, project, args, spec, device=device, kohya=kohya.get(spec.kohya_key), world=world))
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -65,7 +65,8 @@ def run_world_sizes(args) -> dict:
 def _scaling(rows: list[dict]) -> None:
     """Each row's images/s over the same row's in the fewest processes (``scaling``)."""
     def key(row):
-        return row["weights"], row["mode"], row["channels_last"], row["train"], row["batch"], row["gradient_checkpointing"]
+        return (row["weights"], row["mode"], row["channels_last"], row.get("compiled_blocks", False), row["train"], row["batch"],
+                row["gradient_checkpointing"])
 
     base = {}
     for row in sorted(rows, key=lambda r: r["processes"]):

@@ -33,6 +33,7 @@ COLUMNS: tuple[tuple[str, str, Callable[[dict], str]], ...] = (
     ("weights", "<7", lambda r: r["weights"]),
     ("mode", "<6", lambda r: r["mode"]),
     ("chlast", "<6", lambda r: r["channels_last"]),
+    ("compiled", "<8", _yes("compiled_blocks")),
     ("train", "<9", lambda r: r["train"]),
     ("TE cache", "<8", _yes("text_encoder_outputs_cached")),
     ("gc", "<3", _yes("gradient_checkpointing")),
@@ -59,7 +60,8 @@ def _line(cells: list[str]) -> str:
 
 
 def _row_label(row: dict) -> str:
-    return f"{row['weights']} {row['mode']} {row['train']} b{row['batch']}{' gc' if row['gradient_checkpointing'] else ''}"
+    compiled = " compiled" if row.get("compiled_blocks") else ""
+    return f"{row['weights']} {row['mode']} {row['train']} b{row['batch']}{' gc' if row['gradient_checkpointing'] else ''}{compiled}"
 
 
 def report(figures: dict, args) -> str:
@@ -77,19 +79,26 @@ def report(figures: dict, args) -> str:
             kinds = ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / k['step_ms']:.0f} %)" for kind, ms in k["kinds_ms"].items())
             lines.append(f"kernels ({_row_label(r)}): {k['step_ms']:.1f} ms per eager step, a captured step's floor "
                          f"{k['floor_it_s']:.2f} it/s: {kinds}")
-    graphs = {(r["weights"], r["train"], r["batch"], r["gradient_checkpointing"]): r.get("it_per_s")
-              for r in f["rows"] if r["mode"] == "graphs"}
+    def same(r):
+        return r["weights"], r["train"], r["batch"], r["gradient_checkpointing"], r["channels_last"], r.get("compiled_blocks")
+
+    graphs = {same(r): r.get("it_per_s") for r in f["rows"] if r["mode"] == "graphs"}
     for r in f["rows"]:
-        key = (r["weights"], r["train"], r["batch"], r["gradient_checkpointing"])
+        key = same(r)
         if r["mode"] == "eager" and graphs.get(key) and "it_per_s" in r:
             lines.append(f"graphs vs eager, same run ({_row_label(r)}): {graphs[key] / r['it_per_s']:.2f}x")
+    for r in f["rows"]:
+        if r.get("compiled_blocks") and r.get("graph_warmup_s"):
+            firsts = ", ".join(f"{s[0]:.1f} s" for s in r["graph_warmup_s"] if s)
+            lines.append(f"compiled ({_row_label(r)}): each captured shape's first warm-up step (compiling included): {firsts}")
     lines.append("first step: seconds from Trainer.run() to the first optimizer step, model already in memory (latent and "
                  "text-encoder caching included); kohya 1st: from the start of kohya's process (imports and model load included).")
     if any("scaling" in r for r in f["rows"]):
         lines.append("GPUs: data-parallel processes, one GPU each, batch per GPU; img/s counts every GPU; scaling: img/s over the "
                      "same row's in the fewest GPUs of this run.")
     lines.append("TE cache: UNet-only rows on text-encoder outputs encoded once (encoders off the GPU); gc: gradient checkpointing; "
-                 "chlast: UNet weights and latents in channels_last (auto: on CUDA).")
+                 "chlast: UNet weights and latents in channels_last (auto: on CUDA); compiled: each UNet block compiled with "
+                 "torch.compile (Inductor).")
     lines.append("allocated/reserved: torch's peak allocated/reserved memory, GiB; smi peak: nvidia-smi memory.used peak, GiB "
                  "(CUDA context included); kohya rsvd/smi: the same for kohya's process.")
     if f["memory_budget_gib"] is not None:

@@ -40,6 +40,9 @@ def register(sub, common) -> None:
     p.add_argument("--gpus", type=int, metavar="N",
                    help="train data-parallel on N GPUs of this machine (cuda:0…N-1; pick them with CUDA_VISIBLE_DEVICES), "
                         "each training the batch size; with --device cpu, N CPU processes")
+    p.add_argument("--compile-blocks", action="store_true",
+                   help="compile each UNet block with torch.compile (Inductor): fewer kernels per step, minutes of "
+                        "compiling per bucket shape at the start; bench train --compile-blocks off,on measures both")
     add_a1111_dir(p)
     add_train_options(p)
     p.set_defaults(handler=run)
@@ -198,7 +201,8 @@ def _train(args, project, config, options, pre, point, world) -> Result:
         check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=info.sha256, force=args.force)
     model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
     base = BaseModel(Path(options["base_model"]).name, options["base_model"], info.legacy_hash, info.sha256)
-    job = open_run(project, config, Path(options["out"]), pre, base, options=options, resume=point, world=world, patch_attention=True)
+    job = open_run(project, config, Path(options["out"]), pre, base, options=options, resume=point, world=world, patch_attention=True,
+                   compile_blocks=args.compile_blocks)
     notice = "stopping after this step (Ctrl-C again to abort without saving)…" if world.main else ""
     try:
         with first_ctrl_c_stops(notice) as should_stop:
@@ -236,7 +240,9 @@ def _pool_line(pools: list[dict]) -> list[str]:
     if not pools:
         return []
     added = ", ".join(f"{'×'.join(map(str, p['latents']))} +{p['pool_added_gib']:.2f}" for p in pools)
-    return [f"CUDA graphs: {len(pools)} captured step(s) sharing one memory pool, GiB each added: {added}"]
+    first = ", ".join(f"{p['warmup_s'][0]:.1f}" for p in pools if p["warmup_s"])
+    return [f"CUDA graphs: {len(pools)} captured step(s) sharing one memory pool, GiB each added: {added}",
+            f"  each one's first warm-up step, s (kernel choice, compiling): {first}"]
 
 
 def _epoch_report(run_dir: Path) -> dict:

@@ -12,6 +12,7 @@ same function — and says why once.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 import torch
@@ -45,9 +46,12 @@ class GraphedStep:
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: Counter = Counter()
         self.pool = None
-        # Per capture: the batch's latent shape, its place in an accumulation group, and the GiB
-        # its capture added to the one pool every graph shares (0 once a larger shape set it up).
+        # Per capture: the batch's latent shape, its place in an accumulation group, its warm-up
+        # steps' seconds (the first one includes choosing kernels, and compiling with
+        # --compile-blocks) and the GiB its capture added to the one pool every graph shares (0 once
+        # a larger shape set it up).
         self.pools: list[dict] = []
+        self.warmup_s: dict[tuple, list[float]] = {}
         self._side = None
         self.disabled: str | None = None
         reason = self._unsupported_reason()
@@ -89,7 +93,11 @@ class GraphedStep:
         if graph is None:
             if self.seen[key] < self.warmup:
                 self.seen[key] += 1
-                return self._side_stream(latents, text, sizes, weights, flags)
+                started = time.perf_counter()
+                loss = self._side_stream(latents, text, sizes, weights, flags)
+                torch.cuda.current_stream().synchronize()  # a few warm-up steps only: their time is the record
+                self.warmup_s.setdefault(key, []).append(round(time.perf_counter() - started, 3))
+                return loss
             try:
                 graph = self._capture(key, latents, text, sizes, weights, flags)
             except Exception as exc:  # any capture failure: eager is always correct
@@ -149,7 +157,7 @@ class GraphedStep:
         self.graphs[key] = entry
         added = (torch.cuda.memory_reserved() - reserved) / 2**30
         self.pools.append({"latents": list(key[0]), "first": flags["first"], "last": flags["last"],
-                           "pool_added_gib": round(added, 3), "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3)})
+                           "warmup_s": self.warmup_s.get(key, []), "pool_added_gib": round(added, 3), "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3)})
         log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)",
                  key[0], added, torch.cuda.memory_reserved() / 2**30)
         return entry

@@ -202,6 +202,10 @@ class Trainer:
                     network.load_weights(Path(config.network_weights))
             stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
             stack.callback(use_training_forwards(model.unet, self.device, stock_attention=self.job.patch_attention))
+            if self.job.compile_blocks:
+                from lorakit_ext.models.compiled_blocks import compile_blocks  # imports dynamo: only when asked
+
+                stack.callback(compile_blocks(model.unet))
             optimizer, choice = build_optimizer(config, network.param_groups(), self.device)
             saver.optimizer_name = choice.name
             if choice.note:

@@ -33,6 +33,7 @@ class TrainJob:
     base_model_path: str = ""
     patch_attention: bool = False  # headless: give stock ldm attention an SDPA forward
     channels_last: bool | None = None  # None: on CUDA
+    compile_blocks: bool = False  # regional torch.compile of the UNet's blocks (models.compiled_blocks)
     output_stem: str = ""  # the stem preflight chose (free in output_dir); empty: the output name
     # What preflight read (train.preflight.DatasetSchedule): the run trains on exactly the dataset
     # its fingerprint describes, without reading it again. None: read it at the start.

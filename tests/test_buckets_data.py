@@ -303,6 +303,30 @@ def test_interrupt_stops_caching(tmp_path):
     assert len(vae.calls) == 1
 
 
+def test_images_are_read_ahead_of_the_vae_and_a_stop_leaves_no_reads_behind(tmp_path, monkeypatch):
+    from lorakit_ext.train import data
+
+    items, plan = _dataset(tmp_path, SIZES * 2)  # 10 images, batches of 1
+    read, seen_at_encode = [], []
+    monkeypatch.setattr(data, "load_image_for_bucket", lambda path, *a, **k: read.append(path) or load_image_for_bucket(path, *a, **k))
+
+    def vae(pixels):
+        seen_at_encode.append(len(read))
+        return FakeVAE()(pixels)
+
+    asked = []
+    with pytest.raises(Interrupted):
+        LatentCache.build(items, plan, vae, should_stop=lambda: asked.append(1) or len(asked) > 4)
+    assert len(seen_at_encode) == 4
+    assert seen_at_encode[0] > 1  # the next images were asked for before the first batch was encoded
+    # Reads stop with the run: no more than the batches queued ahead (2) beyond the ones encoded.
+    assert 4 < len(read) <= 4 + 2
+    # The same latents as read one by one.
+    cache = LatentCache.build(items, plan, FakeVAE())
+    one = load_image_for_bucket(items[7].image_path, plan.placements[7].bucket, resized_size=plan.placements[7].resized)
+    assert torch.equal(cache.get(7), FakeVAE()(one[None])[0])
+
+
 def test_nan_latents_name_the_image(tmp_path):
     items, plan = _dataset(tmp_path, SIZES)
     with pytest.raises(UserError, match=r"NaN .* 03\.png.*--no-half-vae"):

@@ -10,7 +10,10 @@ step ``k`` (kohya reseeds per epoch but draws flips and caption shuffles from th
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -169,9 +172,9 @@ class LatentCache:
         flipped: list[torch.Tensor | None] | None = [None] * len(items) if flip_aug else None
         mirrors = (False, True) if flip_aug else (False,)
         targets = {False: latents, True: flipped}
-        done = 0
+        keys = {i: (items[i].image_path, bucket, plan.placements[i].resized) for bucket, indices in plan.buckets.items() for i in indices}
+        batches: list[tuple[Size, list[int]]] = []  # what is left to encode, bucket by bucket
         for bucket, indices in plan.buckets.items():
-            keys = {i: (items[i].image_path, bucket, plan.placements[i].resized) for i in indices}
             if store is not None:
                 for i in indices:
                     kept = [store.get(*keys[i], mirror) for mirror in mirrors]
@@ -179,14 +182,18 @@ class LatentCache:
                         for mirror, latent in zip(mirrors, kept):
                             targets[mirror][i] = latent.to(device=device, dtype=dtype)
                 indices = [i for i in indices if latents[i] is None]
-                done += len(keys) - len(indices)
-            for start in range(0, len(indices), vae_batch_size):
+            batches += [(bucket, indices[start : start + vae_batch_size]) for start in range(0, len(indices), vae_batch_size)]
+        done = len(items) - sum(len(chunk) for _, chunk in batches)
+
+        def load(i: int, bucket: Size) -> torch.Tensor:
+            return load_image_for_bucket(items[i].image_path, bucket, resized_size=plan.placements[i].resized)
+
+        loaded = _loaded_ahead(batches, load)
+        try:
+            for bucket, chunk in batches:
                 if should_stop is not None and should_stop():
                     raise Interrupted()
-                chunk = indices[start : start + vae_batch_size]
-                pixels = torch.stack(
-                    [load_image_for_bucket(items[i].image_path, bucket, resized_size=plan.placements[i].resized) for i in chunk]
-                )
+                pixels = next(loaded)
                 paths = [items[i].image_path for i in chunk]
                 for mirror in mirrors:
                     for i, latent in zip(chunk, _encode(encode, torch.flip(pixels, dims=[3]) if mirror else pixels, paths, device, dtype)):
@@ -196,7 +203,38 @@ class LatentCache:
                 done += len(chunk)
                 if progress is not None:
                     progress(done, len(items))
+        finally:
+            loaded.close()
         return cls(latents, flipped)
+
+
+# Batches whose images are decoded and resized ahead of the VAE, by up to this many threads: PIL
+# releases the GIL while it works, so the next batches' pictures are ready when the GPU is.
+_LOAD_AHEAD, _LOADERS = 2, 4
+
+
+def _loaded_ahead(batches: list[tuple[Size, list[int]]], load: Callable[[int, Size], torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each batch's stacked pixels, in order; a load's error comes out at its batch, and whatever
+    is still queued is cancelled when the consumer stops early."""
+    with ThreadPoolExecutor(min(_LOADERS, os.cpu_count() or 1), thread_name_prefix="lorakit-images") as pool:
+        queued: deque[list[Future]] = deque()
+
+        def submit(k: int) -> None:
+            bucket, chunk = batches[k]
+            queued.append([pool.submit(load, i, bucket) for i in chunk])
+
+        for k in range(min(_LOAD_AHEAD, len(batches))):
+            submit(k)
+        try:
+            for k in range(len(batches)):
+                futures = queued.popleft()
+                if k + _LOAD_AHEAD < len(batches):
+                    submit(k + _LOAD_AHEAD)
+                yield torch.stack([future.result() for future in futures])
+        finally:
+            for futures in queued:
+                for future in futures:
+                    future.cancel()
 
 
 def _encode(encode: Encoder, pixels: torch.Tensor, paths: Sequence[Path], device, dtype) -> list[torch.Tensor]:

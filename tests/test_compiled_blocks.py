@@ -82,3 +82,30 @@ def test_the_cli_flag_reaches_the_run(tiny_sd15_dir, project, monkeypatch, capsy
             "--set=min_bucket_reso=64", "--set=max_bucket_reso=128", "--set=optimizer=AdamW", "--set=network_dim=4"]
     assert main(args) == 0, capsys.readouterr().err
     assert seen == ["UNetModel"]
+
+
+def test_sdxl_blocks_trace_whole_with_the_runs_forwards(tmp_path, monkeypatch):
+    from tiny_sdxl import build_tiny_sdxl
+    from torch._dynamo.utils import counters
+
+    from lorakit_ext.models.training_forwards import use_training_forwards
+    from lorakit_ext.train.checkpointing import configure_checkpointing
+
+    monkeypatch.setattr(compiled_blocks, "BACKEND", "eager")
+    unet = build_tiny_sdxl(tmp_path).model.diffusion_model
+    context = torch.randn(1, 77, unet.input_blocks[4][1].transformer_blocks[0].attn2.to_k.in_features)
+    vector = torch.randn(1, unet.label_emb[0][0].in_features)
+    latents, timesteps = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    stock = unet(latents, timesteps, context=context, y=vector)
+    counters.clear()
+    # Headless as the trainer sets it up: sgm's attention gets the SDPA forward dynamo can trace.
+    undo = [configure_checkpointing(unet, True), use_training_forwards(unet, torch.device("cpu"), stock_attention=True),
+            compiled_blocks.compile_blocks(unet)]
+    try:
+        ours = unet(latents, timesteps, context=context, y=vector)
+        ours.sum().backward()
+    finally:
+        for step in reversed(undo):
+            step()
+    assert dict(counters["graph_break"]) == {}
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,18 +207,24 @@ def load_sd_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise UserError(f"The checkpoint {path} does not exist; check the path.")
-    state_dict = read_state_dict(path)
-    family = detect_family(state_dict, path)
-    cfg, from_file = _config_for(path, Path(config) if config is not None else None, family, state_dict)
-    if not from_file:
-        family.check_standard_widths(state_dict, path)
-    model = family.build(cfg)
-    _load_weights(model, _model_layout(state_dict, model), path, family, dtype)
-    del state_dict
-    family.settle_prediction(model, from_file)
-    place_model(model, device, dtype)
+    # The file's sha256 (2–7 GB of hashing, which releases the GIL) is computed beside the loading.
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="lorakit-hash")
+    try:
+        hashes = hashing.submit(file_hashes, path)
+        state_dict = read_state_dict(path)
+        family = detect_family(state_dict, path)
+        cfg, from_file = _config_for(path, Path(config) if config is not None else None, family, state_dict)
+        if not from_file:
+            family.check_standard_widths(state_dict, path)
+        model = family.build(cfg)
+        _load_weights(model, _model_layout(state_dict, model), path, family, dtype)
+        del state_dict
+        family.settle_prediction(model, from_file)
+        place_model(model, device, dtype)
+        sha256, legacy = hashes.result()
+    finally:
+        hashing.shutdown(wait=False)  # on an error, no waiting for a hash nobody will read
     v = model.parameterization == "v"
-    sha256, legacy = file_hashes(path)
     info = ModelInfo(path, family, v, family.resolution(v), sha256, legacy)
     return model, info
 

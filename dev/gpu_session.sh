@@ -10,6 +10,7 @@
 #   bash dev/gpu_session.sh setup ranks queue           # one NCCL rank against one process; 2 queued runs on one GPU
 #   bash dev/gpu_session.sh setup triton                # the Triton GroupNorm+SiLU: its tests on CUDA, then b8 with and without
 #   bash dev/gpu_session.sh setup compile               # compiled UNet blocks against stock at b8 and b2, compile time per shape
+#   bash dev/gpu_session.sh setup layout                # channels_last against the standard layout at SD1.5 b2/b8 and SDXL b1
 #
 # Inputs, git-ignored and carried along (never committed):
 #   .whl/                 wheels for the machine's Python: ldm's and sgm's needs, the optional optimizers
@@ -117,6 +118,16 @@ phase_compile() {
         --steps 200 --warmup 10 --json > "$OUT/bench_compile.json" 2> "$OUT/bench_compile.log"
     grep -E "^bf16|^compiled|^note" "$OUT/bench_compile.log"
     python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k compiled 2>&1 | tail -4
+}
+
+# channels_last against the standard layout, SD1.5 UNet-only b2 and b8 and SDXL b1 (graphs): the
+# per-batch layout choice is made from these rows.
+phase_layout() {
+    python3 -m lorakit_ext bench train --weights bf16 --batch 2,8 --train unet --modes graphs --channels-last off,on \
+        --steps 100 --warmup 10 --json > "$OUT/bench_layout_sd1.json" 2> "$OUT/bench_layout_sd1.log"
+    python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 1 --modes graphs --channels-last off,on \
+        --steps 30 --warmup 5 --json > "$OUT/bench_layout_sdxl.json" 2> "$OUT/bench_layout_sdxl.log"
+    grep -E "^bf16" "$OUT/bench_layout_sd1.log" "$OUT/bench_layout_sdxl.log"
 }
 
 phase_queue() {

@@ -211,3 +211,36 @@ def test_a_kohya_sdxl_lora_names_our_modules_and_merges(tiny_sdxl):
     assert sd_version_of(metadata) == "SDXL"
     model = copy.deepcopy(tiny_sdxl)
     assert apply_lora_file(model, Path(lora), SDXL) == len(names)
+
+
+def test_a_yaml_as_a1111_reads_it_builds_headless(tmp_path):
+    """A1111 builds such a yaml (the a1111 harness's tiny SDXL): its sampler_config registers the bigG
+    architecture with open_clip, which sgm instantiates before the text encoders, and it asks for
+    xformers' attention, which A1111 replaces by the standard blocks."""
+    import json
+
+    from tiny_sdxl import build_tiny_sdxl, tiny_sdxl_config
+
+    config = tiny_sdxl_config(tmp_path)
+    params = config["model"]["params"]
+    big_g = params["conditioner_config"]["params"]["emb_models"][1]["params"]
+    import open_clip
+
+    arch = f"yaml-registered-{tmp_path.name}"
+    (tmp_path / f"{arch}.json").write_text(json.dumps(open_clip.get_model_config(big_g["arch"])))
+    assert open_clip.get_model_config(arch) is None
+    big_g["arch"] = arch
+    params["sampler_config"] = {"target": "open_clip.add_model_config", "params": {"path": str(tmp_path / f"{arch}.json")}}
+    # sgm's own sd_xl_base.yaml asks for xformers' attention, which A1111 turns off.
+    params["network_config"]["params"]["spatial_transformer_attn_type"] = "softmax-xformers"
+    params["first_stage_config"]["params"]["ddconfig"]["attn_type"] = "vanilla-xformers"
+    model = build_tiny_sdxl(tmp_path, config=config)
+    assert model.conditioner.embedders[1].model.transformer.width == 64
+    from sgm.modules.attention import CrossAttention
+    from sgm.modules.diffusionmodules.model import AttnBlock
+
+    assert type(model.first_stage_model.encoder.mid.attn_1) is AttnBlock
+    attentions = [m for m in model.model.diffusion_model.modules() if "Attention" in type(m).__name__]
+    assert attentions and all(type(m) is CrossAttention for m in attentions)
+    latents = model.encode_first_stage(torch.zeros(1, 3, 64, 64))
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()

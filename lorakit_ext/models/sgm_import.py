@@ -102,7 +102,20 @@ def build_sgm(config: dict, init_weights: bool = False) -> nn.Module:
     cfg = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
     params = cfg["model"]["params"]
     params["network_config"]["params"]["use_checkpoint"] = False
+    # As A1111 builds SDXL, without xformers' attention (sgm's own yaml asks for it): the VAE's
+    # xformers block needs the package, and the run's SDPA forwards replace the softmax ones.
+    unet = params["network_config"]["params"]
+    if unet.get("spatial_transformer_attn_type") == "softmax-xformers":
+        unet["spatial_transformer_attn_type"] = "softmax"
+    ddconfig = params["first_stage_config"]["params"]["ddconfig"]
+    if ddconfig.get("attn_type") == "vanilla-xformers":
+        ddconfig["attn_type"] = "vanilla"
     embedders = params["conditioner_config"]["params"]["emb_models"]
+    if params.get("sampler_config"):
+        # sgm builds the sampler before the conditioner, and a yaml may use that entry to register
+        # its own open_clip architecture (open_clip.add_model_config), which the renaming below reads.
+        with contextlib.redirect_stdout(io.StringIO()):
+            instantiate_from_config(OmegaConf.create(params["sampler_config"]))
     for embedder in embedders:
         if embedder["target"].endswith(".FrozenOpenCLIPEmbedder2"):
             arch = embedder["params"]["arch"]

@@ -86,6 +86,9 @@ class A1111:
         assert len(report["imported"]) == count and not report["rejected"]
         return name
 
+    def loaded_checkpoint(self) -> str:
+        return self.call("GET", "/sdapi/v1/options")["sd_model_checkpoint"]
+
     def lorakit(self, method: str, path: str, **kwargs):
         """A call to LoRA Kit's API, ``path`` relative to ``/lorakit/v1``."""
         return self.call(method, V1 + path, **kwargs)

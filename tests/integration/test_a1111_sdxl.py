@@ -68,7 +68,7 @@ def assert_sdxl_lora(path, prediction: str = "epsilon") -> dict:
 # ---- over HTTP ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sdxl(a1111):
-    loaded = a1111.call("GET", "/sdapi/v1/options")["sd_model_checkpoint"]
+    loaded = a1111.loaded_checkpoint()
     if "xl" not in loaded.lower():
         pytest.skip(f"the loaded checkpoint is {loaded!r}, not SDXL; start the harness with A1111H_CKPT=tiny-sdxl.safetensors")
     return a1111

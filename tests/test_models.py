@@ -334,3 +334,25 @@ def test_a1111_dir_lends_its_copies_of_the_model_code_that_exist(tmp_path, monke
     monkeypatch.setenv(LDM_DIR_ENV, "/the/users/own")
     use_a1111_model_code(tmp_path)
     assert os.environ[LDM_DIR_ENV] == "/the/users/own"  # a folder the user named is kept
+
+
+# ---- the checkpoint's hashes ---------------------------------------------------------------------
+
+
+def test_hashes_computed_in_the_background_are_a1111s_and_reach_the_model_info(tiny_ckpt, tmp_path):
+    from concurrent.futures import Future
+
+    from lorakit_ext.models.file_hashes import file_hashes, hashes_in_background
+
+    data = tiny_ckpt.read_bytes()
+    expected = (hashlib.sha256(data).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8])
+    assert file_hashes(tiny_ckpt) == expected == hashes_in_background(tiny_ckpt).result(timeout=60)
+    with pytest.raises(FileNotFoundError):
+        hashes_in_background(tmp_path / "gone.safetensors").result(timeout=60)
+    _, info = load_sd_checkpoint(tiny_ckpt)
+    assert (info.sha256, info.legacy_hash) == expected
+    # Hashes the caller started earlier are the ones recorded: the file is not read twice.
+    started: Future = Future()
+    started.set_result(("a" * 64, "b" * 8))
+    _, info = load_sd_checkpoint(tiny_ckpt, hashes=started)
+    assert (info.sha256, info.legacy_hash) == ("a" * 64, "b" * 8)

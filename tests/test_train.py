@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors import safe_open
 
 from tiny_datasets import fill_dataset
 from lorakit_ext.errors import UserError
+from lorakit_ext.export.writer import read_lora_file
 from lorakit_ext.models.checkpoint import load_sd_checkpoint
 from lorakit_ext.models.ldm import LdmModel
 from lorakit_ext.project import create_project
@@ -280,6 +282,11 @@ def test_train_command_end_to_end_and_its_errors(tiny_sd15_dir, project, capsys)
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["status"] == "finished" and [p.rsplit("/", 1)[1] for p in out["files"]] == ["kat-01.safetensors"]
+    # The checkpoint's hashes, computed while torch imports, as A1111 and kohya record them.
+    data = Path(ckpt).read_bytes()
+    metadata = read_lora_file(Path(out["files"][0]))[1]
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert metadata["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     assert main(["train", "kat", "--root", root, "--base-model", str(project.root / "missing.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "kat", "--root", root, "--base-model", ckpt, "--resume", "nope"]) == 2

@@ -109,6 +109,12 @@ def _resolved_option(key: str, value: str) -> str:
 
 
 def run(args) -> Result:
+    from lorakit_ext.models.file_hashes import hashes_in_background
+
+    # The checkpoint's hashes go into every file's metadata; reading 2–7 GB for them overlaps
+    # importing torch and checking the dataset. Ranks of --gpus hash when they load.
+    checkpoint = Path(_resolved(args.base_model)) if args.base_model and not args.resume and args.gpus is None else None
+    hashes = hashes_in_background(checkpoint) if checkpoint and checkpoint.is_file() else None
     import torch
 
     from lorakit_ext.models.sgm_import import use_a1111_model_code
@@ -138,7 +144,7 @@ def run(args) -> Result:
                 world.broadcast(("error", str(exc)))
                 raise
             world.broadcast(("ok", pre.output_stem, pre.fingerprint))
-            return _train(args, project, config, options, pre, point, world)
+            return _train(args, project, config, options, pre, point, world, hashes)
 
 
 def _settings(args, project, world):
@@ -184,7 +190,7 @@ def _follow(args, project, world) -> Result:
     return _train(args, project, config, options, Preflight(data, stem, fingerprint), point, world)
 
 
-def _train(args, project, config, options, pre, point, world) -> Result:
+def _train(args, project, config, options, pre, point, world, hashes=None) -> Result:
     from lorakit_ext.compare.epoch_report import report_lines
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
@@ -195,7 +201,7 @@ def _train(args, project, config, options, pre, point, world) -> Result:
 
     device, dtype = _device_and_dtype(world.device(options["device"]), options["weights"])
     loading = time.perf_counter()
-    sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype)
+    sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype, hashes=hashes)
     loaded_s = round(time.perf_counter() - loading, 3)
     if point is not None:
         check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=info.sha256, force=args.force)

@@ -7,9 +7,8 @@ the file is, and what that family cannot load, its :mod:`~lorakit_ext.models.fam
 
 from __future__ import annotations
 
-import hashlib
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from ..errors import UserError
 from .families import detect_family
 from .families.base import ModelFamily
+from .file_hashes import hashes_in_background
 
 # Old SD1 files predate transformers' ``text_model`` level; SD2-turbo uses sgm's prefix for its one
 # text encoder (A1111 maps both). SDXL keeps sgm's prefixes.
@@ -46,17 +46,6 @@ class ModelInfo:
     def short_hash(self) -> str:
         """The 10-digit form A1111 shows as "Model hash"."""
         return self.sha256[:10]
-
-
-def file_hashes(path: Path) -> tuple[str, str]:
-    """(sha256 of the whole file, A1111's legacy hash: sha256 of the 64 KiB at offset 1 MiB, 8 digits)."""
-    whole, legacy = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            whole.update(chunk)
-        fh.seek(0x100000)
-        legacy.update(fh.read(0x10000))
-    return whole.hexdigest(), legacy.hexdigest()[:8]
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -198,32 +187,31 @@ def load_sd_checkpoint(
     config: Path | str | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    hashes: Future | None = None,
 ):
-    """Loads an SD1/SD2 checkpoint as ldm's ``LatentDiffusion``; returns ``(model, ModelInfo)``.
+    """Loads a checkpoint as its family's model (ldm's ``LatentDiffusion``, sgm's ``DiffusionEngine``);
+    returns ``(model, ModelInfo)``.
 
     The config is ``config``, else the .yaml beside the checkpoint with the same name, else the
     family's, detected from the keys (SD2's ε or v by A1111's test forward pass). Nothing is downloaded.
+    ``hashes``: the file's :func:`~lorakit_ext.models.file_hashes.hashes_in_background` if the caller
+    started it earlier; else it starts here, beside the loading.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"The checkpoint {path} does not exist; check the path.")
-    # The file's sha256 (2–7 GB of hashing, which releases the GIL) is computed beside the loading.
-    hashing = ThreadPoolExecutor(1, thread_name_prefix="lorakit-hash")
-    try:
-        hashes = hashing.submit(file_hashes, path)
-        state_dict = read_state_dict(path)
-        family = detect_family(state_dict, path)
-        cfg, from_file = _config_for(path, Path(config) if config is not None else None, family, state_dict)
-        if not from_file:
-            family.check_standard_widths(state_dict, path)
-        model = family.build(cfg)
-        _load_weights(model, _model_layout(state_dict, model), path, family, dtype)
-        del state_dict
-        family.settle_prediction(model, from_file)
-        place_model(model, device, dtype)
-        sha256, legacy = hashes.result()
-    finally:
-        hashing.shutdown(wait=False)  # on an error, no waiting for a hash nobody will read
+    hashes = hashes or hashes_in_background(path)
+    state_dict = read_state_dict(path)
+    family = detect_family(state_dict, path)
+    cfg, from_file = _config_for(path, Path(config) if config is not None else None, family, state_dict)
+    if not from_file:
+        family.check_standard_widths(state_dict, path)
+    model = family.build(cfg)
+    _load_weights(model, _model_layout(state_dict, model), path, family, dtype)
+    del state_dict
+    family.settle_prediction(model, from_file)
+    place_model(model, device, dtype)
+    sha256, legacy = hashes.result()
     v = model.parameterization == "v"
     info = ModelInfo(path, family, v, family.resolution(v), sha256, legacy)
     return model, info

@@ -1,0 +1,38 @@
+"""A checkpoint file's hashes as A1111 and kohya record them, computed beside other work.
+
+Hashing a 2–7 GB checkpoint takes seconds of one core (hashlib releases the GIL), so the CLI starts
+it before it imports torch and the loader only waits for it once the model is built. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """(sha256 of the whole file, A1111's legacy hash: sha256 of the 64 KiB at offset 1 MiB, 8 digits)."""
+    whole, legacy = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            whole.update(chunk)
+        fh.seek(0x100000)
+        legacy.update(fh.read(0x10000))
+    return whole.hexdigest(), legacy.hexdigest()[:8]
+
+
+def hashes_in_background(path: Path) -> Future:
+    """:func:`file_hashes` of ``path`` on a daemon thread: a run that fails before it needs them
+    exits without waiting for the rest of the file."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(file_hashes(path))
+        except BaseException as exc:  # handed to whoever waits, as a ThreadPoolExecutor would
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="lorakit-hash", daemon=True).start()
+    return future

@@ -126,18 +126,25 @@ def main() -> int:
     train, lines = timed_cli(["train", "kat3r1na", "--root", str(root), "--base-model", str(checkpoint), *options], env)
     (args.out / "train.log").write_text("\n".join(lines), encoding="utf-8")
     report = {"train": train}
+
+    def save() -> None:  # after each part, so a run cut short by a time limit still tells what it did
+        (args.out / "seed_run.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+
+    save()
     if train["exit"] == 0:
+        runs = sorted((root / "kat3r1na" / "runs").iterdir())
+        record = json.loads((runs[-1] / "run.json").read_text(encoding="utf-8"))
+        report["steps"] = record.get("steps_done")
+        save()
         compare, lines = timed_cli(["compare", "kat3r1na", "--root", str(root), "--json", "--steps", "20" if not args.tiny else "3",
                                     "--size", str(side)], env)
         (args.out / "compare.log").write_text("\n".join(lines), encoding="utf-8")
         report["compare"] = compare
-        runs = sorted((root / "kat3r1na" / "runs").iterdir())
-        record = json.loads((runs[-1] / "run.json").read_text(encoding="utf-8"))
-        report["steps"] = record.get("steps_done")
         report["epochs"] = json.loads((runs[-1] / "epochs.json").read_text(encoding="utf-8"))
+        save()
         if args.kohya_sd_scripts:
             report["kohya"] = kohya_on_run(runs[-1], args.kohya_sd_scripts, args.kohya_python, args.kohya_steps, work / "kohya")
-    (args.out / "seed_run.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+            save()
     print(json.dumps({k: v for k, v in report.items() if k != "epochs"}, indent=1))
     for row in report.get("epochs", {}).get("epochs", []):
         print(row["label"], row["validation_loss"], row.get("effect"), row.get("likeness"), row.get("flags"))

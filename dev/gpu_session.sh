@@ -46,9 +46,10 @@ phase_graphs() {
 }
 
 # The seed-sized run and its epochs' metrics, then kohya on the same dataset for start-up and memory.
-# SEED_LIMIT (seconds) cuts the script short and still copies back what it finished.
+# SEED_LIMIT (seconds) cuts the script short and still copies back what it finished; SEED_KOHYA_STEPS
+# shortens kohya's part.
 phase_seed() {
-    timeout "${SEED_LIMIT:-3600}" python3 dev/seed_run.py --out /tmp/seed "${KOHYA[@]}" 2>&1 | tail -40
+    timeout "${SEED_LIMIT:-3600}" python3 dev/seed_run.py --out /tmp/seed "${KOHYA[@]}" --kohya-steps "${SEED_KOHYA_STEPS:-200}" 2>&1 | tail -40
     cp /tmp/seed/work/projects/kat3r1na/runs/*/epochs.json "$OUT/seed_epochs.json" 2>/dev/null
     cp /tmp/seed/seed_run.json /tmp/seed/train.log /tmp/seed/compare.log "$OUT/" 2>/dev/null
     cp /tmp/seed/work/projects/kat3r1na/runs/*/run.json "$OUT/seed_record.json" 2>/dev/null

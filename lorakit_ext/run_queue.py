@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -159,7 +159,6 @@ class _Running:
     slot: Slot
     process: subprocess.Popen
     log: object
-    started: float = field(default_factory=time.time)
 
 
 def _start(entry: dict, slot: Slot, root: Path) -> _Running:
@@ -194,14 +193,14 @@ def _record_end(entry: dict, root: Path, how: str) -> dict:
     return entry
 
 
-def _orphans(root: Path, running: list[_Running]) -> list[dict]:
+def _orphans(entries: list[dict], root: Path, running: list[_Running]) -> list[dict]:
     """Entries marked running that no runner watches: an earlier runner stopped (killed, a power
     cut) while they ran. One that has ended since is recorded from its result file (its exit code
     is lost with the runner); the rest are still training and are returned, so that their projects
     count as busy (their entries are not waited for otherwise)."""
     ours = {r.entry["id"] for r in running}
     alive = []
-    for entry in list_entries(root):
+    for entry in entries:
         if entry["status"] != "running" or entry["id"] in ours:
             continue
         if _gone(entry.get("pid"), entry.get("host")):
@@ -238,10 +237,11 @@ def run_queue(root: Path, slots: list[Slot], *, should_stop: Callable[[], bool] 
                 running.remove(item)
                 done.append(_finish(item, root))
                 on_change(item.entry)
-            orphans = _orphans(root, running)
+            entries = list_entries(root)
+            orphans = _orphans(entries, root, running)
             if not should_stop():
                 busy = {r.entry["project"] for r in running} | {e["project"] for e in orphans}
-                for entry in list_entries(root):
+                for entry in entries:
                     slot = next((s for s in slots if not any(r.slot is s for r in running)), None)
                     if slot is None:
                         break

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 
+from lorakit_ext.bench.train_report import row_settings
 from lorakit_ext.cli.ranks import run_ranks
 from lorakit_ext.errors import UserError
 
@@ -65,8 +66,7 @@ def run_world_sizes(args) -> dict:
 def _scaling(rows: list[dict]) -> None:
     """Each row's images/s over the same row's in the fewest processes (``scaling``)."""
     def key(row):
-        return (row["weights"], row["mode"], row["channels_last"], row.get("compiled_blocks", False), row["train"], row["batch"],
-                row["gradient_checkpointing"])
+        return row["mode"], row_settings(row)
 
     base = {}
     for row in sorted(rows, key=lambda r: r["processes"]):

@@ -59,6 +59,12 @@ def _line(cells: list[str]) -> str:
     return " ".join(f"{cell:{layout}}" for cell, (_, layout, _) in zip(cells, COLUMNS))
 
 
+def row_settings(row: dict) -> tuple:
+    """What makes two rows the same measurement apart from the mode (graphs/eager) and the process count."""
+    return (row["weights"], row["train"], row["batch"], row["gradient_checkpointing"], row["channels_last"],
+            row.get("compiled_blocks", False))
+
+
 def _row_label(row: dict) -> str:
     compiled = " compiled" if row.get("compiled_blocks") else ""
     return f"{row['weights']} {row['mode']} {row['train']} b{row['batch']}{' gc' if row['gradient_checkpointing'] else ''}{compiled}"
@@ -79,12 +85,9 @@ def report(figures: dict, args) -> str:
             kinds = ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / k['step_ms']:.0f} %)" for kind, ms in k["kinds_ms"].items())
             lines.append(f"kernels ({_row_label(r)}): {k['step_ms']:.1f} ms per eager step, a captured step's floor "
                          f"{k['floor_it_s']:.2f} it/s: {kinds}")
-    def same(r):
-        return r["weights"], r["train"], r["batch"], r["gradient_checkpointing"], r["channels_last"], r.get("compiled_blocks")
-
-    graphs = {same(r): r.get("it_per_s") for r in f["rows"] if r["mode"] == "graphs"}
+    graphs = {row_settings(r): r.get("it_per_s") for r in f["rows"] if r["mode"] == "graphs"}
     for r in f["rows"]:
-        key = same(r)
+        key = row_settings(r)
         if r["mode"] == "eager" and graphs.get(key) and "it_per_s" in r:
             lines.append(f"graphs vs eager, same run ({_row_label(r)}): {graphs[key] / r['it_per_s']:.2f}x")
     for r in f["rows"]:

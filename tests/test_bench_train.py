@@ -225,3 +225,30 @@ def test_memory_budget_is_refused_off_cuda(capsys):
 def test_cached_text_encoder_outputs_are_refused_for_rows_that_train_the_text_encoder(capsys):
     assert main(TINY + ["--train", "te,unet", "--cache-text-encoder-outputs"]) == 2
     assert "needs frozen text encoders" in json.loads(capsys.readouterr().out)["error"]
+
+
+def _row(mode, batch, it_per_s, processes=1, **extra):
+    row = {"weights": "bf16", "mode": mode, "channels_last": "off", "compiled_blocks": False, "train": "unet",
+           "text_encoder_outputs_cached": False, "gradient_checkpointing": False, "batch": batch, "precision": "bf16",
+           "out_of_memory": False, "it_per_s": it_per_s, "images_per_s": it_per_s * batch * processes,
+           "processes": processes, "notes": []}
+    row.update(extra)
+    return row
+
+
+def test_report_sets_graphs_against_eager_only_for_the_same_settings():
+    from lorakit_ext.bench.train_report import report
+
+    rows = [_row("graphs", 2, 30.0), _row("eager", 2, 10.0), _row("eager", 8, 4.0)]
+    figures = {"model": "sd15", "device": "cuda", "resolution": 512, "images": 4, "rows": rows, "kohya_notes": [],
+               "memory_budget_gib": None}
+    ratios = [line for line in report(figures, SimpleNamespace(dim=16, alpha=8.0)).splitlines() if "graphs vs eager" in line]
+    assert ratios == ["graphs vs eager, same run (bf16 eager unet b2): 3.00x"]
+
+
+def test_ranks_scaling_is_against_the_same_row_in_the_fewest_processes():
+    from lorakit_ext.bench.train_ranks import _scaling
+
+    one, two, other = _row("graphs", 2, 10.0), _row("graphs", 2, 9.0, processes=2), _row("eager", 2, 5.0, processes=2)
+    _scaling([two, other, one])
+    assert one["scaling"] == 1.0 and two["scaling"] == pytest.approx(1.8) and other["scaling"] == 1.0

@@ -81,6 +81,8 @@ def test_bench_train_measures_the_trainer(capsys):
     (row,) = data["rows"]
     assert row["mode"] == "eager" and row["train"] == "TE + UNet" and row["batch"] == 2
     assert row["it_per_s"] > 0 and row["images_per_s"] == 2 * row["it_per_s"]
+    # Where the row's start went: caching, the network, the first step.
+    assert {"latents", "network", "to_first_step"} <= set(row["phases_s"]) and data["model_build_s"] > 0
     assert "kohya_it_per_s" not in row, "recorded H200 kohya figures are not a reference for the tiny model"
 
 

@@ -102,8 +102,10 @@ def _bug_report(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started = started  # train's run record counts its start-up phases from here
     # What a command that starts itself again in other processes (train --gpus) passes on.
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -217,7 +217,9 @@ def _train(args, project, config, options, pre, point, world, hashes=None) -> Re
                 from lorakit_ext.compare.sample import headless_sampler
 
                 sampler = headless_sampler(model, zero_terminal_snr=config.zero_terminal_snr)
-            trainer = Trainer(model, job, on_progress=ProgressPrinter() if world.main else None, should_stop=should_stop, sampler=sampler)
+            startup = {"imports_and_checks": round(loading - args.started, 3), "load_model": loaded_s}
+            trainer = Trainer(model, job, on_progress=ProgressPrinter() if world.main else None, should_stop=should_stop, sampler=sampler,
+                              phases=startup)
             result = trainer.run(point.state if point else None)
     except Interrupted as exc:
         if not world.main:
@@ -227,7 +229,7 @@ def _train(args, project, config, options, pre, point, world, hashes=None) -> Re
         return Result({"rank": world.rank, "steps": result.steps})
     files = [str(f) for f in result.files]
     report = _epoch_report(job.run_dir)
-    phases = {"load_model": loaded_s, **trainer.phases}
+    phases = trainer.phases
     compare = f"python -m lorakit_ext compare {project.name} --root {project.root} --run {job.run_dir.name}"
     text = "\n".join(
         [f"trained {result.steps} steps; final loss {result.losses[-1]:.4f}" if result.losses else f"trained {result.steps} steps"]

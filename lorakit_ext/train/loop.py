@@ -58,6 +58,7 @@ class Trainer:
         on_epoch_file: Callable[[Path], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         sampler: Sampler | None = None,
+        phases: dict[str, float] | None = None,
     ):
         self.model = model
         self.job = job
@@ -70,9 +71,10 @@ class Trainer:
         self.world = job.world
         self.stop_agreed = False  # data-parallel: some rank asked to stop, as of the last loss read
         self.loss_read_every = 1 if self.device.type == "cpu" else 10
-        # Seconds each part of the run's start took (run.json's phases_s), to see where the wait goes;
+        # Seconds each part of the run's start took (run.json's phases_s), to see where the wait goes,
+        # after those the caller measured before (``phases``: the CLI's imports and model load);
         # to_first_step counts from the start of latent caching to the end of the first step.
-        self.phases: dict[str, float] = {}
+        self.phases: dict[str, float] = dict(phases or {})
         # Each captured step's shape and what its capture added to the graphs' one memory pool.
         self.graph_pools: list[dict] = []
 

@@ -74,7 +74,6 @@ def test_a_second_run_gets_its_own_stem_and_the_users_files_are_untouched(projec
 
 def test_a_file_that_appears_at_the_runs_path_is_never_replaced(project, tiny_sd15, monkeypatch):
     from lorakit_ext.models.ldm import LdmModel
-    from lorakit_ext.train import saving
     from lorakit_ext.train_config import TrainConfig
     from lorakit_ext.train.launch import BaseModel, open_run
     from lorakit_ext.train.loop import Trainer

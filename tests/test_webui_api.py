@@ -32,7 +32,7 @@ def tree(folder: Path) -> list[str]:
 @pytest.fixture
 def outside(tmp_path) -> Path:
     """A project and a picture outside the projects root, which LoRA Kit must never touch."""
-    away = create_project(tmp_path / "outside", "away")
+    create_project(tmp_path / "outside", "away")
     png(tmp_path / "outside" / "secret.png")
     return tmp_path / "outside"
 

@@ -47,6 +47,8 @@ NO_EFFECT = {
     "network_train_unet_only": "read as text_encoder_lr = 0",
     "network_module": "read as network_type", "network_args": "read as network_type and conv_dim/conv_alpha",
     "lr_warmup_steps": "read as lr_warmup_ratio", "lr_scheduler_power": "read as the polynomial's power",
+    "sample_prompts": "its prompts are read as sample_prompt; each is drawn at the training resolution and seed + its line number",
+    "sample_sampler": "samples are drawn with DDIM headless and with A1111's sampler in the tab",
 }
 # How kohya sd-scripts trains each network type: ``(network_module, algo, whether conv_dim and
 # conv_alpha apply)``. LoCon is networks.lora with a conv dim; LoHa and LoKr are LyCORIS's
@@ -157,8 +159,23 @@ def ours(values: dict, fields: set[str]) -> dict:
         out["max_token_length"] = 75
     if "resolution" in out:
         out["resolution"] = _square(out["resolution"])
+    if values.get("sample_prompts") and "sample_prompt" not in out:
+        out["sample_prompt"] = _prompts_in_file(Path(values["sample_prompts"]))
     _steps(values, out)
     return out
+
+
+def _prompts_in_file(path: Path) -> str:
+    """The prompts of sd-scripts' text prompt file: a prompt per line, its own options after " --"."""
+    if path.suffix.lower() != ".txt":
+        raise UserError(f"sample_prompts = {str(path)!r}: LoRA Kit reads the .txt prompt file (one prompt per line); "
+                        "put the prompts in one, or give sample_prompt")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"sample_prompts = {str(path)!r} could not be read ({exc}); give the prompt file's absolute path") from None
+    prompts = [line.split(" --")[0].strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return "\n".join(p for p in prompts if p)
 
 
 def _steps(values: dict, out: dict) -> None:

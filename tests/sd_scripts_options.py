@@ -70,6 +70,8 @@ TRAIN_CHOICES = {
     "max_token_length": {150, 225},
     "log_with": {"tensorboard", "wandb", "all"},
     "loss_type": {"l1", "l2", "huber", "smooth_l1"},
+    "sample_sampler": {"ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                       "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"},
 }
 
 # config_util's ConfigSanitizer as train_network.py builds it (DreamBooth and fine-tuning datasets,

@@ -147,3 +147,31 @@ def test_train_takes_a_kohya_config_and_says_which_option_it_cannot_take(tmp_pat
     assert main(["plan", "--images", "20", "--config", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["plan"]["images"] == 18
     assert load_config_file(path)["save_last_n_epochs"] == 3
+
+
+def test_a_kohya_sample_prompt_file_reads_as_sample_prompt(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# portraits\nkat, smile --w 512 --h 768 --d 1 --l 7 --n lowres\n\n  kat, red hair --s 28\n", encoding="utf-8")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[train]\nsample_prompts = "{prompts.as_posix()}"\nsample_every_n_epochs = 2\nsample_sampler = "euler_a"\n',
+                    encoding="utf-8")
+    config = TrainConfig.from_file(path)
+    assert config.sample_prompt == "kat, smile\nkat, red hair" and config.sample_every_n_epochs == 2
+    for name, remedy in (("prompts.toml", "reads the .txt prompt file"), ("missing.txt", "could not be read")):
+        path.write_text(f'[train]\nsample_prompts = "{(tmp_path / name).as_posix()}"\n', encoding="utf-8")
+        with pytest.raises(UserError, match=remedy):
+            TrainConfig.from_file(path)
+
+
+def test_a_runs_sample_prompt_file_reads_back_to_the_prompt_it_was_given(tmp_path):
+    # Empty: the run drew the dataset's typical prompt, which the file holds; reading back keeps it empty.
+    for given in ("", "kat, smile"):
+        config = TrainConfig(sample_every_n_epochs=1, sample_prompt=given)
+        (tmp_path / "prompts.txt").write_text("kat, 1girl --w 512 --h 512 --d 42 --s 20 --l 7\n", encoding="utf-8")
+        text = training_toml(config, base_model_path="/m.safetensors", dataset_config=str(tmp_path / "d.toml"),
+                             output_dir=str(tmp_path), output_name="kat", total_steps=630, warmup_steps=31,
+                             v_parameterization=False, v2=False, mixed_precision="bf16", optimizer=config.optimizer,
+                             sample_prompts=str(tmp_path / "prompts.txt"))
+        (tmp_path / "d.toml").write_text(dataset_toml(config, tmp_path / "dataset"), encoding="utf-8")
+        (tmp_path / "c.toml").write_text(text, encoding="utf-8")
+        assert TrainConfig.from_file(tmp_path / "c.toml") == config

@@ -50,6 +50,7 @@ CONFIGS = {
     # Whole numbers where floats belong (a config built in code): still floats in the file.
     "int-valued floats": ({"network_alpha": 8, "unet_lr": 1, "max_grad_norm": 0}, {}),
     "in-memory model": ({}, {"base_model_path": ""}),
+    "samples": ({"sample_every_n_epochs": 2, "sample_every_n_steps": 50}, {"sample_prompts": "run/kohya_sample_prompts.txt"}),
 }
 
 

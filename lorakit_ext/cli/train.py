@@ -198,6 +198,7 @@ def _train(args, project, config, options, pre, point, world, hashes=None) -> Re
     from lorakit_ext.train.launch import BaseModel, open_run
     from lorakit_ext.train.loop import Trainer
     from lorakit_ext.train.resume import check_unchanged
+    from lorakit_ext.train.sampling import sampling_on
 
     device, dtype = _device_and_dtype(world.device(options["device"]), options["weights"])
     loading = time.perf_counter()
@@ -213,7 +214,7 @@ def _train(args, project, config, options, pre, point, world, hashes=None) -> Re
     try:
         with first_ctrl_c_stops(notice) as should_stop:
             sampler = None
-            if config.sample_every_n_epochs and world.main:
+            if sampling_on(config) and world.main:
                 from lorakit_ext.compare.sample import headless_sampler
 
                 sampler = headless_sampler(model, zero_terminal_snr=config.zero_terminal_snr)

@@ -21,6 +21,9 @@ from lorakit_ext.train_config import LORAKIT_LINE
 # Stands in for the base model when A1111 trained on a model that came from no file.
 MODEL_PLACEHOLDER = "<absolute path of the base checkpoint>"
 
+# The headless sampler's settings (DDIM, 20 steps, CFG 7), as sd-scripts' sample options.
+SAMPLE_SAMPLER, SAMPLE_STEPS, SAMPLE_CFG = "ddim", 20, 7.0
+
 
 def _value(v) -> str:
     if isinstance(v, bool):
@@ -63,8 +66,24 @@ def _scheduler_args(config, warmup_steps: int) -> dict:
     return args
 
 
-def training_args(config, *, base_model_path: str, dataset_config: str, output_dir: str, output_name: str, total_steps: int, warmup_steps: int, v_parameterization: bool, v2: bool, mixed_precision: str, optimizer: str) -> dict:
-    """The ``[train]`` options; ``mixed_precision`` is what the run used: "no", "fp16" or "bf16"."""
+def sample_prompts_text(prompts, seeds, size: tuple[int, int]) -> str:
+    """sd-scripts' sample prompt file: one prompt per line with its size, seed, steps and CFG."""
+    width, height = size
+    return "".join(f"{prompt} --w {width} --h {height} --d {seed} --s {SAMPLE_STEPS} --l {SAMPLE_CFG:g}\n"
+                   for prompt, seed in zip(prompts, seeds))
+
+
+def _sample_args(config, sample_prompts: str | None) -> dict:
+    if not sample_prompts:
+        return {}
+    return {"sample_prompts": str(Path(sample_prompts).resolve()), "sample_sampler": SAMPLE_SAMPLER,
+            "sample_every_n_epochs": int(config.sample_every_n_epochs) or None,
+            "sample_every_n_steps": int(config.sample_every_n_steps) or None}
+
+
+def training_args(config, *, base_model_path: str, dataset_config: str, output_dir: str, output_name: str, total_steps: int, warmup_steps: int, v_parameterization: bool, v2: bool, mixed_precision: str, optimizer: str, sample_prompts: str | None = None) -> dict:
+    """The ``[train]`` options; ``mixed_precision`` is what the run used: "no", "fp16" or "bf16";
+    ``sample_prompts``: the prompt file (:func:`sample_prompts_text`) of a run that draws samples."""
     network_module, network_args = network_options(config)
     args = {
         "pretrained_model_name_or_path": str(Path(base_model_path).resolve()) if base_model_path else MODEL_PLACEHOLDER,
@@ -115,6 +134,7 @@ def training_args(config, *, base_model_path: str, dataset_config: str, output_d
         "ip_noise_gamma": float(config.ip_noise_gamma) or None,
         "zero_terminal_snr": True if config.zero_terminal_snr else None,
         "scale_v_pred_loss_like_noise_pred": True if config.scale_v_pred_loss_like_noise_pred else None,
+        **_sample_args(config, sample_prompts),
         "training_comment": config.training_comment or None,
         "metadata_trigger_phrase": config.trigger.strip() or None,
     }
@@ -127,8 +147,13 @@ def lorakit_values(config, args: dict) -> dict:
     gives ``config`` exactly."""
     from lorakit_ext.kohya_options import flat_dataset
 
-    rebuilt = type(config).from_dict({**args, **flat_dataset(_dataset_tables(config, Path(".")))})
-    return {k: v for k, v in config.to_dict().items() if getattr(rebuilt, k) != v}
+    written = {k: v for k, v in args.items() if k != "sample_prompts"}
+    rebuilt = type(config).from_dict({**written, **flat_dataset(_dataset_tables(config, Path(".")))})
+    values = {k: v for k, v in config.to_dict().items() if getattr(rebuilt, k) != v}
+    if "sample_prompts" in args:
+        # The prompt file holds what was drawn: the dataset's typical prompt when this is empty.
+        values["sample_prompt"] = config.sample_prompt
+    return values
 
 
 def training_toml(config, *, base_model_path: str, script: str = "train_network.py", **kwargs) -> str:

@@ -40,7 +40,7 @@ from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
 from lorakit_ext.train.step import StepFunction
 from lorakit_ext.train.latent_store import LatentStore, vae_identity
-from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_due_at_step, sampling_mode
+from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_due_at_step, sampling_mode, sampling_on
 from lorakit_ext.train.text_cache import TextCache
 from lorakit_ext.train.validation import ValidationSet
 from lorakit_ext.train.buckets import bucket_plan_for
@@ -167,8 +167,12 @@ class Trainer:
         weight_dtype = next(self.model.unet.parameters()).dtype
         self.precision = resolve_precision(config.mixed_precision, self.device, weight_dtype)
         self.schedule = NoiseSchedule(self.device, zero_terminal=config.zero_terminal_snr)
+        samples = None
+        if sampling_on(config):
+            train_captions = [item.caption for item in items if not item.regularisation]
+            samples = sample_request(config, train_captions, 0, self.job.run_dir, self.job.stem)
         record.start(config, estimate, schedule, buckets, self.precision.name, self.model, self.job,
-                     repeats=[item.repeats for item in items], folders=[folder for folder, _ in data.folders])
+                     repeats=[item.repeats for item in items], folders=[folder for folder, _ in data.folders], samples=samples)
         real = f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."
         self.on_progress(Progress("caching", message="\n".join(estimate.lines + [real])))
         cuda = self.device.type == "cuda"

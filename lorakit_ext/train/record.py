@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.export.kohya_toml import dataset_toml, training_toml
+from lorakit_ext.export.kohya_toml import dataset_toml, sample_prompts_text, training_toml
 from lorakit_ext.fsutil import atomic_write_json, atomic_write_text
 from lorakit_ext.project import confine
 
@@ -57,10 +57,16 @@ class RunRecord:
         path = self.run_dir / RUN_FILE
         self.info: dict = read_run(self.run_dir) if path.is_file() else {}
 
-    def start(self, config, estimate, schedule, buckets, precision: str, model, job, repeats=None, folders=()) -> None:
+    def start(self, config, estimate, schedule, buckets, precision: str, model, job, repeats=None, folders=(), samples=None) -> None:
         """Writes the run's config, plan and kohya TOML pair; ``repeats``: each image's (default:
-        the config's for all); ``folders``: the further training and regularisation folders."""
+        the config's for all); ``folders``: the further training and regularisation folders;
+        ``samples``: the :class:`~lorakit_ext.train.sampling.SampleRequest` of a run that draws
+        samples, whose prompts go to ``kohya_sample_prompts.txt``."""
         output_name = job.stem
+        prompts = None
+        if samples is not None:
+            prompts = self.run_dir / "kohya_sample_prompts.txt"
+            atomic_write_text(prompts, sample_prompts_text(samples.prompts, samples.seeds, samples.size))
         atomic_write_json(self.run_dir / "config.json", config.to_dict())
         real = (
             f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.epochs} epochs, "
@@ -82,6 +88,7 @@ class RunRecord:
                 v2=model.family.v2,
                 mixed_precision=precision,
                 optimizer=config.optimizer,
+                sample_prompts=str(prompts) if prompts else None,
             ),
         )
         atomic_write_text(self.run_dir / "kohya_dataset.toml", dataset_toml(config, job.project.dataset, folders))

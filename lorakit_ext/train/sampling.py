@@ -40,6 +40,11 @@ class SampleRequest:
 Sampler = Callable[[SampleRequest], list[Path]]
 
 
+def sampling_on(config) -> bool:
+    """Whether a run draws samples at all (a front door then brings a sampler)."""
+    return bool(config.sample_every_n_epochs or config.sample_every_n_steps)
+
+
 def sampling_due(config, epoch: int, epochs: int) -> bool:
     every = config.sample_every_n_epochs
     return bool(every) and (epoch % every == 0 or epoch == epochs)

@@ -57,18 +57,21 @@ def write_checkpoint(path: Path, tiny: bool) -> Path:
     return path
 
 
-def timed_cli(args: list[str], env: dict) -> tuple[dict, list[str]]:
+def timed_cli(args: list[str], env: dict, log: Path) -> dict:
     """Runs the CLI, noting when the plan and the first training line appear (seconds from start)
-    and nvidia-smi's peak while it runs."""
+    and nvidia-smi's peak while it runs; its output goes to ``log`` line by line, so a run cut
+    short still leaves what it said."""
     from lorakit_ext.bench.smi import SmiPeak
 
     started = time.perf_counter()
-    marks, lines = {}, []
+    marks = {}
     with SmiPeak(torch.device("cuda" if torch.cuda.is_available() else "cpu")) as smi, subprocess.Popen(
-            [sys.executable, "-m", "lorakit_ext", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            [sys.executable, "-m", "lorakit_ext", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True) as proc, open(log, "w", encoding="utf-8") as out:
         for line in proc.stdout:
             now = time.perf_counter() - started
-            lines.append(f"{now:8.2f}  {line.rstrip()}")
+            out.write(f"{now:8.2f}  {line.rstrip()}\n")
+            out.flush()
             if "Found " in line and "plan_s" not in marks:
                 marks["plan_s"] = now
             if line.startswith("epoch ") and "step " in line and "first_step_s" not in marks:
@@ -76,7 +79,7 @@ def timed_cli(args: list[str], env: dict) -> tuple[dict, list[str]]:
     marks["wall_s"] = time.perf_counter() - started
     marks["exit"] = proc.returncode
     marks["smi_peak_MiB"] = smi.peak_mib
-    return marks, lines
+    return marks
 
 
 def kohya_on_run(run: Path, sd_scripts: str, python: str, steps: int, work: Path) -> dict:
@@ -117,14 +120,14 @@ def main() -> int:
     work = args.out / "work"
     root = work / "projects"
     images, side = (8, 64) if args.tiny else (126, 512)
+    work.mkdir(parents=True, exist_ok=True)
     checkpoint = write_checkpoint(work / "sd15-random.safetensors", args.tiny)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, "-m", "lorakit_ext", "project", "create", "kat3r1na", "--root", str(root)], cwd=REPO, env=env, check=True)
     make_dataset(root / "kat3r1na" / "dataset", images, side)
     options = ["--repeats", "10", "--epochs", "10", "--batch-size", "2"] if not args.tiny else [
         "--repeats", "1", "--epochs", "2", "--batch-size", "2", "--set", "resolution=64", "--set", "min_bucket_reso=64"]
-    train, lines = timed_cli(["train", "kat3r1na", "--root", str(root), "--base-model", str(checkpoint), *options], env)
-    (args.out / "train.log").write_text("\n".join(lines), encoding="utf-8")
+    train = timed_cli(["train", "kat3r1na", "--root", str(root), "--base-model", str(checkpoint), *options], env, args.out / "train.log")
     report = {"train": train}
 
     def save() -> None:  # after each part, so a run cut short by a time limit still tells what it did
@@ -136,9 +139,8 @@ def main() -> int:
         record = json.loads((runs[-1] / "run.json").read_text(encoding="utf-8"))
         report["steps"] = record.get("steps_done")
         save()
-        compare, lines = timed_cli(["compare", "kat3r1na", "--root", str(root), "--json", "--steps", "20" if not args.tiny else "3",
-                                    "--size", str(side)], env)
-        (args.out / "compare.log").write_text("\n".join(lines), encoding="utf-8")
+        compare = timed_cli(["compare", "kat3r1na", "--root", str(root), "--json", "--steps", "20" if not args.tiny else "3",
+                             "--size", str(side)], env, args.out / "compare.log")
         report["compare"] = compare
         report["epochs"] = json.loads((runs[-1] / "epochs.json").read_text(encoding="utf-8"))
         save()

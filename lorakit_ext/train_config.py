@@ -96,7 +96,7 @@ class TrainConfig:
     multires_noise_discount: float = _f(0.3, "Multires noise discount", "Weight of each coarser level (discountⁱ)", "Learning", min=0.0, max=1.0, step=0.05)
     ip_noise_gamma: float = _f(0.0, "Input perturbation γ", "kohya's ip_noise_gamma: noise the latents with noise + γ·randn while the target stays noise (0.1 typical; 0: off)", "Learning", min=0.0, max=1.0, step=0.01)
     noise_offset: float = _f(0.0, "Noise offset", "Adds offset·randn(B,C,1,1) to the noise (darker darks, lighter lights)", "Learning", min=0.0, max=1.0, step=0.01)
-    optimizer: str = _f("AdamW8bit", "Optimizer", "AdamW8bit needs bitsandbytes (without it: torch AdamW, said and recorded); Lion, Prodigy and DAdaptAdam their own packages; Prodigy and DAdaptAdam want learning rates near 1.0", "Learning", choices=OPTIMIZERS)
+    optimizer: str = _f("AdamW8bit", "Optimizer", "AdamW8bit needs bitsandbytes (without it, and where steps replay as CUDA graphs: torch AdamW, said and recorded); Lion, Prodigy and DAdaptAdam their own packages; Prodigy and DAdaptAdam want learning rates near 1.0", "Learning", choices=OPTIMIZERS)
     optimizer_args: str = _f("", "Optimizer arguments", "kohya's optimizer_args: space-separated key=value, e.g. 'decouple=True d_coef=2 use_bias_correction=True safeguard_warmup=True' (Prodigy) or 'relative_step=True scale_parameter=True warmup_init=True' (Adafactor)", "Learning")
     weight_decay: float = _f(0.1, "Weight decay", "Optimizer weight decay", "Learning", min=0.0, max=1.0)
     adam_beta1: float = _f(0.9, "Beta 1", "First moment decay (AdamW, Lion, Prodigy)", "Learning", min=0.0, max=0.9999)

@@ -125,3 +125,36 @@ def test_a_prodigy_run_trains_and_its_files_say_prodigy(tiny_sd15_dir, tmp_path)
     job.run_dir.mkdir(parents=True)
     result = Trainer(LdmModel(sd_model.eval(), clip_skip=2), job).run()
     assert result.steps == 2 and read_lora_metadata(result.files[-1])["ss_optimizer"] == "Prodigy"
+
+
+def test_adamw8bit_trains_as_fused_adamw_where_the_step_is_captured_and_says_why(monkeypatch):
+    from lorakit_ext.train.optim import choose_optimizer
+
+    # bitsandbytes present: without capture it runs as asked.
+    monkeypatch.setitem(PACKAGES, "AdamW8bit", ("torch.optim", "SGD", "bitsandbytes"))
+    assert choose_optimizer("AdamW8bit").cls is torch.optim.SGD
+    choice = choose_optimizer("AdamW8bit", captured=True, kwargs={"weight_decay": 0.01, "betas": (0.9, 0.999)},
+                              parameters=2**20)
+    assert choice.name == "AdamW" and choice.cls is torch.optim.AdamW
+    assert "6 MiB more" in choice.note and "set cuda_graphs off" in choice.note
+    # An argument only bitsandbytes takes keeps bitsandbytes (and the step eager).
+    assert choose_optimizer("AdamW8bit", captured=True, kwargs={"percentile_clipping": 95}).cls is torch.optim.SGD
+
+
+@pytest.mark.parametrize("changes, device, captured", [
+    ({}, "cuda", True), ({"cuda_graphs": False}, "cuda", False), ({}, "cpu", False),
+    ({"multires_noise_iterations": 6}, "cuda", False),
+])
+def test_the_run_swaps_adamw8bit_only_where_its_steps_would_be_captured(monkeypatch, changes, device, captured):
+    from lorakit_ext.train import optim
+
+    seen = {}
+
+    def choose(name, **kwargs):
+        seen.update(kwargs)
+        return optim.OptimizerChoice("AdamW", torch.optim.AdamW)
+
+    monkeypatch.setattr(optim, "choose_optimizer", choose)
+    param = torch.nn.Parameter(torch.zeros(4, 3))
+    optim.build_optimizer(TrainConfig(**changes), [{"params": [param], "lr": 1e-4}], torch.device(device))
+    assert seen["captured"] is captured and seen["parameters"] == 12

@@ -1,8 +1,11 @@
 """Optimiser and learning-rate schedule for a run, from ``TrainConfig``.
 
 Every optimiser either runs as asked or is refused before training with the command that installs
-it; the one substitution, AdamW8bit → torch AdamW without bitsandbytes (the same update with
-32-bit state), is said to the user and recorded as what ran (``ss_optimizer``).
+it. The one substitution, AdamW8bit → torch AdamW (the same update with 32-bit state), is said to
+the user and recorded as what ran (``ss_optimizer``). It happens without bitsandbytes, and where
+the step would be captured in a CUDA graph: bitsandbytes' 8-bit step passes its step count and rate
+to its kernels as host numbers, which a replayed graph would keep at their captured values, so
+AdamW8bit would leave every step eager, while for a LoRA the 8-bit state saves only megabytes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from transformers.optimization import (
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.optimizer_options import PACKAGES, optimizer_kwargs, relative_step
+from lorakit_ext.train.step import settings_sync_reason
 
 INSTALL_ENV = "LORAKIT_INSTALL_OPTIMIZERS"
 
@@ -46,10 +50,26 @@ def _optional_class(name: str):
         raise ModuleNotFoundError(f"{name} needs the '{package}' package ({type(exc).__name__}: {exc})") from None
 
 
-def choose_optimizer(name: str) -> OptimizerChoice:
-    """The optimiser class for ``name``; :class:`UserError` with the install command when missing."""
+# What torch's AdamW takes besides the parameters: AdamW8bit arguments beyond these keep bitsandbytes.
+_TORCH_ADAMW_ARGS = {"lr", "betas", "eps", "weight_decay", "amsgrad"}
+
+
+def _captured_note(extra_mib: float) -> str:
+    return (f"AdamW8bit: training with torch's fused AdamW (32-bit state, {extra_mib:.0f} MiB more for this LoRA) so that "
+            "each step replays as a CUDA graph, several times faster; bitsandbytes' 8-bit step cannot be replayed. "
+            "For bitsandbytes' AdamW8bit, set cuda_graphs off (eager steps).")
+
+
+def choose_optimizer(name: str, *, captured: bool = False, kwargs: dict | None = None, parameters: int = 0) -> OptimizerChoice:
+    """The optimiser class for ``name``; :class:`UserError` with the install command when missing.
+    ``captured``: the steps would replay as CUDA graphs (AdamW8bit then trains as torch AdamW,
+    unless ``kwargs`` holds arguments only bitsandbytes takes); ``parameters``: how many the
+    optimiser will hold, for the note."""
     if name == "AdamW":
         return OptimizerChoice(name, torch.optim.AdamW)
+    if name == "AdamW8bit" and captured and set(kwargs or {}) <= _TORCH_ADAMW_ARGS:
+        # Two fp32 moments against two 8-bit ones (bitsandbytes' block scales aside).
+        return OptimizerChoice("AdamW", torch.optim.AdamW, _captured_note(parameters * 6 / 2**20))
     if name == "Adafactor":
         return OptimizerChoice(name, Adafactor)
     try:
@@ -66,8 +86,10 @@ def choose_optimizer(name: str) -> OptimizerChoice:
 def build_optimizer(config, groups: list[dict], device: torch.device) -> tuple[torch.optim.Optimizer, OptimizerChoice]:
     """The optimiser over ``groups`` and the choice that made it; bad ``optimizer_args`` are a
     :class:`UserError` naming the optimiser."""
-    choice = choose_optimizer(config.optimizer)
     kwargs = optimizer_kwargs(config)
+    captured = device.type == "cuda" and config.cuda_graphs and settings_sync_reason(config) is None
+    parameters = sum(p.numel() for group in groups for p in group["params"])
+    choice = choose_optimizer(config.optimizer, captured=captured, kwargs=kwargs, parameters=parameters)
     if choice.cls is torch.optim.AdamW and "fused" not in kwargs and device.type == "cuda":
         # Fused and capturable on CUDA: one kernel for all LoRA weights, and no host sync, so the
         # step can live in a CUDA graph.

@@ -71,8 +71,9 @@ class StepFunction:
     @property
     def host_sync_reason(self) -> str | None:
         """Why this step cannot run without the host (and so cannot be captured), or None."""
-        if self.config.multires_noise_iterations and not self.config.noise_offset:
-            return "multires noise draws its pyramid at new sizes every step"
+        reason = settings_sync_reason(self.config)
+        if reason:
+            return reason
         if self.grad_scaler is not None:
             return f"fp16 loss scaling with {type(self.optimizer).__name__} needs the host-side GradScaler"
         return None
@@ -177,6 +178,13 @@ class StepFunction:
         scaler = self.loss_scale or self.grad_scaler
         if scaler is not None and state is not None:
             scaler.load_state_dict(state)
+
+
+def settings_sync_reason(config) -> str | None:
+    """Why a run's settings alone keep its steps on the host (out of CUDA graphs), or None."""
+    if config.multires_noise_iterations and not config.noise_offset:
+        return "multires noise draws its pyramid at new sizes every step"
+    return None
 
 
 def is_fused_adamw(optimizer) -> bool:

@@ -36,9 +36,9 @@ def test_train_prints_each_epochs_validation_loss_and_suggests_the_lowest(traine
     assert saved["suggestion"] == out["suggestion"] and saved["grid_measured"] is False
     # Where the start-up went, in the output and the run record.
     recorded = json.loads((Path(out["run_dir"]) / "run.json").read_text())["phases_s"]
-    assert list(recorded)[:2] == ["imports_and_checks", "load_model"] and recorded == out["phases_s"]
+    assert list(recorded)[:3] == ["imports", "checks", "load_model"] and recorded == out["phases_s"]
     assert {"latents", "network", "to_first_step"} <= set(recorded)
-    assert recorded["to_first_step"] >= recorded["latents"] >= 0 and recorded["imports_and_checks"] > 0
+    assert recorded["to_first_step"] >= recorded["latents"] >= 0 and recorded["checks"] > 0
 
 
 def test_compare_measures_every_epoch_and_marks_the_suggestion_on_the_grid(trained, capsys):

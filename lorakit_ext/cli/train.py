@@ -120,6 +120,7 @@ def run(args) -> Result:
     from lorakit_ext.models.sgm_import import use_a1111_model_code
     from lorakit_ext.train.data_parallel import World
 
+    args.imported = time.perf_counter()
     project = open_project(args.root, args.project)
     if args.force and not args.resume:
         raise UserError("--force only goes with --resume")
@@ -218,7 +219,8 @@ def _train(args, project, config, options, pre, point, world, hashes=None) -> Re
                 from lorakit_ext.compare.sample import headless_sampler
 
                 sampler = headless_sampler(model, zero_terminal_snr=config.zero_terminal_snr)
-            startup = {"imports_and_checks": round(loading - args.started, 3), "load_model": loaded_s}
+            startup = {"imports": round(args.imported - args.started, 3), "checks": round(loading - args.imported, 3),
+                       "load_model": loaded_s}
             trainer = Trainer(model, job, on_progress=ProgressPrinter() if world.main else None, should_stop=should_stop, sampler=sampler,
                               phases=startup)
             result = trainer.run(point.state if point else None)

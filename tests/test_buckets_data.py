@@ -1,3 +1,4 @@
+import io
 import json
 import random
 from collections import Counter
@@ -23,6 +24,7 @@ from lorakit_ext.train.data import (
     LatentCache,
     TrainItem,
     check_batch_size,
+    image_size,
     load_image_for_bucket,
     load_train_items,
 )
@@ -421,3 +423,35 @@ def test_progress_rejects_unknown_phase():
     assert Progress("training", epoch=1, epochs=10, step=5, total_steps=630, loss=0.1).loss == 0.1
     with pytest.raises(ValueError, match="phase"):
         Progress("dreaming")
+
+
+def _png_with_exif_after_the_data(path, size, orientation):
+    """A PNG whose eXIf chunk follows IDAT (PIL itself writes it before)."""
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 10)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()[6:]  # without the "Exif\0\0" prefix JPEG uses
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    end = data.rindex(b"IEND") - 4
+    path.write_bytes(data[:end] + chunk + data[end:])
+    return path
+
+
+def test_sizes_come_from_png_headers_without_decoding_and_late_exif_still_turns_them(tmp_path, monkeypatch):
+    from PIL import PngImagePlugin
+
+    _save(tmp_path / "plain.png", (640, 480))
+    _png_with_exif_after_the_data(tmp_path / "late.png", (300, 200), 6)
+    with Image.open(tmp_path / "late.png") as opened:
+        assert "exif" not in opened.info  # PIL finds this one only by decoding
+    assert image_size(tmp_path / "late.png") == (200, 300)
+
+    decoded = []
+    load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: decoded.append(self) or load(self))
+    assert image_size(tmp_path / "plain.png") == (640, 480) and decoded == []

@@ -321,8 +321,9 @@ def test_images_are_read_ahead_of_the_vae_and_a_stop_leaves_no_reads_behind(tmp_
         LatentCache.build(items, plan, vae, should_stop=lambda: asked.append(1) or len(asked) > 4)
     assert len(seen_at_encode) == 4
     assert seen_at_encode[0] > 1  # the next images were asked for before the first batch was encoded
-    # Reads stop with the run: no more than the batches queued ahead (2) beyond the ones encoded.
-    assert 4 < len(read) <= 4 + 2
+    # Reads stop with the run: no more than the batches queued ahead (2) beyond the ones encoded;
+    # a stop may cancel those before they start.
+    assert 4 <= len(read) <= 4 + 2
     # The same latents as read one by one.
     cache = LatentCache.build(items, plan, FakeVAE())
     one = load_image_for_bucket(items[7].image_path, plan.placements[7].bucket, resized_size=plan.placements[7].resized)

@@ -72,7 +72,7 @@ class Trainer:
         self.stop_agreed = False  # data-parallel: some rank asked to stop, as of the last loss read
         self.loss_read_every = 1 if self.device.type == "cpu" else 10
         # Seconds each part of the run's start took (run.json's phases_s), to see where the wait goes,
-        # after those the caller measured before (``phases``: the CLI's imports and model load);
+        # after those the caller measured before (``phases``: the CLI's imports, checks and model load);
         # to_first_step counts from the start of latent caching to the end of the first step.
         self.phases: dict[str, float] = dict(phases or {})
         # Each captured step's shape and what its capture added to the graphs' one memory pool.

@@ -291,3 +291,38 @@ def test_train_command_end_to_end_and_its_errors(tiny_sd15_dir, project, capsys)
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "kat", "--root", root, "--base-model", ckpt, "--resume", "nope"]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
+
+
+def _saved_and_loaded(tmp_path, optimizer, network, files=()):
+    from lorakit_ext.train.state import Position, load_state, save_state
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_state(tmp_path, network=network, optimizer=optimizer, scheduler=scheduler, scaler_state=None,
+               position=Position(1, 0, 4), device=torch.device("cpu"), config={}, losses=[0.5], files=list(files))
+    return load_state(tmp_path)
+
+
+def test_resume_refuses_an_optimiser_state_another_optimiser_saved(tmp_path):
+    from types import SimpleNamespace
+
+    from lorakit_ext.train.state import restore_state
+
+    network = torch.nn.Linear(3, 2)
+    adamw = torch.optim.AdamW(network.parameters())
+    network(torch.ones(1, 3)).sum().backward()
+    adamw.step()
+    state = _saved_and_loaded(tmp_path, adamw, network, files=[tmp_path / "kat-01.safetensors"])
+    step = SimpleNamespace(load_scaler_state=lambda s: None)
+
+    def restore(optimizer, saved):
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        return restore_state(saved, network=network, optimizer=optimizer, scheduler=scheduler, step=step, device=torch.device("cpu"))
+
+    assert restore(torch.optim.AdamW(network.parameters()), state)[0].global_step == 4
+    with pytest.raises(UserError, match=r"saved by torch\.optim\.adamw\.AdamW.*torch\.optim\.sgd\.SGD.*network_weights = .*kat-01"):
+        restore(torch.optim.SGD(network.parameters(), lr=0.1), state)
+    # A state from before the class was recorded, with bitsandbytes' 8-bit moments.
+    del state["optimizer_class"]
+    state["optimizer"]["state"] = {0: {"state1": torch.zeros(2, 3, dtype=torch.uint8), "step": torch.tensor(1.0)}}
+    with pytest.raises(UserError, match="saved by bitsandbytes.optim.adamw.AdamW8bit"):
+        restore(torch.optim.AdamW(network.parameters()), state)

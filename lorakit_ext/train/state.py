@@ -45,6 +45,7 @@ def save_state(run_dir: Path, *, network, optimizer, scheduler, scaler_state: di
         "format": 1,
         "network": network.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "optimizer_class": _class_name(optimizer),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler_state,
         "position": vars(position),
@@ -77,8 +78,30 @@ def load_state(run_dir: Path) -> dict:
     return state
 
 
+def _class_name(optimizer) -> str:
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def _saved_optimizer(state: dict) -> str | None:
+    if "optimizer_class" in state:
+        return state["optimizer_class"]
+    # A state from before the class was recorded: bitsandbytes' 8-bit moments are state1/state2.
+    if any("state1" in s for s in state["optimizer"].get("state", {}).values()):
+        return "bitsandbytes.optim.adamw.AdamW8bit"
+    return None
+
+
 def restore_state(state: dict, *, network, optimizer, scheduler, step, device: torch.device) -> tuple[Position, list[float]]:
-    """Puts a saved run back; ``step`` is the :class:`~lorakit_ext.train.step.StepFunction`."""
+    """Puts a saved run back; ``step`` is the :class:`~lorakit_ext.train.step.StepFunction`.
+    :class:`UserError` when another optimiser saved the state (AdamW8bit is torch's AdamW where
+    steps replay as CUDA graphs, bitsandbytes' elsewhere): one's moments mean nothing to the other."""
+    saved, current = _saved_optimizer(state), _class_name(optimizer)
+    if saved is not None and saved != current:
+        last = state["files"][-1] if state.get("files") else None
+        remedy = (f"start a new run that continues from its last epoch file (network_weights = {last})" if last
+                  else "start a new run")
+        raise UserError(f"this run's optimiser state was saved by {saved}, and resuming here would train with {current}, "
+                        f"which cannot take it over; {remedy}")
     network.load_state_dict(state["network"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

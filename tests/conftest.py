@@ -12,6 +12,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one CPU thread: tiny models gain nothing from intra-op threads (on a busy CPU they
+    wait on each other), and threaded CPU reductions may round differently from run to run, so
+    results that must repeat bit for bit need one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15_dir(tmp_path_factory):
     """Folder holding ``tiny-sd15.safetensors``, ``tiny-sd15.yaml`` and ``clip/``, built once."""

@@ -91,7 +91,7 @@ def _trainer(tiny_sd15_dir, project, tmp_path, name, **kwargs):
     return tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / name, name, **kwargs)
 
 
-def test_a_run_counts_optimizer_steps_and_resumes_at_a_group_boundary(tiny_sd15_dir, project, tmp_path):
+def test_a_run_counts_optimizer_steps_and_resumes_at_a_group_boundary(tiny_sd15_dir, project, tmp_path, one_thread):
     full = _trainer(tiny_sd15_dir, project, tmp_path, "full").run()
     assert full.steps == 2 * 2 and len(full.losses) == 4  # 4 images, batch 1, 2 per step, 2 epochs
     with safe_open(str(full.files[-1]), "pt") as f:

@@ -31,6 +31,9 @@ from lorakit_ext.models.families.sd1 import SD1, clip_text_transformer
 from lorakit_ext.models.families.sd2 import SD2
 from lorakit_ext.train_config import TrainConfig
 
+# Tiny models on one CPU thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ---- A1111's name rule, re-implemented from how extensions-builtin/Lora/networks.py states it ----
 # (convert_diffusers_name_to_compvis + the `_[qkv]_proj` fallback to the MultiheadAttention).
@@ -155,15 +158,6 @@ def tiny_sd2_model(tiny_sd2):
     """A fresh tiny SD2 ``LatentDiffusion`` (Linear proj_in/out, OpenCLIP text tower of 2 layers)."""
     model, _ = load_sd_checkpoint(tiny_sd2[0])
     return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy CPU the threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,23 @@ from collections import Counter
 
 import torch
 
+from lorakit_ext.train.step import settings_sync_reason
+
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3
 NOT_CUDA = "not a CUDA device"
 OFF = "turned off (cuda_graphs = False)"
+
+
+def settings_keep_eager(config, device: torch.device) -> str | None:
+    """Why the device or the run's settings alone keep its steps out of CUDA graphs, whatever the
+    optimiser (the optimiser is chosen knowing this), or None."""
+    if device.type != "cuda":
+        return NOT_CUDA
+    if not config.cuda_graphs:
+        return OFF
+    return settings_sync_reason(config)
 
 
 def _parts(text) -> list[torch.Tensor]:
@@ -61,12 +73,7 @@ class GraphedStep:
             self._fall_back(reason)
 
     def _unsupported_reason(self) -> str | None:
-        device = self.step.model.device
-        if device.type != "cuda":
-            return NOT_CUDA
-        if not self.step.config.cuda_graphs:
-            return OFF
-        reason = self.step.host_sync_reason
+        reason = settings_keep_eager(self.step.config, self.step.model.device) or self.step.host_sync_reason
         if reason:
             return reason
         optimizer = self.step.optimizer

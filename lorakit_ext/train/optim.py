@@ -25,7 +25,7 @@ from transformers.optimization import (
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.optimizer_options import PACKAGES, optimizer_kwargs, relative_step
-from lorakit_ext.train.step import settings_sync_reason
+from lorakit_ext.train.graphs import settings_keep_eager
 
 INSTALL_ENV = "LORAKIT_INSTALL_OPTIMIZERS"
 
@@ -87,7 +87,7 @@ def build_optimizer(config, groups: list[dict], device: torch.device) -> tuple[t
     """The optimiser over ``groups`` and the choice that made it; bad ``optimizer_args`` are a
     :class:`UserError` naming the optimiser."""
     kwargs = optimizer_kwargs(config)
-    captured = device.type == "cuda" and config.cuda_graphs and settings_sync_reason(config) is None
+    captured = settings_keep_eager(config, device) is None
     parameters = sum(p.numel() for group in groups for p in group["params"])
     choice = choose_optimizer(config.optimizer, captured=captured, kwargs=kwargs, parameters=parameters)
     if choice.cls is torch.optim.AdamW and "fused" not in kwargs and device.type == "cuda":

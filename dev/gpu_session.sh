@@ -10,6 +10,7 @@
 #   bash dev/gpu_session.sh setup ranks queue           # one NCCL rank against one process; 2 queued runs on one GPU
 #   bash dev/gpu_session.sh setup triton                # the Triton GroupNorm+SiLU: its tests on CUDA, then b8 with and without
 #   bash dev/gpu_session.sh setup compile               # compiled UNet blocks against stock at b8 and b2, compile time per shape
+#   bash dev/gpu_session.sh setup startup               # the seed run's start-up under cProfile, memory over time, kohya beside it
 #   bash dev/gpu_session.sh setup layout                # channels_last against the standard layout at SD1.5 b2/b8 and SDXL b1
 #
 # Inputs, git-ignored and carried along (never committed):
@@ -54,6 +55,20 @@ phase_seed() {
     cp /tmp/seed/seed_run.json /tmp/seed/train.log /tmp/seed/compare.log "$OUT/" 2>/dev/null
     cp /tmp/seed/work/projects/kat3r1na/runs/*/run.json "$OUT/seed_record.json" 2>/dev/null
     cp /tmp/seed/work/kohya/kohya.log "$OUT/seed_kohya.log" 2>/dev/null
+}
+
+# Where the start-up goes: a short run on the seed dataset under cProfile, then again (warm page
+# cache) with nvidia-smi's memory over time, then kohya from that run's TOML pair.
+phase_startup() {
+    timeout "${STARTUP_LIMIT:-420}" python3 dev/seed_run.py --out /tmp/start --max-steps 60 "${KOHYA[@]}" \
+        --kohya-steps "${SEED_KOHYA_STEPS:-60}" 2>&1 | tail -5
+    python3 -c "import pstats, sys; s = pstats.Stats('/tmp/start/train.prof', stream=sys.stdout); s.sort_stats('cumulative').print_stats(120); s.sort_stats('tottime').print_stats(40)" \
+        > "$OUT/startup_profile.txt" 2>&1
+    cp /tmp/start/seed_run.json "$OUT/startup_run.json"
+    cp /tmp/start/train.log "$OUT/startup_train.log"
+    cp /tmp/start/profiled.log "$OUT/startup_profiled.log"
+    cp /tmp/start/work/projects/kat3r1na/runs/*/run.json "$OUT/" 2>/dev/null
+    cp /tmp/start/work/kohya/kohya.log "$OUT/startup_kohya.log" 2>/dev/null
 }
 
 sdxl_rows() {

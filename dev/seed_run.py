@@ -57,16 +57,16 @@ def write_checkpoint(path: Path, tiny: bool) -> Path:
     return path
 
 
-def timed_cli(args: list[str], env: dict, log: Path) -> dict:
+def timed_cli(args: list[str], env: dict, log: Path, profile: Path | None = None) -> dict:
     """Runs the CLI, noting when the plan and the first training line appear (seconds from start)
-    and nvidia-smi's peak while it runs; its output goes to ``log`` line by line, so a run cut
-    short still leaves what it said."""
+    and nvidia-smi's peak and its changes while it runs; its output goes to ``log`` line by line, so
+    a run cut short still leaves what it said. ``profile``: under cProfile, its statistics there."""
     from lorakit_ext.bench.smi import SmiPeak
 
     started = time.perf_counter()
     marks = {}
     with SmiPeak(torch.device("cuda" if torch.cuda.is_available() else "cpu")) as smi, subprocess.Popen(
-            [sys.executable, "-m", "lorakit_ext", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []), "-m", "lorakit_ext", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True) as proc, open(log, "w", encoding="utf-8") as out:
         for line in proc.stdout:
             now = time.perf_counter() - started
@@ -79,6 +79,7 @@ def timed_cli(args: list[str], env: dict, log: Path) -> dict:
     marks["wall_s"] = time.perf_counter() - started
     marks["exit"] = proc.returncode
     marks["smi_peak_MiB"] = smi.peak_mib
+    marks["smi_MiB_at_s"] = smi.timeline
     return marks
 
 
@@ -103,7 +104,8 @@ def kohya_on_run(run: Path, sd_scripts: str, python: str, steps: int, work: Path
         done = subprocess.run([exe, str(CLOCK), str(folder / "train_network.py"), str(clock), "--config_file", str(work / "config.toml")],
                               cwd=folder, env={**os.environ, **OFFLINE, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT)
     ends = json.loads(clock.read_text(encoding="utf-8"))["step_end_s"] if clock.exists() else []
-    record = {"exit": done.returncode, "steps": len(ends), "wall_s": time.perf_counter() - started, "smi_peak_MiB": smi.peak_mib}
+    record = {"exit": done.returncode, "steps": len(ends), "wall_s": time.perf_counter() - started, "smi_peak_MiB": smi.peak_mib,
+              "smi_MiB_at_s": smi.timeline}
     if len(ends) > 20:
         record.update(first_step_s=ends[0], it_s=(len(ends) - 20) / (ends[-1] - ends[19]))
     return record
@@ -116,6 +118,8 @@ def main() -> int:
     parser.add_argument("--kohya-sd-scripts")
     parser.add_argument("--kohya-python", default=sys.executable)
     parser.add_argument("--kohya-steps", type=int, default=200)
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="start-up only: train this many steps, twice (the first under cProfile, to --out/train.prof), no compare")
     args = parser.parse_args()
     work = args.out / "work"
     root = work / "projects"
@@ -127,8 +131,15 @@ def main() -> int:
     make_dataset(root / "kat3r1na" / "dataset", images, side)
     options = ["--repeats", "10", "--epochs", "10", "--batch-size", "2"] if not args.tiny else [
         "--repeats", "1", "--epochs", "2", "--batch-size", "2", "--set", "resolution=64", "--set", "min_bucket_reso=64"]
-    train = timed_cli(["train", "kat3r1na", "--root", str(root), "--base-model", str(checkpoint), *options], env, args.out / "train.log")
-    report = {"train": train}
+    if args.max_steps:
+        options += ["--set", f"max_train_steps={args.max_steps}"]
+    command = ["train", "kat3r1na", "--root", str(root), "--base-model", str(checkpoint), *options]
+    report = {}
+    if args.max_steps:
+        # The first run meets a cold machine (libraries not yet in the page cache); the second shows
+        # what a user's later runs pay.
+        report["profiled"] = timed_cli(command, env, args.out / "profiled.log", profile=args.out / "train.prof")
+    train = report["train"] = timed_cli(command, env, args.out / "train.log")
 
     def save() -> None:  # after each part, so a run cut short by a time limit still tells what it did
         (args.out / "seed_run.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -139,6 +150,12 @@ def main() -> int:
         record = json.loads((runs[-1] / "run.json").read_text(encoding="utf-8"))
         report["steps"] = record.get("steps_done")
         save()
+        if args.max_steps:
+            if args.kohya_sd_scripts:
+                report["kohya"] = kohya_on_run(runs[-1], args.kohya_sd_scripts, args.kohya_python, args.kohya_steps, work / "kohya")
+                save()
+            print(json.dumps(report, indent=1))
+            return train["exit"]
         compare = timed_cli(["compare", "kat3r1na", "--root", str(root), "--json", "--steps", "20" if not args.tiny else "3",
                              "--size", str(side)], env, args.out / "compare.log")
         report["compare"] = compare

@@ -179,21 +179,32 @@ def _prompts_in_file(path: Path) -> str:
 
 
 def _steps(values: dict, out: dict) -> None:
-    """Steps, epochs and warmup as LoRA Kit counts them."""
-    total = values.get("max_train_steps")
-    if values.get("max_train_epochs"):
-        out["max_train_steps"] = 0  # sd-scripts lets max_train_epochs override max_train_steps
+    """A warmup given in steps, as the share of the steps LoRA Kit counts it in."""
     if "lr_scheduler_power" in values:
         out.setdefault("lr_scheduler_num_cycles", int(values["lr_scheduler_power"]))
     warmup = values.get("lr_warmup_steps")
     if warmup is None or "lr_warmup_ratio" in values:
         return
+    total = values.get("max_train_steps")
     if 0 <= warmup < 1:
         out["lr_warmup_ratio"] = float(warmup)  # sd-scripts reads a value below 1 as a ratio
     elif total:
         out["lr_warmup_ratio"] = float(warmup) / float(total)
     else:
         raise UserError(f"lr_warmup_steps = {warmup} needs max_train_steps to become a ratio; give lr_warmup_ratio instead")
+
+
+def epochs_over_steps(values: dict) -> dict:
+    """An sd-scripts config's options as sd-scripts counts its length: ``max_train_epochs``, when
+    given, overrides ``max_train_steps`` (a warmup in steps still counts against the steps written).
+    Only for kohya's files: in LoRA Kit's own options a number of steps wins over the epochs."""
+    if not values.get("max_train_epochs") or not values.get("max_train_steps"):
+        return values
+    out = dict(values)
+    _steps(values, out)
+    out.pop("lr_warmup_steps", None)
+    out["max_train_steps"] = 0
+    return out
 
 
 def _square(value):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit_ext.errors import UserError
-from lorakit_ext.kohya_options import flat_dataset, ours
+from lorakit_ext.kohya_options import epochs_over_steps, flat_dataset, ours
 from lorakit_ext.optimizer_options import ADAPTIVE, ADAPTIVE_MIN_LR, OPTIMIZERS, parse_optimizer_args
 
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
@@ -272,8 +272,9 @@ LORAKIT_LINE = "# lorakit: "
 
 def load_config_file(path: Path) -> dict:
     """Reads a ``.json`` or ``.toml`` file of options. A TOML file's tables are read as one, as
-    sd-scripts reads its ``--config_file``; the ``dataset_config`` it names, when that file exists,
-    adds its dataset options, and LoRA Kit's own line (:data:`LORAKIT_LINE`) comes last."""
+    sd-scripts reads its ``--config_file``, and counts its length as sd-scripts does (epochs over
+    steps); the ``dataset_config`` it names, when that file exists, adds its dataset options, and
+    LoRA Kit's own line (:data:`LORAKIT_LINE`) comes last."""
     data = _read_table(Path(path))
     if Path(path).suffix.lower() != ".toml":
         return data
@@ -283,6 +284,7 @@ def load_config_file(path: Path) -> dict:
     dataset = flat.get("dataset_config")
     if isinstance(dataset, str) and Path(dataset).is_file():
         flat.update(flat_dataset(_read_table(Path(dataset))))
+    flat = epochs_over_steps(flat)
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.startswith(LORAKIT_LINE):
             try:

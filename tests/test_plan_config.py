@@ -138,3 +138,28 @@ def test_plan_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: no project 'nothere'") and err.count("\n") == 1
     assert main(["plan", "--images", "10", "--set", "network_dim=0"]) == 2
     assert "network_dim = 0 is below the minimum 1" in capsys.readouterr().err
+
+
+def test_max_steps_wins_over_the_epochs_in_lora_kits_own_options(tmp_path, capsys):
+    # The tab sends every field and the CLI starts from its family's defaults, so the epochs are
+    # always there beside a number of steps; "Epochs" says it is ignored when "Max steps" is set.
+    form = {**TrainConfig().to_dict(), "max_train_steps": "60"}
+    config = TrainConfig.from_dict(form).validate()
+    assert (config.max_train_epochs, config.max_train_steps) == (10, 60)
+    assert TrainConfig.from_dict(config.to_dict()) == config  # a run's config.json, as resume reads it
+    capsys.readouterr()
+    assert main(["plan", "--images", "30", "--steps", "60", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["total_steps"] == 60
+    assert main(["plan", "--images", "30", "--set", "max_train_steps=45", "--epochs", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["total_steps"] == 45
+
+
+def test_a_kohya_file_of_steps_alone_trains_its_steps_over_the_family_defaults(tmp_path, capsys):
+    # sd-scripts' own rule (epochs over steps) holds inside one kohya file only: a file that gives
+    # steps alone must not lose them to the epochs LoRA Kit's defaults carry.
+    cfg = tmp_path / "steps.toml"
+    cfg.write_text("[training_arguments]\nmax_train_steps = 500\nlr_warmup_steps = 50\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["plan", "--images", "30", "--config", str(cfg), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert (plan["total_steps"], plan["warmup_steps"]) == (500, 50)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 
 import torch
 
@@ -20,6 +21,8 @@ class SmiPeak:
         self.device = device
         self.interval_ms = interval_ms
         self.peak_mib: float | None = None
+        # (seconds since entering, MiB) at each change of more than 64 MiB: where in a run the peak falls.
+        self.timeline: list[tuple[float, float]] = []
         self._proc = self._thread = None
 
     def _gpu_id(self) -> str:
@@ -36,6 +39,7 @@ class SmiPeak:
             [exe, "-i", self._gpu_id(), "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
+        self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self
@@ -47,6 +51,8 @@ class SmiPeak:
             except ValueError:
                 continue
             self.peak_mib = value if self.peak_mib is None else max(self.peak_mib, value)
+            if not self.timeline or abs(value - self.timeline[-1][1]) > 64:
+                self.timeline.append((round(time.perf_counter() - self._started, 2), value))
 
     def __exit__(self, *exc) -> None:
         if self._proc is None:

@@ -57,17 +57,25 @@ phase_seed() {
     cp /tmp/seed/work/kohya/kohya.log "$OUT/seed_kohya.log" 2>/dev/null
 }
 
-# Where the start-up goes: a short run on the seed dataset under cProfile, then again (warm page
-# cache) with nvidia-smi's memory over time, then kohya from that run's TOML pair.
+# Where the start-up goes: a short run on the seed dataset (under cProfile with STARTUP_PROFILE=1),
+# then again (warm page cache) with -X importtime and nvidia-smi's memory over time, then kohya from
+# that run's TOML pair (SEED_KOHYA_STEPS=0: not).
 phase_startup() {
-    timeout "${STARTUP_LIMIT:-420}" python3 dev/seed_run.py --out /tmp/start --max-steps 60 "${KOHYA[@]}" \
-        --kohya-steps "${SEED_KOHYA_STEPS:-60}" 2>&1 | tail -5
-    python3 -c "import pstats, sys; s = pstats.Stats('/tmp/start/train.prof', stream=sys.stdout); s.sort_stats('cumulative').print_stats(120); s.sort_stats('tottime').print_stats(40)" \
-        > "$OUT/startup_profile.txt" 2>&1
+    local extra=()
+    [ "${STARTUP_PROFILE:-0}" = 1 ] && extra+=(--profile)
+    [ "${SEED_KOHYA_STEPS:-60}" != 0 ] && extra+=("${KOHYA[@]}" --kohya-steps "${SEED_KOHYA_STEPS:-60}")
+    timeout "${STARTUP_LIMIT:-420}" python3 dev/seed_run.py --out /tmp/start --max-steps 60 "${extra[@]}" 2>&1 | tail -5
+    if [ -f /tmp/start/train.prof ]; then
+        python3 -c "import pstats, sys; s = pstats.Stats('/tmp/start/train.prof', stream=sys.stdout); s.sort_stats('cumulative').print_stats(150); s.sort_stats('tottime').print_stats(40)
+s.print_callers('custom_ops.py|library.py:129|_top_level_inferred|_jit_internal.py.*_overload|fsdp/__init__|graphs.py.*pool|cli/train.py')" \
+            > "$OUT/startup_profile.txt" 2>&1
+    fi
     cp /tmp/start/seed_run.json "$OUT/startup_run.json"
     cp /tmp/start/train.log "$OUT/startup_train.log"
-    cp /tmp/start/profiled.log "$OUT/startup_profiled.log"
-    cp /tmp/start/work/projects/kat3r1na/runs/*/run.json "$OUT/" 2>/dev/null
+    cp /tmp/start/first.log "$OUT/startup_first.log"
+    local runs=(/tmp/start/work/projects/kat3r1na/runs/*)
+    cp "${runs[0]}/run.json" "$OUT/startup_first_run.json" 2>/dev/null
+    cp "${runs[-1]}/run.json" "$OUT/startup_run_record.json" 2>/dev/null
     cp /tmp/start/work/kohya/kohya.log "$OUT/startup_kohya.log" 2>/dev/null
 }
 

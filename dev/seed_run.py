@@ -60,7 +60,8 @@ def write_checkpoint(path: Path, tiny: bool) -> Path:
 def timed_cli(args: list[str], env: dict, log: Path, profile: Path | None = None) -> dict:
     """Runs the CLI, noting when the plan and the first training line appear (seconds from start)
     and nvidia-smi's peak and its changes while it runs; its output goes to ``log`` line by line, so
-    a run cut short still leaves what it said. ``profile``: under cProfile, its statistics there."""
+    a run cut short still leaves what it said. ``profile``: under cProfile, its statistics there;
+    without, ``-X importtime`` lines go to the log when ``env`` sets PYTHONPROFILEIMPORTTIME."""
     from lorakit_ext.bench.smi import SmiPeak
 
     started = time.perf_counter()
@@ -119,7 +120,9 @@ def main() -> int:
     parser.add_argument("--kohya-python", default=sys.executable)
     parser.add_argument("--kohya-steps", type=int, default=200)
     parser.add_argument("--max-steps", type=int, default=0,
-                        help="start-up only: train this many steps, twice (the first under cProfile, to --out/train.prof), no compare")
+                        help="start-up only: train this many steps, twice (the second with -X importtime into train.log), "
+                             "no compare")
+    parser.add_argument("--profile", action="store_true", help="with --max-steps: the first run under cProfile, to --out/train.prof")
     args = parser.parse_args()
     work = args.out / "work"
     root = work / "projects"
@@ -138,8 +141,9 @@ def main() -> int:
     if args.max_steps:
         # The first run meets a cold machine (libraries not yet in the page cache); the second shows
         # what a user's later runs pay.
-        report["profiled"] = timed_cli(command, env, args.out / "profiled.log", profile=args.out / "train.prof")
-    train = report["train"] = timed_cli(command, env, args.out / "train.log")
+        report["first"] = timed_cli(command, env, args.out / "first.log", profile=args.out / "train.prof" if args.profile else None)
+    timed = {**env, "PYTHONPROFILEIMPORTTIME": "1"} if args.max_steps else env
+    train = report["train"] = timed_cli(command, timed, args.out / "train.log")
 
     def save() -> None:  # after each part, so a run cut short by a time limit still tells what it did
         (args.out / "seed_run.json").write_text(json.dumps(report, indent=1), encoding="utf-8")

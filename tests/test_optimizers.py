@@ -22,6 +22,8 @@ from lorakit_ext.train.loop import Trainer, TrainJob
 from lorakit_ext.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lorakit_ext.train_config import OPTIMIZERS, TrainConfig
 
+CPU = torch.device("cpu")
+
 # What a user of each would set (kohya-colab's recommendations for the adaptive ones); the fixed
 # rates are high enough for a few dozen steps on a toy problem to show.
 SETTINGS = {
@@ -71,15 +73,25 @@ def test_each_installed_optimizer_takes_real_steps_that_lower_the_loss(name):
 def test_a_missing_optimizer_is_refused_with_the_command_that_installs_it(monkeypatch):
     monkeypatch.setitem(PACKAGES, "Lion", ("lorakit_no_such_module", "Lion", "lion-pytorch"))
     with pytest.raises(UserError) as caught:
-        check_optimizer(TrainConfig(optimizer="Lion"))
+        check_optimizer(TrainConfig(optimizer="Lion"), CPU)
     message = str(caught.value)
     assert "pip install lion-pytorch" in message and "LORAKIT_INSTALL_OPTIMIZERS=1" in message and "or choose AdamW" in message
 
 
 def test_adamw8bit_without_bitsandbytes_says_it_trains_with_adamw(monkeypatch):
     monkeypatch.setitem(PACKAGES, "AdamW8bit", ("lorakit_no_such_module", "AdamW8bit", "bitsandbytes"))
-    choice = check_optimizer(TrainConfig(optimizer="AdamW8bit"))
+    choice = check_optimizer(TrainConfig(optimizer="AdamW8bit"), CPU)
     assert choice.name == "AdamW" and "training with torch AdamW instead" in choice.note and "pip install bitsandbytes" in choice.note
+
+
+def test_the_check_before_a_captured_run_leaves_bitsandbytes_unimported(monkeypatch):
+    # The run on CUDA trains AdamW8bit as torch's AdamW: its check neither imports bitsandbytes
+    # (seconds of start-up) nor, where it is missing, says it falls back.
+    monkeypatch.setitem(PACKAGES, "AdamW8bit", ("lorakit_no_such_module", "AdamW8bit", "bitsandbytes"))
+    choice = check_optimizer(TrainConfig(optimizer="AdamW8bit"), torch.device("cuda"))
+    assert choice.name == "AdamW" and "replays as a CUDA graph" in choice.note and "instead" not in choice.note
+    with pytest.raises(UserError, match="AdamW refuses these arguments"):
+        check_optimizer(TrainConfig(optimizer="AdamW8bit", optimizer_args="eps=-1"), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -93,7 +105,7 @@ def test_settings_that_cannot_work_are_refused_by_validation(changes, message):
 
 def test_an_argument_the_optimizer_does_not_take_is_refused_before_training():
     with pytest.raises(UserError, match="AdamW refuses these arguments .*check optimizer_args"):
-        check_optimizer(TrainConfig(optimizer="AdamW", optimizer_args="d_coef=2"))
+        check_optimizer(TrainConfig(optimizer="AdamW", optimizer_args="d_coef=2"), CPU)
 
 
 def test_optimizer_args_read_as_sd_scripts_reads_them_and_go_into_the_kohya_toml():

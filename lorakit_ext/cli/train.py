@@ -140,6 +140,7 @@ def run(args) -> Result:
         with ProjectLock(project.path, "training (CLI)"):
             try:
                 point, options, config = _settings(args, project, world)
+                args.imported += _import_training_stack()
                 pre = _preflight(args, project, config, options, point, world)
             except UserError as exc:
                 world.broadcast(("error", str(exc)))
@@ -165,12 +166,24 @@ def _settings(args, project, world):
     return None, options, config_from_args(args, family)
 
 
+def _import_training_stack() -> float:
+    """Imports the trainer (transformers and peft with it: seconds on a large environment) once
+    the settings are known good; returns the seconds, which the run record counts as imports rather
+    than as the checks that would otherwise pay them."""
+    started = time.perf_counter()
+    import lorakit_ext.train.loop  # noqa: F401
+    import lorakit_ext.train.preflight  # noqa: F401
+
+    return time.perf_counter() - started
+
+
 def _preflight(args, project, config, options, point, world):
     from lorakit_ext.train.preflight import preflight
     from lorakit_ext.train.resume import check_unchanged
 
     stem = point.output_stem if point else None
-    pre = preflight(project, config, Path(options["out"]), output_stem=stem, processes=world.size)
+    device = _device_and_dtype(world.device(options["device"]), options["weights"])[0]
+    pre = preflight(project, config, Path(options["out"]), output_stem=stem, processes=world.size, device=device)
     if point:
         check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=None, force=args.force)
     return pre

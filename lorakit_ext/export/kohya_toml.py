@@ -145,10 +145,11 @@ def lorakit_values(config, args: dict) -> dict:
     """The settings that ``args`` and the dataset TOML do not carry as they are (LoRA Kit's own,
     or rounded on the way: the warmup ratio becomes whole steps), so that reading the pair back
     gives ``config`` exactly."""
-    from lorakit_ext.kohya_options import flat_dataset
+    from lorakit_ext.kohya_options import epochs_over_steps, flat_dataset
 
     written = {k: v for k, v in args.items() if k != "sample_prompts"}
-    rebuilt = type(config).from_dict({**written, **flat_dataset(_dataset_tables(config, Path(".")))})
+    # As load_config_file reads the pair back.
+    rebuilt = type(config).from_dict(epochs_over_steps({**written, **flat_dataset(_dataset_tables(config, Path(".")))}))
     values = {k: v for k, v in config.to_dict().items() if getattr(rebuilt, k) != v}
     if "sample_prompts" in args:
         # The prompt file holds what was drawn: the dataset's typical prompt when this is empty.

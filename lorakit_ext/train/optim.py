@@ -83,6 +83,13 @@ def choose_optimizer(name: str, *, captured: bool = False, kwargs: dict | None =
                         "or choose AdamW") from None
 
 
+def _construct(choice: OptimizerChoice, groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
+    try:
+        return choice.cls(groups, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{choice.name} refuses these arguments ({exc}); check optimizer_args") from None
+
+
 def build_optimizer(config, groups: list[dict], device: torch.device) -> tuple[torch.optim.Optimizer, OptimizerChoice]:
     """The optimiser over ``groups`` and the choice that made it; bad ``optimizer_args`` are a
     :class:`UserError` naming the optimiser."""
@@ -94,17 +101,17 @@ def build_optimizer(config, groups: list[dict], device: torch.device) -> tuple[t
         # Fused and capturable on CUDA: one kernel for all LoRA weights, and no host sync, so the
         # step can live in a CUDA graph.
         kwargs.update(fused=True, capturable=True)
-    try:
-        return choice.cls(groups, **kwargs), choice
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{choice.name} refuses these arguments ({exc}); check optimizer_args") from None
+    return _construct(choice, groups, kwargs), choice
 
 
-def check_optimizer(config) -> OptimizerChoice:
-    """Builds the optimiser once over a stand-in parameter, before any model loads, so a missing
-    package or a wrong argument stops the run in seconds."""
+def check_optimizer(config, device: torch.device) -> OptimizerChoice:
+    """Builds the optimiser the run on ``device`` will use once, over a stand-in parameter on the
+    CPU, before any model loads, so a missing package or a wrong argument stops the run in seconds
+    (and a run whose AdamW8bit becomes torch's AdamW does not spend seconds importing bitsandbytes)."""
+    kwargs = optimizer_kwargs(config)
+    choice = choose_optimizer(config.optimizer, captured=settings_keep_eager(config, device) is None, kwargs=kwargs)
     probe = torch.zeros(1, requires_grad=True)
-    _, choice = build_optimizer(config, [{"params": [probe], "lr": max(config.unet_lr, config.text_encoder_lr)}], torch.device("cpu"))
+    _construct(choice, [{"params": [probe], "lr": max(config.unet_lr, config.text_encoder_lr)}], kwargs)
     return choice
 
 

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lorakit_ext.dataset.files import list_images
 from lorakit_ext.dataset.folders import ImageFolder, balance_reg_repeats, parse_folders
 from lorakit_ext.errors import UserError
@@ -192,12 +194,13 @@ class Preflight:
 
 
 def preflight(project, config, output_dir: Path, *, output_stem: str | None = None, names_under: Path | None = None,
-              processes: int = 1) -> Preflight:
+              processes: int = 1, device: torch.device | None = None) -> Preflight:
     """Validates ``config`` against the project; call it with the project's lock held. A new run
     gets a free output stem (free in ``output_dir``, or anywhere under ``names_under``: A1111's Lora
-    folder); a resumed one passes the stem it started with. ``processes``: data-parallel ranks."""
+    folder); a resumed one passes the stem it started with. ``processes``: data-parallel ranks;
+    ``device``: where it will train (None: the CPU)."""
     config.validate()
-    check_optimizer(config)
+    check_optimizer(config, device or torch.device("cpu"))
     if config.network_weights and not Path(config.network_weights).is_file():
         # Its modules, ranks and alphas are checked once the network is in the model.
         raise UserError(f"network_weights {config.network_weights} does not exist; give the LoRA file to continue "

@@ -54,6 +54,8 @@ def settings(values: dict):
 def prepare(project_name: str, config=None, *, resume: str | None = None, force: bool = False, by: str = "the tab") -> PreparedRun:
     """Locks the project and checks the run; the caller must ``lock.release()`` when the run ends
     (or never starts). ``resume``: a run id to continue with its own settings (``config`` unused)."""
+    from modules import devices
+
     _, preflight_module, resume_module = _training_modules()
     project = open_project(host.projects_root(), project_name)
     lock = ProjectLock(project.path, f"training (A1111, {by})").acquire()
@@ -69,7 +71,7 @@ def prepare(project_name: str, config=None, *, resume: str | None = None, force:
             if config.network_weights:
                 config = config.replace(network_weights=str(_lora_to_continue(config.network_weights)))
         pre = preflight_module.preflight(project, config, output_dir, output_stem=point.output_stem if point else None,
-                                         names_under=host.lora_root())
+                                         names_under=host.lora_root(), device=devices.device)
         if point is not None:
             resume_module.check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=None, force=force)
     except BaseException:

@@ -135,6 +135,18 @@ class TrainConfig:
         return cls(**kwargs)
 
     @classmethod
+    def from_sources(cls, *sources: dict) -> "TrainConfig":
+        """Builds a config from the options of several places (a family's defaults, a preset, a
+        config file, the command line), later ones winning. Each is read in LoRA Kit's names
+        before they meet, so a kohya name given later (``learning_rate``) overrides what an earlier
+        place set under LoRA Kit's (``unet_lr``), and a kohya rule holds inside its own file only."""
+        fields = {f.name for f in cls.field_specs()}
+        values: dict = {}
+        for source in sources:
+            values.update(ours(source, fields))
+        return cls.from_dict(values)
+
+    @classmethod
     def from_file(cls, path: Path) -> "TrainConfig":
         return cls.from_dict(load_config_file(path))
 

@@ -163,3 +163,25 @@ def test_a_kohya_file_of_steps_alone_trains_its_steps_over_the_family_defaults(t
     assert main(["plan", "--images", "30", "--config", str(cfg), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert (plan["total_steps"], plan["warmup_steps"]) == (500, 50)
+
+
+def test_a_kohya_name_given_later_overrides_what_the_family_defaults_set(tmp_path):
+    # SDXL's defaults set unet_lr; sd-scripts' learning_rate given on the command line, in a kohya
+    # file or in a request must still set the rates (LoRA Kit's names win only inside one source).
+    from lorakit_ext.cli import build_parser
+    from lorakit_ext.cli.train_options import config_from_args
+    from lorakit_ext.models.family_presets import SDXL_SETTINGS
+
+    def rates(*argv):
+        c = config_from_args(build_parser().parse_args(["train", "kat", *argv]), SDXL_SETTINGS)
+        return c.unet_lr, c.text_encoder_lr
+
+    assert rates() == (3e-4, 6e-5)
+    assert rates("--set", "learning_rate=1e-4") == (1e-4, 1e-4)
+    kohya = tmp_path / "kohya.toml"
+    kohya.write_text("[optimizer_arguments]\nlearning_rate = 2e-4\n", encoding="utf-8")
+    assert rates("--config", str(kohya)) == (2e-4, 2e-4)
+    # Inside one source sd-scripts' precedence holds: unet_lr over learning_rate.
+    assert rates("--set", "learning_rate=1e-4", "--set", "unet_lr=5e-4") == (5e-4, 1e-4)
+    request = TrainConfig.from_sources(SDXL_SETTINGS.defaults, {"learning_rate": 1e-4, "network_train_unet_only": True})
+    assert (request.unet_lr, request.text_encoder_lr, request.resolution) == (1e-4, 0.0, 1024)

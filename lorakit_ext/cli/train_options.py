@@ -51,21 +51,21 @@ def config_from_args(args, family: ModelFamily | FamilySettings = SD1_SETTINGS) 
     """The options given, over ``family``'s defaults and preset (SD1's when no model says otherwise)."""
     if args.preset and args.preset not in family.presets:
         raise UserError(f"preset {args.preset!r} is not one of {family.label}'s: {', '.join(family.presets)}")
-    values: dict = {**family.defaults, **(family.presets[args.preset] if args.preset else {})}
-    if args.config:
-        values.update(load_config_file(args.config))
+    given: dict = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        values[key.strip()] = value.strip()
+        given[key.strip()] = value.strip()
     for flag, name in _FLAGS.items():
         if getattr(args, flag) is not None:
-            values[name] = getattr(args, flag)
+            given[name] = getattr(args, flag)
     for flag, name in _FOLDER_FLAGS.items():
         if getattr(args, flag):
-            values[name] = "\n".join(getattr(args, flag))
-    return TrainConfig.from_dict(values).validate()
+            given[name] = "\n".join(getattr(args, flag))
+    preset = family.presets[args.preset] if args.preset else {}
+    config_file = load_config_file(args.config) if args.config else {}
+    return TrainConfig.from_sources(family.defaults, preset, config_file, given).validate()
 
 
 def given_train_options(args) -> list[str]:

@@ -54,7 +54,7 @@ def queue(name: str, body: Queued) -> dict:
     checkpoint = _checkpoint_file(body.checkpoint)
     family = family_of_checkpoint(checkpoint)
     # Checked now with the defaults the run will have: a queue left running should not meet a typo.
-    TrainConfig.from_dict({**family.defaults, **body.config}).validate()
+    TrainConfig.from_sources(family.defaults, body.config).validate()
     # Into A1111's Lora folder, as the tab's runs: the user finds the epochs where A1111 lists them.
     argv = ["train", project.name, "--root", str(project.root), "--base-model", checkpoint, "--out", str(host.lora_dir()),
             "--config", "{entry}/config.json", "--a1111-dir", str(paths.script_path)]

@@ -48,7 +48,7 @@ def settings(values: dict):
     from lorakit_ext.models.families import defaults_of_model
     from lorakit_ext.train_config import TrainConfig
 
-    return TrainConfig.from_dict({**defaults_of_model(shared.sd_model), **values})
+    return TrainConfig.from_sources(defaults_of_model(shared.sd_model), values)
 
 
 def prepare(project_name: str, config=None, *, resume: str | None = None, force: bool = False, by: str = "the tab") -> PreparedRun:

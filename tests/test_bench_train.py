@@ -254,3 +254,16 @@ def test_ranks_scaling_is_against_the_same_row_in_the_fewest_processes():
     one, two, other = _row("graphs", 2, 10.0), _row("graphs", 2, 9.0, processes=2), _row("eager", 2, 5.0, processes=2)
     _scaling([two, other, one])
     assert one["scaling"] == 1.0 and two["scaling"] == pytest.approx(1.8) and other["scaling"] == 1.0
+
+
+def test_our_rows_train_every_image_as_kohyas_row_does():
+    # kohya's row trains all of the bench's images and measures no validation loss; ours holding
+    # 10% out and validating at the end would compare other work, and another memory peak.
+    from lorakit_ext.bench.train import _apply_family_defaults, bench_config
+    from lorakit_ext.cli import build_parser
+    from lorakit_ext.train.plan import plan_for
+
+    args = build_parser().parse_args(["bench", "train", "--images", "126"])
+    _apply_family_defaults(args)
+    plan = plan_for(bench_config(args, batch=2, unet_only=False, checkpointing=False), 126)
+    assert plan.lines[0].startswith("Found 126 images") and not any("Validation" in line for line in plan.lines)

@@ -140,13 +140,14 @@ def run(args) -> Result:
         with ProjectLock(project.path, "training (CLI)"):
             try:
                 point, options, config = _settings(args, project, world)
+                placement = _device_and_dtype(world.device(options["device"]), options["weights"])
                 args.imported += _import_training_stack()
-                pre = _preflight(args, project, config, options, point, world)
+                pre = _preflight(args, project, config, options, point, world, placement[0])
             except UserError as exc:
                 world.broadcast(("error", str(exc)))
                 raise
             world.broadcast(("ok", pre.output_stem, pre.fingerprint))
-            return _train(args, project, config, options, pre, point, world, hashes)
+            return _train(args, project, config, options, pre, point, world, placement, hashes)
 
 
 def _settings(args, project, world):
@@ -177,12 +178,11 @@ def _import_training_stack() -> float:
     return time.perf_counter() - started
 
 
-def _preflight(args, project, config, options, point, world):
+def _preflight(args, project, config, options, point, world, device):
     from lorakit_ext.train.preflight import preflight
     from lorakit_ext.train.resume import check_unchanged
 
     stem = point.output_stem if point else None
-    device = _device_and_dtype(world.device(options["device"]), options["weights"])[0]
     pre = preflight(project, config, Path(options["out"]), output_stem=stem, processes=world.size, device=device)
     if point:
         check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=None, force=args.force)
@@ -201,10 +201,12 @@ def _follow(args, project, world) -> Result:
     data = dataset_schedule(config, project.dataset, world.size)
     if schedule_fingerprint(data) != fingerprint:
         raise UserError(f"rank {world.rank} read another dataset than rank 0 (it changed while the run started); start it again")
-    return _train(args, project, config, options, Preflight(data, stem, fingerprint), point, world)
+    placement = _device_and_dtype(world.device(options["device"]), options["weights"])
+    return _train(args, project, config, options, Preflight(data, stem, fingerprint), point, world, placement)
 
 
-def _train(args, project, config, options, pre, point, world, hashes=None) -> Result:
+def _train(args, project, config, options, pre, point, world, placement, hashes=None) -> Result:
+    """``placement``: the ``(device, dtype)`` the model loads to, as the checks saw them."""
     from lorakit_ext.compare.epoch_report import report_lines
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
@@ -214,7 +216,7 @@ def _train(args, project, config, options, pre, point, world, hashes=None) -> Re
     from lorakit_ext.train.resume import check_unchanged
     from lorakit_ext.train.sampling import sampling_on
 
-    device, dtype = _device_and_dtype(world.device(options["device"]), options["weights"])
+    device, dtype = placement
     loading = time.perf_counter()
     sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype, hashes=hashes)
     loaded_s = round(time.perf_counter() - loading, 3)

@@ -167,10 +167,9 @@ class Trainer:
         weight_dtype = next(self.model.unet.parameters()).dtype
         self.precision = resolve_precision(config.mixed_precision, self.device, weight_dtype)
         self.schedule = NoiseSchedule(self.device, zero_terminal=config.zero_terminal_snr)
-        samples = None
-        if sampling_on(config):
-            train_captions = [item.caption for item in items if not item.regularisation]
-            samples = sample_request(config, train_captions, 0, self.job.run_dir, self.job.stem)
+        # What samples draw from: the training images' captions, regularisation images' aside.
+        train_captions = [item.caption for item in items if not item.regularisation]
+        samples = sample_request(config, train_captions, 0, self.job.run_dir, self.job.stem) if sampling_on(config) else None
         record.start(config, estimate, schedule, buckets, self.precision.name, self.model, self.job,
                      repeats=[item.repeats for item in items], folders=[folder for folder, _ in data.folders], samples=samples)
         real = f"After bucketing: {schedule.steps_per_epoch} steps per epoch, {schedule.total_steps} in total."
@@ -188,14 +187,13 @@ class Trainer:
                 validation = self._validation_set(data, cache)
             share_rng(self.world, self.device)
             saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name, data.folders)
-            position, losses = self._train(cache, items, buckets, schedule, saver, record, resume_state, validation)
+            position, losses = self._train(cache, items, train_captions, buckets, schedule, saver, record, resume_state, validation)
         record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases, graph_pools=self.graph_pools)
         return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir, list(self.validation_losses))
 
-    def _train(self, cache, items, buckets, schedule, saver, record, resume_state, validation):
+    def _train(self, cache, items, train_captions, buckets, schedule, saver, record, resume_state, validation):
         config, model = self.config, self.model
         captions = [item.caption for item in items]
-        train_captions = [item.caption for item in items if not item.regularisation]
         channels_last = self.device.type == "cuda" if self.job.channels_last is None else self.job.channels_last
         with contextlib.ExitStack() as stack:
             stack.callback(park(model.vae, self.device))

@@ -126,25 +126,23 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Builds a config from strings or typed values (forms, JSON, TOML), in LoRA Kit's names or
         kohya sd-scripts' (:mod:`lorakit_ext.kohya_options`); options neither knows are errors."""
-        specs = {f.name: f for f in cls.field_specs()}
-        values = ours(values, set(specs))
-        if isinstance(values.get("optimizer_args"), list):
-            # kohya's TOML holds them as a list of "key=value" strings.
-            values = {**values, "optimizer_args": " ".join(map(str, values["optimizer_args"]))}
-        kwargs = {name: _coerce(specs[name], value) for name, value in values.items()}
-        return cls(**kwargs)
+        return cls.from_sources(values)
 
     @classmethod
     def from_sources(cls, *sources: dict) -> "TrainConfig":
-        """Builds a config from the options of several places (a family's defaults, a preset, a
+        """:meth:`from_dict` over the options of several places (a family's defaults, a preset, a
         config file, the command line), later ones winning. Each is read in LoRA Kit's names
         before they meet, so a kohya name given later (``learning_rate``) overrides what an earlier
         place set under LoRA Kit's (``unet_lr``), and a kohya rule holds inside its own file only."""
-        fields = {f.name for f in cls.field_specs()}
+        specs = {f.name: f for f in cls.field_specs()}
         values: dict = {}
         for source in sources:
-            values.update(ours(source, fields))
-        return cls.from_dict(values)
+            values.update(ours(source, set(specs)))
+        if isinstance(values.get("optimizer_args"), list):
+            # kohya's TOML holds them as a list of "key=value" strings.
+            values["optimizer_args"] = " ".join(map(str, values["optimizer_args"]))
+        kwargs = {name: _coerce(specs[name], value) for name, value in values.items()}
+        return cls(**kwargs)
 
     @classmethod
     def from_file(cls, path: Path) -> "TrainConfig":

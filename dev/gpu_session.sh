@@ -3,7 +3,7 @@
 # lent GPU machine with no network. From the repository's root:
 #
 #   bash dev/gpu_session.sh setup sdxl_quick            # SDXL batch 1, checkpointing on, against kohya (one row each)
-#   bash dev/gpu_session.sh setup sdxl_b1 sdxl_budget   # SDXL batch 1 against kohya's sdxl_train_network.py; 12 GiB
+#   bash dev/gpu_session.sh setup residency sdxl_b1 sdxl_budget   # SDXL batch 1 against kohya's sdxl_train_network.py; 12 GiB
 #   bash dev/gpu_session.sh setup sdxl_b4               # SDXL batch 4, the same
 #   bash dev/gpu_session.sh setup tests seed            # GPU tests, smoke run, the seed-sized run + its epochs
 #   bash dev/gpu_session.sh setup sd1                   # SD1.5 rows against kohya's train_network.py
@@ -39,6 +39,12 @@ phase_setup() {
 phase_tests() {
     python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
     python3 dev/gpu_smoke.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -5
+}
+
+# Which modules sit on the GPU while each cache fills, the memory peak per phase, the model restored.
+phase_residency() {
+    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k "caching_holds or leaves_the_model" 2>&1 \
+        | tee "$OUT/residency.log" | tail -3
 }
 
 # Captured against eager steps with gradient accumulation and regularisation images (loss weights).
@@ -79,9 +85,11 @@ s.print_callers('custom_ops.py|library.py:129|_top_level_inferred|_jit_internal.
     cp /tmp/start/work/kohya/kohya.log "$OUT/startup_kohya.log" 2>/dev/null
 }
 
+# Graphs only and few steps, so that both sides' rows of one batch size fit a call; kohya's
+# start-up (about 100 s to its first step) dominates the time either way.
 sdxl_rows() {
     python3 -m lorakit_ext bench train --family sdxl "${KOHYA[@]}" --weights bf16 --batch "$1" --gradient-checkpointing off,on \
-        --json > "$OUT/bench_sdxl_b$1.json" 2> "$OUT/bench_sdxl_b$1.log"
+        --modes graphs --steps 20 --warmup 5 --json > "$OUT/bench_sdxl_b$1.json" 2> "$OUT/bench_sdxl_b$1.log"
     tail -30 "$OUT/bench_sdxl_b$1.log"
 }
 

@@ -105,3 +105,36 @@ def test_sdxl_low_vram_preset_caches_both_encoders_and_trains_the_unet_alone(tmp
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     config = json.loads((Path(out["run_dir"]) / "config.json").read_text())
     assert config["cache_text_encoder_outputs"] is True and config["shuffle_tags"] is False
+
+
+def test_each_caching_phase_holds_only_its_encoder_on_the_device_and_the_run_returns_every_module(
+        tiny_sd15_dir, project, tmp_path, monkeypatch):
+    # On a GPU the modules not at work wait on the CPU (tests/gpu checks the real moves); here a
+    # stand-in for the move records what is away whenever each part of the model runs.
+    from lorakit_ext.train import gpu_memory
+
+    away: set[int] = set()
+
+    def park(module, device):
+        away.add(id(module))
+        return lambda: away.discard(id(module))
+
+    monkeypatch.setattr(gpu_memory, "park", park)
+    config = TrainConfig(**{**FROZEN, "cache_text_encoder_outputs": True}).validate()
+    trainer = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / "moves", "moves")
+    model = trainer.model
+    names = {id(model.unet): "unet", id(model.text_encoders["te"]): "te", id(model.vae): "vae"}
+    seen: dict[str, set[str]] = {}
+
+    def watch(part: str, module):
+        def hook(*args):
+            seen.setdefault(part, {names[i] for i in away})
+
+        module.register_forward_pre_hook(hook)
+
+    watch("vae", model.vae.encoder)
+    watch("te", model.text_encoders["te"])
+    watch("unet", model.unet)
+    trainer.run()
+    assert seen == {"vae": {"unet", "te"}, "te": {"unet", "vae"}, "unet": {"te", "vae"}}
+    assert not away, "every module is back where it was after the run"

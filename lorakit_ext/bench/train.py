@@ -230,7 +230,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
         it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
         row.update(it_per_s=it_s, images_per_s=it_s * spec.batch * world.size, start_to_first_step_s=marks["first_step"] - started,
                    final_loss=result.losses[-1], graph_warmup_s=[p["warmup_s"] for p in trainer.graph_pools],
-                   phases_s=trainer.phases)
+                   phases_s=trainer.phases, memory_peaks_gib=trainer.memory_peaks)
     if args.kernel_breakdown and result is not None:
         row["kernels"] = _kernel_breakdown(model, project, args, spec, world)
     return {**row, **_kohya_columns(args, FAMILIES[args.family], spec, it_s, kohya)}

@@ -25,15 +25,13 @@ class LdmModel:
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
         self.vae = sd_model.first_stage_model
+        # Where the model computes: the UNet's device now, kept while a run parks modules on the CPU.
+        self.device = next(self.unet.parameters()).device
         self.parameterization = getattr(sd_model, "parameterization", "eps")
         self.clip_skip = clip_skip
         embedder = self.family.find_embedder(sd_model.cond_stage_model)
         self._text = self.family.text_encoder(embedder, clip_skip, max_token_length)
         self.text_encoders = {"te": self._text.root}
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     # ---- images ---------------------------------------------------------------------------------
     @torch.no_grad()

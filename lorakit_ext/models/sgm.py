@@ -105,6 +105,8 @@ class SgmModel:
         self.sd_model = sd_model
         self.unet = sd_model.model.diffusion_model
         self.vae = sd_model.first_stage_model
+        # Where the model computes: the UNet's device now, kept while a run parks modules on the CPU.
+        self.device = next(self.unet.parameters()).device
         self.parameterization = parameterization_of(sd_model)
         roots = family.component_roots(sd_model)
         self.text_encoders = {"te1": roots["te1"], "te2": roots["te2"]}
@@ -116,10 +118,6 @@ class SgmModel:
         self._big_g = BigGText(roots["te2"])
         self.chunks = max(1, max_token_length // CHUNK)
         self._freqs: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
     # ---- images ---------------------------------------------------------------------------------
     @torch.no_grad()

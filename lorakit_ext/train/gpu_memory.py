@@ -8,6 +8,7 @@ long-lived block allocated inside a large segment of short-lived activations pin
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -44,3 +45,43 @@ def park(module: nn.Module, training_device: torch.device) -> Callable[[], None]
     # The encoder's cached activation blocks are no use to the UNet's step shapes.
     torch.cuda.empty_cache()
     return lambda: module.to(training_device)
+
+
+class Residency:
+    """Which of the model's modules wait on the CPU during each part of a run's start, so that the
+    start never holds more of the GPU than the steps will.
+
+    A loaded model keeps UNet, text encoders and VAE on the GPU. Caching latents needs the VAE
+    alone, caching text-encoder outputs the encoders alone; with the rest resident, SDXL's caching
+    at 1024² peaked about 1.9 GiB above its training steps (UNet 4.8 GB, encoders 1.6 GB, the
+    VAE's activations on top). kohya loads the UNet only after caching for the same reason.
+    ``away`` parks (:func:`park`), ``back`` returns; leaving the block returns whatever is still
+    away, also after an exception. ``seconds``: the time the moves took.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+        self._undo: dict[nn.Module, Callable[[], None]] = {}
+
+    def away(self, *modules: nn.Module) -> None:
+        started = time.perf_counter()
+        for module in modules:
+            if module not in self._undo:
+                self._undo[module] = park(module, self.device)
+        self.seconds += time.perf_counter() - started
+
+    def back(self, *modules: nn.Module) -> None:
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            # The cache still holds the last phase's activation blocks, shaped for another model.
+            torch.cuda.empty_cache()
+        for module in modules:
+            self._undo.pop(module, lambda: None)()
+        self.seconds += time.perf_counter() - started
+
+    def __enter__(self) -> "Residency":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.back(*reversed(list(self._undo)))

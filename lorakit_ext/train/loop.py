@@ -27,7 +27,7 @@ from lorakit_ext.train.data_parallel import GradientSync, agree, rank_share, sha
 from lorakit_ext.train.events import Interrupted, Progress
 from lorakit_ext.models.layout import relayout_module
 from lorakit_ext.models.training_forwards import use_training_forwards
-from lorakit_ext.train.gpu_memory import park, prime_workspaces
+from lorakit_ext.train.gpu_memory import Residency, prime_workspaces
 from lorakit_ext.train.graphs import GraphedStep
 from lorakit_ext.train.loss import NoiseSchedule
 from lorakit_ext.train.network import injected
@@ -38,7 +38,7 @@ from lorakit_ext.train.train_job import RunResult, TrainJob
 from lorakit_ext.train.record import ReadOnlyRecord, RunRecord, has_saved_state
 from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
-from lorakit_ext.train.step import StepFunction
+from lorakit_ext.train.step import StepFunction, frozen_text_states
 from lorakit_ext.train.latent_store import LatentStore, vae_identity
 from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_due_at_step, sampling_mode, sampling_on
 from lorakit_ext.train.text_cache import TextCache
@@ -77,6 +77,9 @@ class Trainer:
         self.phases: dict[str, float] = dict(phases or {})
         # Each captured step's shape and what its capture added to the graphs' one memory pool.
         self.graph_pools: list[dict] = []
+        # GPU: the most memory allocated so far at the end of each phase (run.json's
+        # memory_peaks_gib): the first phase whose figure reaches the run's is where the peak is.
+        self.memory_peaks: dict[str, float] = {}
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -85,6 +88,11 @@ class Trainer:
             yield
         finally:
             self.phases[name] = round(time.perf_counter() - started, 3)
+            self._note_memory_peak(name)
+
+    def _note_memory_peak(self, name: str) -> None:
+        if self.device.type == "cuda":
+            self.memory_peaks[name] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
 
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self):
@@ -132,12 +140,34 @@ class Trainer:
                                      should_stop=self.should_stop)
         return ValidationSet.build(held, [item.caption for item in data.validation_items], plan, self.config.seed, held_out=True)
 
-    def _cache_text(self, step_fn: StepFunction, captions: list[str]) -> TextCache:
+    def _cache_text(self, captions: list[str]) -> TextCache:
         def progress(done, total):
             self.on_progress(Progress("caching", step=done, total_steps=total, message=f"caching text-encoder outputs {done}/{total}"))
 
-        return TextCache.build(captions, lambda chunk: step_fn.encode_text(self.model.tokenize(chunk)),
+        return TextCache.build(captions, lambda chunk: frozen_text_states(self.model, self.precision, self.model.tokenize(chunk)),
                                progress=progress, should_stop=self.should_stop)
+
+    def _cache_before_steps(self, data, residency: Residency):
+        """Latents (training and held-out), then text-encoder outputs where they are cached, each
+        with only its encoder on the GPU; the UNet returns last (:class:`Residency`)."""
+        model, encoders = self.model, list(self.model.text_encoders.values())
+        residency.away(model.unet, *encoders)
+        with self._phase("latents"), self.world.main_first(self.config.cache_latents_to_disk):
+            cache = self._cache_latents(data.items, data.buckets)
+        with self._phase("validation_latents"):
+            validation = self._validation_set(data, cache)
+        residency.away(model.vae)
+        residency.back(*encoders)
+        text_cache = validation_text = None
+        if self.config.cache_text_encoder_outputs:
+            with self._phase("text_outputs"):
+                text_cache = self._cache_text([item.caption for item in data.items])
+                if validation is not None:
+                    validation_text = self._cache_text(validation.captions)
+            # Idle until the run ends (kohya parks them too); sample prompts bring them back.
+            residency.away(*encoders)
+        residency.back(model.unet)
+        return cache, validation, text_cache, validation_text
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self, resume_state: dict | None = None) -> RunResult:
@@ -181,22 +211,23 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if cuda else []):
             torch.manual_seed(config.seed)
             self._run_started = time.perf_counter()
-            with self._phase("latents"), self.world.main_first(self.config.cache_latents_to_disk):
-                cache = self._cache_latents(items, buckets)
-            with self._phase("validation_latents"):
-                validation = self._validation_set(data, cache)
-            share_rng(self.world, self.device)
-            saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name, data.folders)
-            position, losses = self._train(cache, items, train_captions, buckets, schedule, saver, record, resume_state, validation)
-        record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases, graph_pools=self.graph_pools)
+            with Residency(self.device) as residency:
+                cache, validation, text_cache, validation_text = self._cache_before_steps(data, residency)
+                self.phases["module_moves"] = round(residency.seconds, 3)
+                share_rng(self.world, self.device)
+                saver = EpochSaver(self.job, self.model, items, buckets, schedule, self.precision.name, data.folders)
+                position, losses = self._train(cache, items, train_captions, buckets, schedule, saver, record, resume_state,
+                                               validation, text_cache, validation_text)
+        self._note_memory_peak("run")
+        record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases, graph_pools=self.graph_pools,
+                      memory_peaks_gib=self.memory_peaks)
         return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir, list(self.validation_losses))
 
-    def _train(self, cache, items, train_captions, buckets, schedule, saver, record, resume_state, validation):
+    def _train(self, cache, items, train_captions, buckets, schedule, saver, record, resume_state, validation, text_cache,
+               validation_text):
         config, model = self.config, self.model
-        captions = [item.caption for item in items]
         channels_last = self.device.type == "cuda" if self.job.channels_last is None else self.job.channels_last
         with contextlib.ExitStack() as stack:
-            stack.callback(park(model.vae, self.device))
             if channels_last:
                 # Faster convolutions; undone (weights back to the standard layout) after the run.
                 stack.callback(relayout_module(model.unet, torch.channels_last))
@@ -220,14 +251,6 @@ class Trainer:
             step_fn = StepFunction(model, self.schedule, config, self.precision, network.parameters(), optimizer,
                                    config.text_encoder_lr > 0, text_cached=config.cache_text_encoder_outputs,
                                    sync=GradientSync(world) if world.distributed else None)
-            text_cache = validation_text = None
-            if config.cache_text_encoder_outputs:
-                with self._phase("text_outputs"):
-                    text_cache = self._cache_text(step_fn, captions)
-                    if validation is not None:
-                        validation_text = self._cache_text(step_fn, validation.captions)
-                for encoder in model.text_encoders.values():
-                    stack.callback(park(encoder, self.device))
             graphed = GraphedStep(step_fn, on_fallback=lambda reason: self.on_progress(Progress("training", message=f"CUDA graphs off: {reason}")))
             self.graph_pools = graphed.pools
             stack.callback(graphed.release)
@@ -329,6 +352,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.phases["to_first_step"] = round(time.perf_counter() - self._run_started, 3)
+        self._note_memory_peak("to_first_step")
 
     def _flush(self, pending: list[torch.Tensor], losses: list[float], global_step: int) -> None:
         """Reads the losses accumulated on the device (one host sync; data-parallel: the ranks'

@@ -23,6 +23,21 @@ from lorakit_ext.train.loss import diffusion_loss, draw_noise, draw_timesteps
 _INIT_SCALE, _GROWTH, _BACKOFF, _INTERVAL = 2.0**16, 2.0, 0.5, 2000
 
 
+def step_autocast(device: torch.device, precision):
+    """The autocast the step computes under (none where the weights already have the step's dtype)."""
+    if precision.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision.autocast)
+
+
+@torch.no_grad()
+def frozen_text_states(model, precision, ids: torch.Tensor):
+    """The frozen encoders' states for ``ids`` as a step computes them (same function, same
+    precision): what cached states must equal for a cached run to train on the same numbers."""
+    with step_autocast(model.device, precision):
+        return model.encode_text(ids)
+
+
 class DeviceLossScale:
     """fp16 loss scaling that never reads a value back to the host."""
 
@@ -79,15 +94,10 @@ class StepFunction:
         return None
 
     def _autocast(self):
-        if self.precision.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.model.device.type, dtype=self.precision.autocast)
+        return step_autocast(self.model.device, self.precision)
 
-    @torch.no_grad()
     def encode_text(self, ids: torch.Tensor):
-        """The frozen encoders' states for ``ids``, as this step computes them (same precision)."""
-        with self._autocast():
-            return self.model.encode_text(ids)
+        return frozen_text_states(self.model, self.precision, ids)
 
     def _text_states(self, text):
         if self.text_cached:

@@ -194,3 +194,43 @@ def test_run_leaves_the_model_in_place_and_gives_the_memory_back(tmp_path):
     # Graph pools, optimiser state and LoRA weights are gone: only the cached latents' few KiB may stay.
     left = torch.cuda.memory_allocated() - allocated
     assert left < 2**20, f"{left / 2**20:.1f} MiB still allocated after the run"
+
+
+def test_caching_holds_only_its_encoder_on_the_gpu_and_the_record_says_where_memory_peaked(tmp_path):
+    import json
+
+    from lorakit_ext.models.tiny import build_random_sd15
+
+    sd_model = build_random_sd15("cuda", torch.float16, full=False)
+    before = {k: v.clone() for k, v in sd_model.state_dict().items()}
+    project = create_project(tmp_path, "p")
+    _dataset(project.dataset)
+    cfg = TrainConfig(resolution=256, num_repeats=2, max_train_epochs=1, max_train_steps=8, train_batch_size=2,
+                      optimizer="AdamW", keep_only_last_n_epochs=0, text_encoder_lr=0.0, shuffle_tags=False,
+                      cache_text_encoder_outputs=True).validate()
+    job = TrainJob(cfg, project, tmp_path / "out", project.runs / "r", patch_attention=True)
+    job.run_dir.mkdir(parents=True)
+    model = adapter_for(sd_model, cfg.clip_skip, cfg.max_token_length)
+    modules = {"unet": model.unet, "te": model.text_encoders["te"], "vae": model.vae}
+    seen: dict[str, dict[str, str]] = {}
+
+    def watch(part, module):
+        def hook(*args):
+            seen.setdefault(part, {name: next(m.parameters()).device.type for name, m in modules.items()})
+
+        module.register_forward_pre_hook(hook)
+
+    watch("vae", model.vae.encoder)
+    watch("te", model.text_encoders["te"])
+    watch("unet", model.unet)
+    Trainer(model, job).run()
+    assert seen == {
+        "vae": {"unet": "cpu", "te": "cpu", "vae": "cuda"},
+        "te": {"unet": "cpu", "te": "cuda", "vae": "cpu"},
+        "unet": {"unet": "cuda", "te": "cpu", "vae": "cpu"},
+    }
+    after = sd_model.state_dict()
+    assert all(v.device.type == "cuda" and torch.equal(v, before[k]) for k, v in after.items())
+    peaks = json.loads((job.run_dir / "run.json").read_text())["memory_peaks_gib"]
+    assert {"latents", "text_outputs", "to_first_step", "run"} <= set(peaks)
+    assert list(peaks.values()) == sorted(peaks.values()), peaks

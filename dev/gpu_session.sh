@@ -43,7 +43,7 @@ phase_tests() {
 
 # Which modules sit on the GPU while each cache fills, the memory peak per phase, the model restored.
 phase_residency() {
-    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k "caching_holds or leaves_the_model" 2>&1 \
+    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k "encoders_leave or leaves_the_model" 2>&1 \
         | tee "$OUT/residency.log" | tail -3
 }
 
@@ -111,10 +111,12 @@ phase_sdxl_quick() {
 phase_sdxl_b1() { sdxl_rows 1; }
 phase_sdxl_b4() { sdxl_rows 4; }
 
+# The whole model stays resident (as in A1111), so the budget covers it too.
 phase_sdxl_budget() {
-    for gib in 12 10 8; do
+    for gib in ${SDXL_BUDGETS:-12 8 7}; do
         python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 1 --gradient-checkpointing on \
-            --memory-budget-gib "$gib" --modes graphs --steps 20 2>&1 | tail -4
+            --memory-budget-gib "$gib" --modes graphs --steps 10 --warmup 3 --images 16 --json > "$OUT/bench_sdxl_budget$gib.json" 2> "$OUT/bench_sdxl_budget$gib.log"
+        python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['rows'][0]; print(sys.argv[2], 'GiB: out of memory' if r['out_of_memory'] else f\"GiB: {r['it_per_s']:.2f} it/s, allocated {r['peak_allocated_gib']:.2f}, reserved {r['peak_reserved_gib']:.2f} GiB\")" "$OUT/bench_sdxl_budget$gib.json" "$gib"
     done
 }
 

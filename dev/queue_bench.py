@@ -52,6 +52,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     work = args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
     root = work / "projects"
     checkpoint = write_checkpoint(work / "sd15-random.safetensors", tiny=args.tiny)
     side = 64 if args.tiny else 512

@@ -107,8 +107,15 @@ def test_sdxl_low_vram_preset_caches_both_encoders_and_trains_the_unet_alone(tmp
     assert config["cache_text_encoder_outputs"] is True and config["shuffle_tags"] is False
 
 
-def test_each_caching_phase_holds_only_its_encoder_on_the_device_and_the_run_returns_every_module(
-        tiny_sd15_dir, project, tmp_path, monkeypatch):
+@pytest.mark.parametrize("room, expected", [
+    # The outputs first with everything resident; the encoders leave for the run before the VAE
+    # works; the UNet stays where the VAE's activations fit beside it.
+    (True, {"te": set(), "vae": {"te"}, "unet": {"te", "vae"}}),
+    # Where they do not, the UNet waits on the CPU while the VAE works.
+    (False, {"te": set(), "vae": {"te", "unet"}, "unet": {"te", "vae"}}),
+])
+def test_cached_encoders_leave_before_the_vae_works_and_the_run_returns_every_module(
+        tiny_sd15_dir, project, tmp_path, monkeypatch, room, expected):
     # On a GPU the modules not at work wait on the CPU (tests/gpu checks the real moves); here a
     # stand-in for the move records what is away whenever each part of the model runs.
     from lorakit_ext.train import gpu_memory
@@ -120,8 +127,10 @@ def test_each_caching_phase_holds_only_its_encoder_on_the_device_and_the_run_ret
         return lambda: away.discard(id(module))
 
     monkeypatch.setattr(gpu_memory, "park", park)
+    monkeypatch.setattr(gpu_memory, "has_room", lambda device, nbytes: room)
     config = TrainConfig(**{**FROZEN, "cache_text_encoder_outputs": True}).validate()
-    trainer = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / "moves", "moves")
+    messages = []
+    trainer = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / "moves", "moves", on_progress=lambda p: messages.append(p.message))
     model = trainer.model
     names = {id(model.unet): "unet", id(model.text_encoders["te"]): "te", id(model.vae): "vae"}
     seen: dict[str, set[str]] = {}
@@ -136,5 +145,6 @@ def test_each_caching_phase_holds_only_its_encoder_on_the_device_and_the_run_ret
     watch("te", model.text_encoders["te"])
     watch("unet", model.unet)
     trainer.run()
-    assert seen == {"vae": {"unet", "te"}, "te": {"unet", "vae"}, "unet": {"te", "vae"}}
+    assert seen == expected
     assert not away, "every module is back where it was after the run"
+    assert any("the UNet waits on the CPU while latents cache" in m for m in messages) is not room

@@ -230,7 +230,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
         it_s = args.steps / (marks[f"step{total}"] - marks[f"step{args.warmup}"])
         row.update(it_per_s=it_s, images_per_s=it_s * spec.batch * world.size, start_to_first_step_s=marks["first_step"] - started,
                    final_loss=result.losses[-1], graph_warmup_s=[p["warmup_s"] for p in trainer.graph_pools],
-                   phases_s=trainer.phases, memory_peaks_gib=trainer.memory_peaks)
+                   phases_s=trainer.phases, memory_peaks_gib=trainer.memory_peaks, graph_pools=trainer.graph_pools)
     if args.kernel_breakdown and result is not None:
         row["kernels"] = _kernel_breakdown(model, project, args, spec, world)
     return {**row, **_kohya_columns(args, FAMILIES[args.family], spec, it_s, kohya)}
@@ -332,7 +332,8 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
             if args.tiny:
                 notes.append(f"--tiny: our rows ran the tiny model, kohya's the full-size {family.label} it can load; the ratios compare different models")
         if fraction is not None:
-            torch.cuda.set_per_process_memory_fraction(fraction, device)
+            # It takes an index: "cuda" alone names no device for it.
+            torch.cuda.set_per_process_memory_fraction(fraction, device.index if device.index is not None else torch.cuda.current_device())
         t0 = time.perf_counter()
         sd_model = family.build(device, WEIGHTS[weights[0]], not args.tiny)
         build_s = time.perf_counter() - t0

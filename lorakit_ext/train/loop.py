@@ -22,7 +22,7 @@ import torch
 from lorakit_ext.errors import UserError
 from lorakit_ext.failures import as_user_error
 from lorakit_ext.train.checkpointing import configure_checkpointing
-from lorakit_ext.train.data import EpochBatches, LatentCache
+from lorakit_ext.train.data import EpochBatches
 from lorakit_ext.train.data_parallel import GradientSync, agree, rank_share, share_parameters, share_rng
 from lorakit_ext.train.events import Interrupted, Progress
 from lorakit_ext.models.layout import relayout_module
@@ -38,17 +38,14 @@ from lorakit_ext.train.train_job import RunResult, TrainJob
 from lorakit_ext.train.record import ReadOnlyRecord, RunRecord, has_saved_state
 from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
-from lorakit_ext.train.step import StepFunction, frozen_text_states
-from lorakit_ext.train.latent_store import LatentStore, vae_identity
+from lorakit_ext.train.step import StepFunction
 from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_due_at_step, sampling_mode, sampling_on
-from lorakit_ext.train.text_cache import TextCache
-from lorakit_ext.train.validation import ValidationSet
-from lorakit_ext.train.buckets import bucket_plan_for
+from lorakit_ext.train.start_caches import StartCaches
 
 log = logging.getLogger(__name__)
 
 
-class Trainer:
+class Trainer(StartCaches):
     def __init__(
         self,
         model,
@@ -77,9 +74,9 @@ class Trainer:
         self.phases: dict[str, float] = dict(phases or {})
         # Each captured step's shape and what its capture added to the graphs' one memory pool.
         self.graph_pools: list[dict] = []
-        # GPU: the most memory allocated so far at the end of each phase (run.json's
+        # GPU: the most memory allocated and reserved so far at the end of each phase (run.json's
         # memory_peaks_gib): the first phase whose figure reaches the run's is where the peak is.
-        self.memory_peaks: dict[str, float] = {}
+        self.memory_peaks: dict[str, dict[str, float]] = {}
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -92,7 +89,8 @@ class Trainer:
 
     def _note_memory_peak(self, name: str) -> None:
         if self.device.type == "cuda":
-            self.memory_peaks[name] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            self.memory_peaks[name] = {"allocated": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3),
+                                       "reserved": round(torch.cuda.max_memory_reserved(self.device) / 2**30, 3)}
 
     # ---- preparation ----------------------------------------------------------------------------
     def prepare(self):
@@ -104,70 +102,6 @@ class Trainer:
                 "predict; turn it off, or load the v-prediction version of the model"
             )
         return self.job.dataset or dataset_schedule(self.config, self.job.project.dataset, self.world.size)
-
-    def _cache_latents(self, items, buckets) -> LatentCache:
-        def progress(done, total):
-            self.on_progress(Progress("caching", step=done, total_steps=total, message=f"caching latents {done}/{total}"))
-
-        return LatentCache.build(
-            items,
-            buckets,
-            self.model.encode_images,
-            # Four 512² images per VAE batch on a GPU, fewer at larger sizes (one at SDXL's 1024²),
-            # so the encoder's activations stay about the same size.
-            vae_batch_size=max(1, 4 * 512**2 // self.config.resolution**2) if self.device.type == "cuda" else 1,
-            device=self.device,
-            flip_aug=self.config.flip_aug,
-            progress=progress,
-            should_stop=self.should_stop,
-            # Data-parallel ranks other than 0 read what rank 0 stored; they never write it.
-            store=LatentStore(self.job.project.path, vae_identity(self.model)) if self.config.cache_latents_to_disk else None,
-        )
-
-    def _validation_set(self, data, cache: LatentCache) -> ValidationSet | None:
-        """The images validation measures: the held-out ones (their latents encoded now, from a
-        random stream of their own so training's is unchanged), else the training images."""
-        if not self.config.validate_every_n_epochs or not self.world.main:
-            return None
-        if not data.validation_items:
-            # Regularisation images come last in the cache and are not what the LoRA learns.
-            training = [item.caption for item in data.items if not item.regularisation]
-            return ValidationSet.build(cache, training, data.buckets, self.config.seed, held_out=False)
-        plan = bucket_plan_for(self.config, [item.size for item in data.validation_items])
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.config.seed + 1)
-            held = LatentCache.build(data.validation_items, plan, self.model.encode_images, device=self.device,
-                                     should_stop=self.should_stop)
-        return ValidationSet.build(held, [item.caption for item in data.validation_items], plan, self.config.seed, held_out=True)
-
-    def _cache_text(self, captions: list[str]) -> TextCache:
-        def progress(done, total):
-            self.on_progress(Progress("caching", step=done, total_steps=total, message=f"caching text-encoder outputs {done}/{total}"))
-
-        return TextCache.build(captions, lambda chunk: frozen_text_states(self.model, self.precision, self.model.tokenize(chunk)),
-                               progress=progress, should_stop=self.should_stop)
-
-    def _cache_before_steps(self, data, residency: Residency):
-        """Latents (training and held-out), then text-encoder outputs where they are cached, each
-        with only its encoder on the GPU; the UNet returns last (:class:`Residency`)."""
-        model, encoders = self.model, list(self.model.text_encoders.values())
-        residency.away(model.unet, *encoders)
-        with self._phase("latents"), self.world.main_first(self.config.cache_latents_to_disk):
-            cache = self._cache_latents(data.items, data.buckets)
-        with self._phase("validation_latents"):
-            validation = self._validation_set(data, cache)
-        residency.away(model.vae)
-        residency.back(*encoders)
-        text_cache = validation_text = None
-        if self.config.cache_text_encoder_outputs:
-            with self._phase("text_outputs"):
-                text_cache = self._cache_text([item.caption for item in data.items])
-                if validation is not None:
-                    validation_text = self._cache_text(validation.captions)
-            # Idle until the run ends (kohya parks them too); sample prompts bring them back.
-            residency.away(*encoders)
-        residency.back(model.unet)
-        return cache, validation, text_cache, validation_text
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self, resume_state: dict | None = None) -> RunResult:

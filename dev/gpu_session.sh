@@ -5,6 +5,7 @@
 #   bash dev/gpu_session.sh setup sdxl_quick            # SDXL batch 1, checkpointing on, against kohya (one row each)
 #   bash dev/gpu_session.sh setup residency sdxl_b1 sdxl_budget   # SDXL batch 1 against kohya's sdxl_train_network.py; 12 GiB
 #   bash dev/gpu_session.sh setup sdxl_b4               # SDXL batch 4, the same
+#   bash dev/gpu_session.sh setup sdxl_memory           # SDXL batch 4, ours captured and eager: where reserved memory grows
 #   bash dev/gpu_session.sh setup tests seed            # GPU tests, smoke run, the seed-sized run + its epochs
 #   bash dev/gpu_session.sh setup sd1                   # SD1.5 rows against kohya's train_network.py
 #   bash dev/gpu_session.sh setup ranks queue           # one NCCL rank against one process; 2 queued runs on one GPU
@@ -106,6 +107,17 @@ phase_sdxl_quick() {
     python3 -m lorakit_ext bench train --family sdxl "${KOHYA[@]}" --weights bf16 --batch 1 --gradient-checkpointing on \
         --modes graphs --steps 30 --warmup 5 --json > "$OUT/bench_sdxl_quick.json" 2> "$OUT/bench_sdxl_quick.log"
     tail -30 "$OUT/bench_sdxl_quick.log"
+}
+
+# Ours alone at batch 4, captured and eager: whether the cache beyond the live tensors (reserved
+# above allocated) comes with the capture, and per phase and per captured shape where it grows.
+phase_sdxl_memory() {
+    python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 4 --gradient-checkpointing off,on \
+        --modes graphs,eager --steps 10 --warmup 5 --images 32 --json > "$OUT/bench_sdxl_memory.json" 2> "$OUT/bench_sdxl_memory.log"
+    python3 -c "import json, sys
+for r in json.load(open(sys.argv[1]))['rows']:
+    print(r['mode'], 'gc' if r['gradient_checkpointing'] else 'nogc', {k: r.get(k) for k in ('it_per_s', 'peak_allocated_gib', 'peak_reserved_gib', 'smi_peak_gib')})
+    print('  peaks', r.get('memory_peaks_gib')); print('  pools', r.get('graph_pools'))" "$OUT/bench_sdxl_memory.json"
 }
 
 phase_sdxl_b1() { sdxl_rows 1; }

@@ -38,11 +38,16 @@ VAE_BYTES_PER_PIXEL = 3500
 
 def has_room(device: torch.device, nbytes: int) -> bool:
     """Whether ``nbytes`` more fit on ``device`` now: free memory plus what torch's cache holds
-    unused. Always on the CPU."""
+    unused, within the process's memory fraction where one is set. Always on the CPU."""
     if device.type != "cuda":
         return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) >= nbytes
+    # An index: torch before 2.2 refuses "cuda" alone here.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    room = free + torch.cuda.memory_reserved(index) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)(index)
+    return min(room, fraction * total - allocated) >= nbytes
 
 
 def park(module: nn.Module, training_device: torch.device) -> Callable[[], None]:

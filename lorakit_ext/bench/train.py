@@ -303,6 +303,7 @@ def run_bench(args) -> dict:
 
 def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> dict:
     from lorakit_ext.models.checkpoint import place_model
+    from lorakit_ext.train.gpu_memory import cuda_index
     from lorakit_ext.project import create_project
 
     weights = _list(args.weights or ("fp16" if device.type == "cuda" else "fp32"), WEIGHTS)
@@ -332,8 +333,7 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
             if args.tiny:
                 notes.append(f"--tiny: our rows ran the tiny model, kohya's the full-size {family.label} it can load; the ratios compare different models")
         if fraction is not None:
-            # It takes an index: "cuda" alone names no device for it.
-            torch.cuda.set_per_process_memory_fraction(fraction, device.index if device.index is not None else torch.cuda.current_device())
+            torch.cuda.set_per_process_memory_fraction(fraction, cuda_index(device))
         t0 = time.perf_counter()
         sd_model = family.build(device, WEIGHTS[weights[0]], not args.tiny)
         build_s = time.perf_counter() - t0

@@ -36,13 +36,19 @@ def prime_workspaces(device: torch.device) -> None:
 VAE_BYTES_PER_PIXEL = 3500
 
 
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA ``device``; ``"cuda"`` alone means the current one. Some of torch's
+    memory calls take only an index (``set_per_process_memory_fraction``; ``mem_get_info`` before
+    torch 2.2)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def has_room(device: torch.device, nbytes: int) -> bool:
     """Whether ``nbytes`` more fit on ``device`` now: free memory plus what torch's cache holds
     unused, within the process's memory fraction where one is set. Always on the CPU."""
     if device.type != "cuda":
         return True
-    # An index: torch before 2.2 refuses "cuda" alone here.
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = cuda_index(device)
     free, total = torch.cuda.mem_get_info(index)
     allocated = torch.cuda.memory_allocated(index)
     room = free + torch.cuda.memory_reserved(index) - allocated

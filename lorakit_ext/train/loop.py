@@ -38,7 +38,7 @@ from lorakit_ext.train.train_job import RunResult, TrainJob
 from lorakit_ext.train.record import ReadOnlyRecord, RunRecord, has_saved_state
 from lorakit_ext.train.saving import EpochSaver
 from lorakit_ext.train.state import Position, restore_state, save_state
-from lorakit_ext.train.step import StepFunction
+from lorakit_ext.train.step import StepFunction, frozen_text_states
 from lorakit_ext.train.sampling import Sampler, sample_request, sampling_due, sampling_due_at_step, sampling_mode, sampling_on
 from lorakit_ext.train.start_caches import StartCaches
 
@@ -210,7 +210,7 @@ class Trainer(StartCaches):
                 self.on_progress(Progress("validating", epoch=epoch, epochs=schedule.epochs, step=position.global_step,
                                           total_steps=schedule.total_steps))
                 text_states = (validation_text.states if validation_text is not None
-                               else lambda indices: step_fn.encode_text(model.tokenize([validation.captions[i] for i in indices])))
+                               else lambda indices: frozen_text_states(model, self.precision, model.tokenize([validation.captions[i] for i in indices])))
                 value = validation.loss_in_eval_mode([comp.root for comp in network.components], step_fn.prediction_error,
                                                      text_states, channels_last=channels_last)
                 self.validation_losses.append((epoch, position.global_step, value))

@@ -83,6 +83,13 @@ def choose_optimizer(name: str, *, captured: bool = False, kwargs: dict | None =
                         "or choose AdamW") from None
 
 
+def _choice_for(config, device: torch.device, parameters: int = 0) -> tuple[OptimizerChoice, dict]:
+    """The optimiser a run of ``config`` on ``device`` trains with, and its keyword arguments."""
+    kwargs = optimizer_kwargs(config)
+    captured = settings_keep_eager(config, device) is None
+    return choose_optimizer(config.optimizer, captured=captured, kwargs=kwargs, parameters=parameters), kwargs
+
+
 def _construct(choice: OptimizerChoice, groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
     try:
         return choice.cls(groups, **kwargs)
@@ -93,10 +100,7 @@ def _construct(choice: OptimizerChoice, groups: list[dict], kwargs: dict) -> tor
 def build_optimizer(config, groups: list[dict], device: torch.device) -> tuple[torch.optim.Optimizer, OptimizerChoice]:
     """The optimiser over ``groups`` and the choice that made it; bad ``optimizer_args`` are a
     :class:`UserError` naming the optimiser."""
-    kwargs = optimizer_kwargs(config)
-    captured = settings_keep_eager(config, device) is None
-    parameters = sum(p.numel() for group in groups for p in group["params"])
-    choice = choose_optimizer(config.optimizer, captured=captured, kwargs=kwargs, parameters=parameters)
+    choice, kwargs = _choice_for(config, device, sum(p.numel() for group in groups for p in group["params"]))
     if choice.cls is torch.optim.AdamW and "fused" not in kwargs and device.type == "cuda":
         # Fused and capturable on CUDA: one kernel for all LoRA weights, and no host sync, so the
         # step can live in a CUDA graph.
@@ -108,8 +112,7 @@ def check_optimizer(config, device: torch.device) -> OptimizerChoice:
     """Builds the optimiser the run on ``device`` will use once, over a stand-in parameter on the
     CPU, before any model loads, so a missing package or a wrong argument stops the run in seconds
     (and a run whose AdamW8bit becomes torch's AdamW does not spend seconds importing bitsandbytes)."""
-    kwargs = optimizer_kwargs(config)
-    choice = choose_optimizer(config.optimizer, captured=settings_keep_eager(config, device) is None, kwargs=kwargs)
+    choice, kwargs = _choice_for(config, device)
     probe = torch.zeros(1, requires_grad=True)
     _construct(choice, [{"params": [probe], "lr": max(config.unet_lr, config.text_encoder_lr)}], kwargs)
     return choice

@@ -96,9 +96,6 @@ class StepFunction:
     def _autocast(self):
         return step_autocast(self.model.device, self.precision)
 
-    def encode_text(self, ids: torch.Tensor):
-        return frozen_text_states(self.model, self.precision, ids)
-
     def _text_states(self, text):
         if self.text_cached:
             return text

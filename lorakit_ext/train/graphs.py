@@ -5,12 +5,14 @@ Small-batch LoRA training is bound by the CPU launching thousands of small kerne
 6 000 for SD1.5; the README's "Speed and memory" has the measurements); replaying a captured step
 launches them all at once. A bucket's first batches run eagerly as warm-up (allocating gradients and
 optimiser state, choosing kernels), then the step is captured and replayed. All graphs share one
-memory pool. Whenever capture is impossible or fails, the trainer falls back to the eager step — the
-same function — and says why once.
+memory pool, and once it exists later shapes warm up inside it too, so a new bucket's eager
+activations reuse the pool's memory instead of sitting beside it. Whenever capture is impossible or
+fails, the trainer falls back to the eager step — the same function — and says why once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -45,6 +47,36 @@ def _mapped(text, fn):
     return {k: fn(v) for k, v in text.items()} if isinstance(text, dict) else fn(text)
 
 
+def _pool_routing():
+    """torch's calls that send one stream's allocations to a private pool (their names changed in
+    torch 2.2), or None where this torch has none."""
+    begin = getattr(torch._C, "_cuda_beginAllocateCurrentStreamToPool", None)
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    return (begin, end, release) if begin and end and release else None
+
+
+@contextlib.contextmanager
+def _allocating_to(pool, device: torch.device):
+    """The current stream's allocations come from ``pool``: those of the backward pass too, which
+    runs on the stream of its forward."""
+    begin, end, release = _pool_routing()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    begin(index, pool)
+    try:
+        yield
+    finally:
+        end(index, pool)
+        release(index, pool)
+
+
+def _pool_live_bytes(pool) -> int | None:
+    """The bytes of live tensors in ``pool``; None where torch's snapshot cannot tell (the pool
+    always holds the graphs' outputs, so no segment found means no answer)."""
+    segments = [s for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == tuple(pool)]
+    return sum(s["active_size"] for s in segments) if segments else None
+
+
 class _Graph:
     def __init__(self, graph, latents, text, sizes, weights, loss):
         self.graph, self.latents, self.text, self.sizes, self.weights, self.loss = graph, latents, text, sizes, weights, loss
@@ -65,6 +97,9 @@ class GraphedStep:
         self.pools: list[dict] = []
         self.warmup_s: dict[tuple, list[float]] = {}
         self._side = None
+        # False once a warm-up left a tensor in the pool (see _side_stream), or where torch cannot
+        # route a stream's allocations.
+        self.warm_in_pool = _pool_routing() is not None
         self.disabled: str | None = None
         reason = self._unsupported_reason()
         if reason in (NOT_CUDA, OFF):
@@ -140,9 +175,24 @@ class GraphedStep:
         # Warm-up on a side stream, as CUDA graph capture requires of the work it will record.
         stream = self._stream()
         stream.wait_stream(torch.cuda.current_stream())
+        pool = self.pool if self.warm_in_pool else None
+        live = _pool_live_bytes(pool) if pool is not None else None
+        if live is None:
+            pool = None
         with torch.cuda.stream(stream):
-            loss = self._eager(latents, text, sizes, weights, flags)
+            with _allocating_to(pool, latents.device) if pool is not None else contextlib.nullcontext():
+                loss = self._eager(latents, text, sizes, weights, flags)
+            if pool is not None:
+                # The caller keeps losses across later replays, which reuse the pool's free memory.
+                loss = loss.clone()
         torch.cuda.current_stream().wait_stream(stream)
+        if pool is not None and _pool_live_bytes(pool) > live:
+            # Something the step keeps (state created lazily for this shape) now lives in memory the
+            # earlier graphs write to when they replay: those graphs go, and later ones get a new pool.
+            log.info("a warm-up step kept memory in the graphs' pool: recapturing in a new pool, later shapes warm up outside it")
+            self.graphs.clear()
+            self.pool = None
+            self.warm_in_pool = False
         return loss
 
     def _capture(self, key, latents, text, sizes, weights, flags) -> _Graph:
@@ -156,6 +206,7 @@ class GraphedStep:
         # graph's pool reuses that memory instead of adding to it.
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved()
+        reserved_peak = torch.cuda.max_memory_reserved()
         with torch.cuda.graph(graph, pool=self.pool, stream=self._stream()):
             static_loss = self.step(static_latents, static_text, static_sizes, weights=static_weights, **flags)
         if self.pool is None:
@@ -164,7 +215,10 @@ class GraphedStep:
         self.graphs[key] = entry
         added = (torch.cuda.memory_reserved() - reserved) / 2**30
         self.pools.append({"latents": list(key[0]), "first": flags["first"], "last": flags["last"],
-                           "warmup_s": self.warmup_s.get(key, []), "pool_added_gib": round(added, 3), "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3)})
+                           "warmup_s": self.warmup_s.get(key, []), "pool_added_gib": round(added, 3), "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3),
+                           # the peaks before and after the capture: whether the warm-ups or the capture set them
+                           "reserved_peak_before_gib": round(reserved_peak / 2**30, 3),
+                           "reserved_peak_after_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)})
         log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)",
                  key[0], added, torch.cuda.memory_reserved() / 2**30)
         return entry

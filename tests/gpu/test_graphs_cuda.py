@@ -137,6 +137,17 @@ def test_the_data_parallel_step_with_one_nccl_rank_is_captured_and_trains_as_one
     _trains_alike("one NCCL rank vs one process", ranks, plain_losses, plain_lora, tolerance=1e-3)
 
 
+def _two_bucket_dataset(folder, side=256):
+    from PIL import Image
+
+    _dataset(folder)
+    for i in range(8):
+        Image.open(folder / f"{i}.png").resize((side, side)).save(folder / f"{i}.png")
+    for i in range(4):  # a second, landscape bucket
+        Image.new("RGB", (side * 3 // 2, side), (40 * i, 90, 200)).save(folder / f"wide{i}.png")
+        (folder / f"wide{i}.txt").write_text("kat3r1na, wide")
+
+
 def test_every_bucket_shape_is_captured_into_the_one_pool_and_recorded(tmp_path):
     import json
 
@@ -144,13 +155,8 @@ def test_every_bucket_shape_is_captured_into_the_one_pool_and_recorded(tmp_path)
 
     sd_model = build_random_sd15("cuda", torch.bfloat16, full=False)
     project = create_project(tmp_path, "p")
-    _dataset(project.dataset)
-    from PIL import Image
-
-    for i in range(4):  # a second, landscape bucket
-        Image.new("RGB", (384, 256), (40 * i, 90, 200)).save(project.dataset / f"wide{i}.png")
-        (project.dataset / f"wide{i}.txt").write_text("kat3r1na, wide")
-    cfg = TrainConfig(resolution=256, num_repeats=4, max_train_epochs=1, train_batch_size=2, optimizer="AdamW",
+    _two_bucket_dataset(project.dataset)
+    cfg = TrainConfig(resolution=256, min_bucket_reso=128, num_repeats=4, max_train_epochs=1, train_batch_size=2, optimizer="AdamW",
                       mixed_precision="bf16", keep_only_last_n_epochs=0, validate_every_n_epochs=0).validate()
     job = TrainJob(cfg, project, tmp_path / "out", project.runs / "r", patch_attention=True)
     job.run_dir.mkdir(parents=True)
@@ -238,3 +244,91 @@ def test_cached_encoders_leave_the_gpu_before_the_vae_works_and_the_record_says_
     for kind in ("allocated", "reserved"):
         values = [p[kind] for p in peaks.values()]
         assert values == sorted(values) and values[-1] > 0, peaks
+
+
+def _two_bucket_run(tmp_path, name, monkeypatch, **config):
+    """The run's losses, its graph pools, and how far reserved memory rose above what it was after
+    the first capture while later shapes warmed up."""
+    from lorakit_ext.models.tiny import build_random_sd15
+    from lorakit_ext.train.graphs import GraphedStep
+
+    torch.manual_seed(0)
+    sd_model = build_random_sd15("cuda", torch.bfloat16, full=False)
+    project = create_project(tmp_path / name, "p")
+    _two_bucket_dataset(project.dataset, 512)
+    # 512² and 640×384 at batch 4: activations larger than the slack of the allocator's segments.
+    cfg = TrainConfig(resolution=512, num_repeats=4, max_train_epochs=2, train_batch_size=4, optimizer="AdamW",
+                      mixed_precision="bf16", keep_only_last_n_epochs=0, validate_every_n_epochs=0, **config).validate()
+    job = TrainJob(cfg, project, tmp_path / name / "out", project.runs / "r", patch_attention=True)
+    job.run_dir.mkdir(parents=True)
+    capture, warm_up = GraphedStep._capture, GraphedStep._side_stream
+    after_first, growth = [], [0]
+
+    def watched_capture(self, *args):
+        graph = capture(self, *args)
+        if not after_first:
+            after_first.append(torch.cuda.memory_reserved())
+            torch.cuda.reset_peak_memory_stats()
+        return graph
+
+    def watched_warm_up(self, *args):
+        loss = warm_up(self, *args)
+        if after_first:
+            growth[0] = max(growth[0], torch.cuda.max_memory_reserved() - after_first[0])
+        return loss
+
+    monkeypatch.setattr(GraphedStep, "_capture", watched_capture)
+    monkeypatch.setattr(GraphedStep, "_side_stream", watched_warm_up)
+    trainer = Trainer(adapter_for(sd_model, cfg.clip_skip, cfg.max_token_length), job)
+    result = trainer.run()
+    return result.losses, trainer.graph_pools, growth[0]
+
+
+def test_later_bucket_shapes_warm_up_inside_the_pool_and_train_as_eager(tmp_path, deterministic, monkeypatch):
+    from lorakit_ext.train import graphs
+
+    eager, _, _ = _two_bucket_run(tmp_path, "eager", monkeypatch, cuda_graphs=False)
+    pooled, pools, pooled_growth = _two_bucket_run(tmp_path, "pooled", monkeypatch)
+    monkeypatch.setattr(graphs, "_pool_routing", lambda: None)
+    _, _, beside_growth = _two_bucket_run(tmp_path, "beside", monkeypatch)
+    print(f"later shapes' warm-ups raised reserved memory {pooled_growth / 2**20:.1f} MiB above the first capture inside "
+          f"the pool, {beside_growth / 2**20:.1f} MiB beside it; pools {pools}")
+    assert len({tuple(p["latents"]) for p in pools}) == 2
+    assert pooled == pytest.approx(eager, rel=1e-3, abs=1e-4)
+    assert beside_growth > 0 and pooled_growth < beside_growth / 2
+
+
+def test_a_warm_up_that_keeps_memory_in_the_pool_retires_the_graphs_it_could_corrupt():
+    from types import SimpleNamespace
+
+    from lorakit_ext.train.graphs import GraphedStep
+
+    class Step:
+        def __init__(self):
+            self.layer = torch.nn.Linear(256, 256, device="cuda")
+            self.config = TrainConfig(optimizer="AdamW").validate()
+            self.model = SimpleNamespace(device=torch.device("cuda"))
+            self.host_sync_reason = None
+            self.optimizer = torch.optim.AdamW(self.layer.parameters(), capturable=True)
+            self.kept = []
+
+        def __call__(self, latents, text, sizes, *, weights=None, first=True, last=True, rows=None):
+            if latents.shape[0] == 3 and not self.kept:  # state created lazily for a new shape
+                self.kept.append(torch.ones(2**20, device="cuda"))
+            loss = self.layer(latents).square().mean()
+            loss.backward()
+            self.optimizer.step()
+            return loss.detach()
+
+    graphed = GraphedStep(Step(), warmup=1)
+    text, sizes = torch.zeros(1, 77, dtype=torch.long), torch.zeros(2, 4)
+    for _ in range(3):
+        graphed(torch.randn(2, 256, device="cuda"), text, sizes)
+    assert len(graphed.graphs) == 1 and graphed.warm_in_pool
+    graphed(torch.randn(3, 256, device="cuda"), text, sizes)
+    assert graphed.graphs == {} and graphed.pool is None and not graphed.warm_in_pool
+    for batch in (2, 3, 2):
+        graphed(torch.randn(batch, 256, device="cuda"), text, sizes)
+    assert len(graphed.graphs) == 2
+    assert torch.equal(graphed.step.kept[0], torch.ones(2**20, device="cuda"))
+    graphed.release()

@@ -42,9 +42,10 @@ phase_tests() {
     python3 dev/gpu_smoke.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -5
 }
 
-# Which modules sit on the GPU while each cache fills, the memory peak per phase, the model restored.
+# Which modules sit on the GPU while each cache fills, the memory peak per phase, the model restored;
+# later bucket shapes warming up inside the graphs' pool.
 phase_residency() {
-    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k "encoders_leave or leaves_the_model" 2>&1 \
+    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k "encoders_leave or leaves_the_model or pool" 2>&1 \
         | tee "$OUT/residency.log" | tail -3
 }
 
@@ -101,6 +102,13 @@ phase_sdxl_ours() {
     tail -25 "$OUT/bench_sdxl_ours.log"
 }
 
+# Ours alone at batch 1, checkpointing off and on: memory at HEAD beside kohya's earlier same-run rows.
+phase_sdxl_ours_b1() {
+    python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 1 --gradient-checkpointing off,on \
+        --modes graphs --steps 20 --warmup 5 --json > "$OUT/bench_sdxl_ours_b1.json" 2> "$OUT/bench_sdxl_ours_b1.log"
+    tail -12 "$OUT/bench_sdxl_ours_b1.log"
+}
+
 # Both sides at batch 1 with gradient checkpointing, graphs only, fewer steps: one comparison row
 # that fits a call together with the set-up.
 phase_sdxl_quick() {
@@ -111,14 +119,17 @@ phase_sdxl_quick() {
 
 # Ours alone at batch 4, captured and eager: whether the cache beyond the live tensors (reserved
 # above allocated) comes with the capture, and per phase and per captured shape where it grows.
-phase_sdxl_memory() {
+# sdxl_memory_expandable: the same under torch's expandable segments, against fragmentation.
+sdxl_memory_rows() {
     python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 4 --gradient-checkpointing off,on \
-        --modes graphs,eager --steps 10 --warmup 5 --images 32 --json > "$OUT/bench_sdxl_memory.json" 2> "$OUT/bench_sdxl_memory.log"
+        --modes graphs,eager --steps 10 --warmup 5 --images 32 --json > "$OUT/bench_sdxl_memory$1.json" 2> "$OUT/bench_sdxl_memory$1.log"
     python3 -c "import json, sys
 for r in json.load(open(sys.argv[1]))['rows']:
     print(r['mode'], 'gc' if r['gradient_checkpointing'] else 'nogc', {k: r.get(k) for k in ('it_per_s', 'peak_allocated_gib', 'peak_reserved_gib', 'smi_peak_gib')})
-    print('  peaks', r.get('memory_peaks_gib')); print('  pools', r.get('graph_pools'))" "$OUT/bench_sdxl_memory.json"
+    print('  peaks', r.get('memory_peaks_gib')); print('  pools', r.get('graph_pools'))" "$OUT/bench_sdxl_memory$1.json"
 }
+phase_sdxl_memory() { sdxl_memory_rows ""; }
+phase_sdxl_memory_expandable() { PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True sdxl_memory_rows _expandable; }
 
 phase_sdxl_b1() { sdxl_rows 1; }
 phase_sdxl_b4() { sdxl_rows 4; }
@@ -155,7 +166,9 @@ phase_triton() {
     for on in 0 1; do
         LORAKIT_TRITON_GROUP_NORM=$on python3 -m lorakit_ext bench train --weights bf16 --batch 8 --train unet --modes graphs \
             --kernel-breakdown --json > "$OUT/bench_b8_triton$on.json" 2> "$OUT/bench_b8_triton$on.log"
-        grep -E "^bf16|^kernels" "$OUT/bench_b8_triton$on.log"
+        python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['rows'][0]; k = r['kernels']
+print('triton', sys.argv[2], f\"{r['it_per_s']:.2f} it/s, step {k['step_ms']:.1f} ms:\", {n: round(ms, 1) for n, ms in k['kinds_ms'].items()})" \
+            "$OUT/bench_b8_triton$on.json" "$on"
     done
 }
 

@@ -39,3 +39,37 @@ def test_room_stays_within_the_process_memory_fraction(monkeypatch):
 
 def test_the_cpu_always_has_room():
     assert gpu_memory.has_room(torch.device("cpu"), 10**15)
+
+
+def test_headless_runs_grow_segments_in_place_unless_the_user_set_the_allocator(monkeypatch):
+    settings = []
+    monkeypatch.delattr(torch._C, "_accelerator_setAllocatorSettings", raising=False)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", settings.append, raising=False)
+    for name in gpu_memory.ALLOCATOR_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert gpu_memory.grow_segments_in_place(torch.device("cuda:0"))
+    assert settings == ["expandable_segments:True"]
+    assert not gpu_memory.grow_segments_in_place(torch.device("cpu"))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert not gpu_memory.grow_segments_in_place(torch.device("cuda:0"))
+    assert settings == ["expandable_segments:True"], "the user's own allocator settings stand"
+
+
+def test_a_platform_without_expandable_segments_keeps_the_default(monkeypatch):
+    def refuse(_):
+        raise RuntimeError("expandable_segments not supported on this platform")
+
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse, raising=False)
+    for name in gpu_memory.ALLOCATOR_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert not gpu_memory.grow_segments_in_place(torch.device("cuda"))
+
+
+def test_the_setter_of_newer_torch_comes_first(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", lambda s: calls.append(("accelerator", s)), raising=False)
+    monkeypatch.setattr(torch.cuda.memory, "_set_allocator_settings", lambda s: calls.append(("cuda", s)), raising=False)
+    for name in gpu_memory.ALLOCATOR_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert gpu_memory.grow_segments_in_place(torch.device("cuda"))
+    assert calls == [("accelerator", "expandable_segments:True")]

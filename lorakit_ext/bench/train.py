@@ -303,7 +303,7 @@ def run_bench(args) -> dict:
 
 def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> dict:
     from lorakit_ext.models.checkpoint import place_model
-    from lorakit_ext.train.gpu_memory import cuda_index
+    from lorakit_ext.train.gpu_memory import cuda_index, grow_segments_in_place
     from lorakit_ext.project import create_project
 
     weights = _list(args.weights or ("fp16" if device.type == "cuda" else "fp32"), WEIGHTS)
@@ -334,6 +334,8 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
                 notes.append(f"--tiny: our rows ran the tiny model, kohya's the full-size {family.label} it can load; the ratios compare different models")
         if fraction is not None:
             torch.cuda.set_per_process_memory_fraction(fraction, cuda_index(device))
+        # As a headless run does; after kohya's rows, which keep torch's default allocator.
+        expandable = grow_segments_in_place(device)
         t0 = time.perf_counter()
         sd_model = family.build(device, WEIGHTS[weights[0]], not args.tiny)
         build_s = time.perf_counter() - t0
@@ -349,6 +351,7 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
         "resolution": args.resolution,
         "images": args.images,
         "memory_budget_gib": args.memory_budget_gib,
+        "expandable_segments": expandable,
         "model_build_s": build_s,
         "rows": rows,
         "processes": world.size,

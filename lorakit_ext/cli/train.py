@@ -211,12 +211,14 @@ def _train(args, project, config, options, pre, point, world, placement, hashes=
     from lorakit_ext.models.checkpoint import load_sd_checkpoint
     from lorakit_ext.models.families import adapter_for
     from lorakit_ext.train.events import Interrupted
+    from lorakit_ext.train.gpu_memory import grow_segments_in_place
     from lorakit_ext.train.launch import BaseModel, open_run
     from lorakit_ext.train.loop import Trainer
     from lorakit_ext.train.resume import check_unchanged
     from lorakit_ext.train.sampling import sampling_on
 
     device, dtype = placement
+    grow_segments_in_place(device)
     loading = time.perf_counter()
     sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype, hashes=hashes)
     loaded_s = round(time.perf_counter() - loading, 3)

@@ -8,6 +8,7 @@ long-lived block allocated inside a large segment of short-lived activations pin
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -41,6 +42,28 @@ def cuda_index(device: torch.device) -> int:
     memory calls take only an index (``set_per_process_memory_fraction``; ``mem_get_info`` before
     torch 2.2)."""
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+ALLOCATOR_SETTINGS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def grow_segments_in_place(device: torch.device) -> bool:
+    """Turns on torch's expandable segments for a headless run on ``device``, unless the user set
+    the allocator up (an ``ALLOCATOR_SETTINGS`` variable); whether they are on.
+
+    Segments that grow in place leave no gaps between activations of different sizes: SDXL at
+    batch 4 reserved 0.65–0.9 GiB less at the same speed. Not inside a WebUI, whose allocator
+    serves its own generation too. Call it before the model reaches the GPU.
+    """
+    # torch 2.9 moved the setter and deprecated the CUDA one.
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if device.type != "cuda" or setter is None or any(name in os.environ for name in ALLOCATOR_SETTINGS):
+        return False
+    try:
+        setter("expandable_segments:True")
+    except RuntimeError:  # a platform without them (Windows before torch 2.6, ROCm)
+        return False
+    return True
 
 
 def has_room(device: torch.device, nbytes: int) -> bool:

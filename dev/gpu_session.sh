@@ -12,7 +12,7 @@
 #   bash dev/gpu_session.sh setup triton                # the Triton GroupNorm+SiLU: its tests on CUDA, then b8 with and without
 #   bash dev/gpu_session.sh setup compile               # compiled UNet blocks against stock at b8 and b2, compile time per shape
 #   bash dev/gpu_session.sh setup startup               # the seed run's start-up under cProfile, memory over time, kohya beside it
-#   bash dev/gpu_session.sh setup layout                # channels_last against the standard layout at SD1.5 b2/b8 and SDXL b1
+#   bash dev/gpu_session.sh setup layout                # channels_last against the standard layout at SD1.5 b2/b8 and SDXL b1 (layout_sd1, layout_sdxl)
 #
 # Inputs, git-ignored and carried along (never committed):
 #   .whl/                 wheels for the machine's Python: ldm's and sgm's needs, the optional optimizers
@@ -183,12 +183,21 @@ phase_compile() {
 
 # channels_last against the standard layout, SD1.5 UNet-only b2 and b8 and SDXL b1 (graphs): the
 # per-batch layout choice is made from these rows.
-phase_layout() {
+phase_layout_sd1() {
     python3 -m lorakit_ext bench train --weights bf16 --batch 2,8 --train unet --modes graphs --channels-last off,on \
         --steps 100 --warmup 10 --json > "$OUT/bench_layout_sd1.json" 2> "$OUT/bench_layout_sd1.log"
+    layout_rows "$OUT/bench_layout_sd1.json"
+}
+phase_layout_sdxl() {
     python3 -m lorakit_ext bench train --family sdxl --weights bf16 --batch 1 --modes graphs --channels-last off,on \
         --steps 30 --warmup 5 --json > "$OUT/bench_layout_sdxl.json" 2> "$OUT/bench_layout_sdxl.log"
-    grep -E "^bf16" "$OUT/bench_layout_sd1.log" "$OUT/bench_layout_sdxl.log"
+    layout_rows "$OUT/bench_layout_sdxl.json"
+}
+phase_layout() { phase_layout_sd1; phase_layout_sdxl; }
+layout_rows() {
+    python3 -c "import json, sys
+for r in json.load(open(sys.argv[1]))['rows']:
+    print('batch', r['batch'], 'channels_last', r['channels_last'], f\"{r['it_per_s']:.2f} it/s, reserved {r['peak_reserved_gib']:.2f} GiB\")" "$1"
 }
 
 phase_queue() {

@@ -12,6 +12,7 @@
 #   bash dev/gpu_session.sh setup triton                # the Triton GroupNorm+SiLU: its tests on CUDA, then b8 with and without
 #   bash dev/gpu_session.sh setup compile               # compiled UNet blocks against stock at b8 and b2, compile time per shape
 #   bash dev/gpu_session.sh setup startup               # the seed run's start-up under cProfile, memory over time, kohya beside it
+#   bash dev/gpu_session.sh setup profile_sources       # SD1.5 b8: the operators and lines behind the elementwise/copy time
 #   bash dev/gpu_session.sh setup layout                # channels_last against the standard layout at SD1.5 b2/b8 and SDXL b1 (layout_sd1, layout_sdxl)
 #
 # Inputs, git-ignored and carried along (never committed):
@@ -170,6 +171,13 @@ phase_triton() {
 print('triton', sys.argv[2], f\"{r['it_per_s']:.2f} it/s, step {k['step_ms']:.1f} ms:\", {n: round(ms, 1) for n, ms in k['kinds_ms'].items()})" \
             "$OUT/bench_b8_triton$on.json" "$on"
     done
+}
+
+# Which operators and Python lines the elementwise/copy/cast time of SD1.5 UNet batch 8 comes
+# from (backward operators on the forward lines they differentiate).
+phase_profile_sources() {
+    python3 dev/profile_step.py --batch 8 --train unet --sources --top 40 > "$OUT/profile_sources_b8.txt" 2>&1
+    sed -n '/by operator/,$p' "$OUT/profile_sources_b8.txt" | cut -c1-220 | head -30
 }
 
 # Compiled UNet blocks against stock, b8 and b2 (graphs): it/s, the first warm-up step per shape

@@ -5,6 +5,9 @@ eager step's summed kernel time is the floor a graph can reach. Profiles eager s
 Trainer on a random full-size SD1.5 (:mod:`lorakit_ext.bench.kernel_profile` sorts the kernels).
 
     python dev/profile_step.py --batch 8 --train unet
+    python dev/profile_step.py --batch 8 --train unet --sources   # + which lines the copies come from
+
+``--tiny --device cpu`` checks the tool itself on the tiny model.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ def main() -> None:
     ap.add_argument("--train", choices=("te", "unet"), default="unet")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--sources", action="store_true", help="also the operators and Python lines behind the elementwise/copy/cast time")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
-    device = torch.device("cuda")
-    sd_model = build_random_sd15(device, WEIGHTS["bf16"], full=True)
+    device = torch.device(args.device)
+    sd_model = build_random_sd15(device, WEIGHTS["bf16" if device.type == "cuda" else "fp32"], full=not args.tiny)
     first, last = 4, 4 + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         project = create_project(Path(tmp), "profile")
@@ -45,7 +51,7 @@ def main() -> None:
         model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
         job = TrainJob(config, project, project.path / "out", project.runs / "p", patch_attention=True)
         job.run_dir.mkdir(parents=True)
-        profiler = StepProfiler(device, first, last)
+        profiler = StepProfiler(device, first, last, sources=args.sources)
         Trainer(model, job, on_progress=profiler).run()
     result = profiler.result
     print(f"batch {args.batch}, {args.train}: GPU kernel time {result['step_ms']:.1f} ms per step "
@@ -55,6 +61,10 @@ def main() -> None:
     print("top kernels:")
     for kernel in result["top"][: args.top]:
         print(f"  {kernel['ms']:7.2f} ms  {kernel['calls']:5d}x  {kernel['name'][:110]}")
+    if args.sources:
+        print("elementwise/copy/cast by operator and caller:")
+        for row in result["elementwise_sources"][: args.top]:
+            print(f"  {row['ms']:7.2f} ms  {row['calls']:5d}x  {row['op']:<22} " + " <- ".join(row["callers"]))
 
 
 if __name__ == "__main__":

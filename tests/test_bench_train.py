@@ -129,6 +129,26 @@ def test_the_step_profiler_measures_the_steps_between_its_marks():
     assert calls["aten::mm"] == 1  # per step: two steps were profiled, one product each
 
 
+def _transposed_product(weight):
+    return (weight.t().contiguous() @ weight).sum()
+
+
+def test_the_step_profiler_names_the_lines_that_copy():
+    from lorakit_ext.bench.kernel_profile import StepProfiler
+    from lorakit_ext.train.events import Progress
+
+    profiler = StepProfiler(torch.device("cpu"), 2, 4, sources=True)
+    weight = torch.randn(256, 256)
+    for step in range(1, 6):
+        _transposed_product(weight)
+        profiler(Progress("training", step=step, total_steps=5))
+    sources = profiler.result["elementwise_sources"]
+    copy = next(row for row in sources if row["op"] == "aten::copy_")
+    assert copy["calls"] >= 1 and copy["ms"] > 0
+    assert "test_bench_train.py" in copy["callers"][0] and copy["callers"][0].endswith("_transposed_product"), copy
+    assert not any("torch/" in frame for row in sources for frame in row["callers"])
+
+
 def test_kernel_breakdown_adds_each_rows_kinds_to_the_figures_and_the_report(monkeypatch, capsys):
     from lorakit_ext.bench import kernel_profile
 
@@ -267,3 +287,22 @@ def test_our_rows_train_every_image_as_kohyas_row_does():
     _apply_family_defaults(args)
     plan = plan_for(bench_config(args, batch=2, unet_only=False, checkpointing=False), 126)
     assert plan.lines[0].startswith("Found 126 images") and not any("Validation" in line for line in plan.lines)
+
+
+def _activation(x):
+    return torch.nn.functional.silu(x)
+
+
+def test_backward_time_is_put_on_the_forward_lines_it_differentiates():
+    from lorakit_ext.bench.kernel_profile import StepProfiler
+    from lorakit_ext.train.events import Progress
+
+    profiler = StepProfiler(torch.device("cpu"), 2, 4, sources=True)
+    x = torch.randn(64, 4096, requires_grad=True)
+    for step in range(1, 6):
+        _activation(x).sum().backward()
+        profiler(Progress("training", step=step, total_steps=5))
+    rows = {row["op"]: row for row in profiler.result["elementwise_sources"]}
+    backward = rows["aten::silu_backward"]
+    assert backward["callers"][0] == "backward of aten::silu", backward
+    assert "test_bench_train.py" in backward["callers"][1] and backward["callers"][1].endswith("_activation"), backward

@@ -47,16 +47,84 @@ def breakdown(events: list[tuple[str, float, int]], steps: int) -> dict:
     }
 
 
+ELEMENTWISE = "elementwise/copy/cast"
+# Frames of torch's own Python (its modules' __call__, autograd's plumbing) say nothing about which
+# layer asked for a copy; the caller's lines do.
+_PYTHON_FRAME = re.compile(r"\.py\(\d+\): |^<string>\(\d+\): ")
+_TORCH_FRAME = re.compile(r"(^|[/\\])torch[/\\]")
+
+
+_BACKWARD = "autograd::engine::evaluate_function"
+
+
+def _python_frames(event) -> list[str]:
+    """The Python lines that led to ``event``, innermost first: its recorded stack (torch before
+    2.5), else the Python-function events above it in the trace (later torch)."""
+    frames = list(event.stack or ())
+    parent = event.cpu_parent
+    while parent is not None and len(frames) < 64:
+        if not event.stack and _PYTHON_FRAME.search(parent.name):
+            frames.append(parent.name)
+        parent = parent.cpu_parent
+    return [frame for frame in frames if not _TORCH_FRAME.search(frame)]
+
+
+def _backward_node(event):
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith(_BACKWARD):
+        parent = parent.cpu_parent
+    return parent
+
+
+def _callers(event, forward_ops: dict, depth: int = 3) -> list[str]:
+    """Where ``event`` comes from: its Python lines, or for an operator of the backward pass
+    (whose Python stack is only ``loss.backward()``) the lines of the forward operator it
+    differentiates, marked "backward of"."""
+    node = _backward_node(event)
+    candidates = forward_ops.get(node.sequence_nr, []) if node is not None else []
+    if not candidates:
+        return _python_frames(event)[:depth]
+    # Several operators share a sequence number (a cast inside the one that made the node, say):
+    # SiluBackward0 differentiates aten::silu.
+    differentiated = re.sub(r"Backward\d*$", "", node.name.split(": ", 1)[-1]).lower()
+    forward = next((op for op in candidates if op.name[6:].replace("_", "") == differentiated), candidates[0])
+    return [f"backward of {forward.name}", *_python_frames(forward)[:depth]]
+
+
+def elementwise_sources(events, cuda: bool, steps: int, top: int = 20) -> list[dict]:
+    """The elementwise/copy/cast time per step by torch operator and the Python lines that called
+    it, largest first; ``events``: a profile's events, recorded with stacks. An operator's own
+    device time is that of the kernels it launched itself."""
+    events = list(events)
+    # Backward nodes carry the sequence number of the forward operator that recorded them.
+    forward_ops: dict[int, list] = {}
+    for e in events:
+        if e.name.startswith("aten::") and e.sequence_nr >= 0 and _backward_node(e) is None:
+            forward_ops.setdefault(e.sequence_nr, []).append(e)
+    rows: dict[tuple, list] = {}
+    for e in events:
+        micros = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if micros > 0 and e.name.startswith("aten::") and kind_of(e.name) == ELEMENTWISE:
+            row = rows.setdefault((e.name, tuple(_callers(e, forward_ops))), [0.0, 0])
+            row[0] += micros
+            row[1] += 1
+    ranked = sorted(rows.items(), key=lambda item: -item[1][0])[:top]
+    return [{"op": op, "ms": micros / steps / 1000, "calls": calls // steps, "callers": list(callers)}
+            for (op, callers), (micros, calls) in ranked]
+
+
 class StepProfiler:
     """A ``Trainer`` progress hook that profiles optimizer steps ``first`` … ``last - 1``: on CUDA the
-    kernels' device time, on the CPU the operators' own time."""
+    kernels' device time, on the CPU the operators' own time. ``sources``: also which operators
+    and Python lines the elementwise/copy/cast time comes from (slower: records every call's stack)."""
 
-    def __init__(self, device: torch.device, first: int, last: int):
+    def __init__(self, device: torch.device, first: int, last: int, *, sources: bool = False):
         from torch.profiler import ProfilerActivity, profile
 
-        self.device, self.first, self.last = device, first, last
+        self.device, self.first, self.last, self.sources = device, first, last, sources
         cuda = device.type == "cuda"
-        self._profile = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+        activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if cuda and sources else [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]
+        self._profile = profile(activities=activities, with_stack=sources)
         self.result: dict | None = None
 
     def __call__(self, progress) -> None:
@@ -69,12 +137,19 @@ class StepProfiler:
         elif progress.step == self.last:
             self._profile.__exit__(None, None, None)
             self.result = breakdown(self._events(), self.last - self.first)
+            if self.sources:
+                self.result["elementwise_sources"] = elementwise_sources(
+                    self._profile.events(), self.device.type == "cuda", self.last - self.first)
 
     def _events(self) -> list[tuple[str, float, int]]:
+        from torch.autograd import DeviceType
+
         cuda = self.device.type == "cuda"
         events = []
         for e in self._profile.key_averages():
             micros = e.self_device_time_total if cuda else e.self_cpu_time_total
-            if micros > 0 and (cuda or e.key.startswith("aten::")):
+            # On CUDA the kernels alone: with stacks recorded, the operators that launched them
+            # carry the same device time again.
+            if micros > 0 and (e.device_type != DeviceType.CPU if cuda else e.key.startswith("aten::")):
                 events.append((e.key, float(micros), int(e.count)))
         return events

@@ -58,8 +58,9 @@ _BACKWARD = "autograd::engine::evaluate_function"
 
 
 def _python_frames(event) -> list[str]:
-    """The Python lines that led to ``event``, innermost first: its recorded stack (torch before
-    2.5), else the Python-function events above it in the trace (later torch)."""
+    """The Python lines that led to ``event``, innermost first: the stack torch attached to it
+    where it does, else the Python-function events above it in the trace (torch 2.13 records them
+    so)."""
     frames = list(event.stack or ())
     parent = event.cpu_parent
     while parent is not None and len(frames) < 64:

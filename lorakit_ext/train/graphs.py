@@ -48,8 +48,8 @@ def _mapped(text, fn):
 
 
 def _pool_routing():
-    """torch's calls that send one stream's allocations to a private pool (their names changed in
-    torch 2.2), or None where this torch has none."""
+    """torch's calls that send one stream's allocations to a private pool (the one that ends it
+    has had two names), or None where this torch has none."""
     begin = getattr(torch._C, "_cuda_beginAllocateCurrentStreamToPool", None)
     end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
     release = getattr(torch._C, "_cuda_releasePool", None)

@@ -62,11 +62,12 @@ def _python_frames(event) -> list[str]:
     where it does, else the Python-function events above it in the trace (torch 2.13 records them
     so)."""
     frames = list(event.stack or ())
-    parent = event.cpu_parent
-    while parent is not None and len(frames) < 64:
-        if not event.stack and _PYTHON_FRAME.search(parent.name):
-            frames.append(parent.name)
-        parent = parent.cpu_parent
+    if not frames:
+        parent = event.cpu_parent
+        while parent is not None:
+            if _PYTHON_FRAME.search(parent.name):
+                frames.append(parent.name)
+            parent = parent.cpu_parent
     return [frame for frame in frames if not _TORCH_FRAME.search(frame)]
 
 

@@ -19,6 +19,7 @@ from collections import Counter
 
 import torch
 
+from lorakit_ext.train.gpu_memory import cuda_index
 from lorakit_ext.train.step import settings_sync_reason
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _allocating_to(pool, device: torch.device):
     """The current stream's allocations come from ``pool``: those of the backward pass too, which
     runs on the stream of its forward."""
     begin, end, release = _pool_routing()
-    index = torch.cuda.current_device() if device.index is None else device.index
+    index = cuda_index(device)
     begin(index, pool)
     try:
         yield
@@ -213,14 +214,14 @@ class GraphedStep:
             self.pool = graph.pool()
         entry = _Graph(graph, static_latents, static_text, static_sizes, static_weights, static_loss)
         self.graphs[key] = entry
-        added = (torch.cuda.memory_reserved() - reserved) / 2**30
+        now = torch.cuda.memory_reserved() / 2**30
+        added = now - reserved / 2**30
         self.pools.append({"latents": list(key[0]), "first": flags["first"], "last": flags["last"],
-                           "warmup_s": self.warmup_s.get(key, []), "pool_added_gib": round(added, 3), "reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3),
+                           "warmup_s": self.warmup_s.get(key, []), "pool_added_gib": round(added, 3), "reserved_gib": round(now, 3),
                            # the peaks before and after the capture: whether the warm-ups or the capture set them
                            "reserved_peak_before_gib": round(reserved_peak / 2**30, 3),
                            "reserved_peak_after_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)})
-        log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)",
-                 key[0], added, torch.cuda.memory_reserved() / 2**30)
+        log.info("captured the training step for batch shape %s; memory pool +%.2f GiB (%.2f GiB reserved)", key[0], added, now)
         return entry
 
     def release(self) -> None:

@@ -70,6 +70,28 @@ def test_missing_ldm_says_how_to_install(monkeypatch):
         import_ldm.cache_clear()
 
 
+def _ones_after_zero_module(zero_module) -> bool:
+    layer = torch.nn.Conv2d(2, 2, 1)
+    torch.nn.init.ones_(layer.weight)
+    zero_module(layer)
+    return bool(layer.weight.eq(1).all())
+
+
+def test_a_build_for_a_checkpoint_leaves_block_outputs_unwritten_and_restores_zero_module(tiny_ckpt):
+    """ldm zeroes every block's output layer as it builds: a quarter of a full UNet written page by
+    page, which the checkpoint overwrites. Models built for other uses still get their zeros."""
+    import ldm.modules.diffusionmodules.openaimodel as openaimodel
+
+    from lorakit_ext.models.ldm_import import _zero_module_holders, skip_random_init
+
+    load_sd_checkpoint(tiny_ckpt)
+    holders = _zero_module_holders()
+    assert openaimodel in holders
+    with skip_random_init():
+        assert all(_ones_after_zero_module(module.zero_module) for module in holders)
+    assert not any(_ones_after_zero_module(module.zero_module) for module in holders)
+
+
 # ---- the tiny SD1.5 model ------------------------------------------------------------------------
 
 

@@ -165,3 +165,26 @@ def test_zero_terminal_snr_on_an_epsilon_model_is_refused_before_training(tmp_pa
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "zero_terminal_snr" in err and "v-prediction" in err
     assert not list((project.path / "output").glob("*.safetensors"))
+
+
+def test_loading_sdxl_leaves_its_block_outputs_unwritten_and_restores_zero_module(tmp_path):
+    """sgm zeroes every block's output layer as it builds; the checkpoint overwrites them."""
+    sgm_dir()
+    from lorakit_ext.models.checkpoint import load_sd_checkpoint
+    from lorakit_ext.models.ldm_import import _zero_module_holders, skip_random_init
+
+    checkpoint = write_tiny_sdxl_checkpoint(tmp_path / "model")
+    model, _ = load_sd_checkpoint(checkpoint)
+    output_layer = model.model.diffusion_model.out[-1]
+    assert not output_layer.weight.eq(0).all()  # the file's weights, not zeros left by the build
+
+    def zeroes(zero_module) -> bool:
+        layer = torch.nn.Conv2d(2, 2, 1)
+        torch.nn.init.ones_(layer.weight)
+        return bool(zero_module(layer).weight.eq(0).all())
+
+    holders = [module for module in _zero_module_holders() if module.__name__.startswith("sgm.")]
+    assert "sgm.modules.diffusionmodules.openaimodel" in {module.__name__ for module in holders}
+    with skip_random_init():
+        assert not any(zeroes(module.zero_module) for module in holders)
+    assert all(zeroes(module.zero_module) for module in holders)

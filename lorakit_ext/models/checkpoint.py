@@ -149,8 +149,8 @@ def _config_for(path: Path, config: Path | None, family: ModelFamily, state_dict
 
 
 def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path, family: ModelFamily,
-                  dtype: torch.dtype) -> None:
-    """Puts the file's tensors into ``model`` as its parameters (converted to ``dtype``), without
+                  dtype: torch.dtype, device: torch.device) -> None:
+    """Puts the file's tensors into ``model`` as its parameters, on ``device`` in ``dtype``, without
     ever writing the model's own uninitialised fp32 storage: peak memory is about the file's size."""
     own = model.state_dict()
     # Top-level buffers (the noise schedule) are computed from the config; so are the family's
@@ -172,7 +172,9 @@ def _load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], p
             "fix or remove the .yaml beside it."
         )
     del own
-    converted = {k: v.to(dtype) if v.is_floating_point() else v.to(_dtype_of(model, k)) for k, v in usable.items()}
+    # Moved first, then cast: a blocking copy to a GPU that changes the dtype casts on the CPU
+    # (fp16 → bf16 of SD1.5 took 5 s on two cores), the GPU casts in milliseconds.
+    converted = {k: v.to(device).to(dtype if v.is_floating_point() else _dtype_of(model, k)) for k, v in usable.items()}
     with torch.no_grad():
         model.load_state_dict(converted, strict=False, assign=True)
 
@@ -207,7 +209,7 @@ def load_sd_checkpoint(
     if not from_file:
         family.check_standard_widths(state_dict, path)
     model = family.build(cfg)
-    _load_weights(model, _model_layout(state_dict, model), path, family, dtype)
+    _load_weights(model, _model_layout(state_dict, model), path, family, dtype, torch.device(device))
     del state_dict
     family.settle_prediction(model, from_file)
     place_model(model, device, dtype)

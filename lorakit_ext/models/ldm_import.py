@@ -58,6 +58,8 @@ def import_torchvision() -> None:
 def _ignore_import_warnings() -> None:
     warnings.simplefilter("ignore", DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*pkg_resources.*")
+    # open_clip 2.20 imports timm.models.layers, which timm ≥ 0.9 calls deprecated (A1111's own venv).
+    warnings.filterwarnings("ignore", message="Importing from timm.models.layers", category=FutureWarning)
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,8 +35,14 @@ def test_train_prints_each_epochs_validation_loss_and_suggests_the_lowest(traine
     saved = json.loads((Path(out["run_dir"]) / "epochs.json").read_text())
     assert saved["suggestion"] == out["suggestion"] and saved["grid_measured"] is False
     # Where the start-up went, in the output and the run record.
-    recorded = json.loads((Path(out["run_dir"]) / "run.json").read_text())["phases_s"]
-    assert list(recorded)[:3] == ["imports", "checks", "load_model"] and recorded == out["phases_s"]
+    record = json.loads((Path(out["run_dir"]) / "run.json").read_text())
+    # What each epoch's end took (the time between one epoch's last step and the next one's first).
+    assert [end["epoch"] for end in record["epoch_end_s"]] == [1, 2, 3]
+    assert all(set(end) == {"epoch", "validation", "files_and_samples", "resume_state"} and end["validation"] > 0
+               for end in record["epoch_end_s"])
+    recorded = record["phases_s"]
+    assert list(recorded)[:6] == ["imports", "checks", "read_checkpoint", "build_model", "weights_to_device", "wait_for_hashes"]
+    assert recorded == out["phases_s"]
     assert {"latents", "network", "to_first_step"} <= set(recorded)
     assert recorded["to_first_step"] >= recorded["latents"] >= 0 and recorded["checks"] > 0
 

@@ -139,9 +139,9 @@ def run(args) -> Result:
             return _follow(args, project, world)
         with ProjectLock(project.path, "training (CLI)"):
             try:
-                point, options, config = _settings(args, project, world)
+                point, options, config, family = _settings(args, project, world)
                 placement = _device_and_dtype(world.device(options["device"]), options["weights"])
-                args.imported += _import_training_stack()
+                args.imported += _import_training_stack(family)
                 pre = _preflight(args, project, config, options, point, world, placement[0])
             except UserError as exc:
                 world.broadcast(("error", str(exc)))
@@ -151,30 +151,34 @@ def run(args) -> Result:
 
 
 def _settings(args, project, world):
-    """``(resume point or None, front-door options, TrainConfig)`` of the run the arguments ask for."""
+    """``(resume point or None, front-door options, TrainConfig, the checkpoint's family)`` of the
+    run the arguments ask for; the family is None on a resume and for a missing file."""
     from lorakit_ext.train.resume import resume_point
 
     if args.resume:
         point = resume_point(project, args.resume)
-        return point, _resume_options(args, point, world), point.config
+        return point, _resume_options(args, point, world), point.config, None
     from lorakit_ext.models.checkpoint import family_of_checkpoint
     from lorakit_ext.models.families.sd1 import SD1
 
     options = _options(args, project, world)
     # The family's defaults apply; a missing file is reported when it loads, after the settings
     # and the dataset were checked.
-    family = family_of_checkpoint(options["base_model"]) if Path(options["base_model"]).is_file() else SD1
-    return None, options, config_from_args(args, family)
+    family = family_of_checkpoint(options["base_model"]) if Path(options["base_model"]).is_file() else None
+    return None, options, config_from_args(args, family or SD1), family
 
 
-def _import_training_stack() -> float:
-    """Imports the trainer (transformers and peft with it: seconds on a large environment) once
-    the settings are known good; returns the seconds, which the run record counts as imports rather
-    than as the checks that would otherwise pay them."""
+def _import_training_stack(family) -> float:
+    """Imports the trainer (transformers and peft with it: seconds on a large environment) and the
+    checkpoint's ``family``'s model code (where known) once the settings are known good; returns
+    the seconds, which the run record counts as imports rather than as the checks or the model
+    build that would otherwise pay them."""
     started = time.perf_counter()
     import lorakit_ext.train.loop  # noqa: F401
     import lorakit_ext.train.preflight  # noqa: F401
 
+    if family is not None:
+        family.import_code()
     return time.perf_counter() - started
 
 
@@ -197,7 +201,7 @@ def _follow(args, project, world) -> Result:
     if told[0] == "error":
         raise UserError(told[1])
     _, stem, fingerprint = told
-    point, options, config = _settings(args, project, world)
+    point, options, config, _ = _settings(args, project, world)
     data = dataset_schedule(config, project.dataset, world.size)
     if schedule_fingerprint(data) != fingerprint:
         raise UserError(f"rank {world.rank} read another dataset than rank 0 (it changed while the run started); start it again")
@@ -220,8 +224,9 @@ def _train(args, project, config, options, pre, point, world, placement, hashes=
     device, dtype = placement
     grow_segments_in_place(device)
     loading = time.perf_counter()
-    sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype, hashes=hashes)
-    loaded_s = round(time.perf_counter() - loading, 3)
+    loaded: dict[str, float] = {}
+    sd_model, info = load_sd_checkpoint(options["base_model"], options["model_config"], device=device, dtype=dtype, hashes=hashes,
+                                        phases=loaded)
     if point is not None:
         check_unchanged(point, fingerprint=pre.fingerprint, model_sha256=info.sha256, force=args.force)
     model = adapter_for(sd_model, clip_skip=config.clip_skip, max_token_length=config.max_token_length)
@@ -236,8 +241,7 @@ def _train(args, project, config, options, pre, point, world, placement, hashes=
                 from lorakit_ext.compare.sample import headless_sampler
 
                 sampler = headless_sampler(model, zero_terminal_snr=config.zero_terminal_snr)
-            startup = {"imports": round(args.imported - args.started, 3), "checks": round(loading - args.imported, 3),
-                       "load_model": loaded_s}
+            startup = {"imports": round(args.imported - args.started, 3), "checks": round(loading - args.imported, 3), **loaded}
             trainer = Trainer(model, job, on_progress=ProgressPrinter() if world.main else None, should_stop=should_stop, sampler=sampler,
                               phases=startup)
             result = trainer.run(point.state if point else None)

@@ -8,6 +8,7 @@ the file is, and what that family cannot load, its :mod:`~lorakit_ext.models.fam
 from __future__ import annotations
 
 import re
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,7 @@ def load_sd_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     hashes: Future | None = None,
+    phases: dict[str, float] | None = None,
 ):
     """Loads a checkpoint as its family's model (ldm's ``LatentDiffusion``, sgm's ``DiffusionEngine``);
     returns ``(model, ModelInfo)``.
@@ -197,26 +199,46 @@ def load_sd_checkpoint(
     The config is ``config``, else the .yaml beside the checkpoint with the same name, else the
     family's, detected from the keys (SD2's ε or v by A1111's test forward pass). Nothing is downloaded.
     ``hashes``: the file's :func:`~lorakit_ext.models.file_hashes.hashes_in_background` if the caller
-    started it earlier; else it starts here, beside the loading.
+    started it earlier; else it starts here, beside the loading. ``phases``: where given, gets the
+    seconds of each part (read_checkpoint, build_model, weights_to_device, wait_for_hashes).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"The checkpoint {path} does not exist; check the path.")
     hashes = hashes or hashes_in_background(path)
+    timer = _PhaseTimer(phases)
     state_dict = read_state_dict(path)
     family = detect_family(state_dict, path)
     cfg, from_file = _config_for(path, Path(config) if config is not None else None, family, state_dict)
     if not from_file:
         family.check_standard_widths(state_dict, path)
+    timer.done("read_checkpoint")
     model = family.build(cfg)
+    timer.done("build_model")
     _load_weights(model, _model_layout(state_dict, model), path, family, dtype, torch.device(device))
     del state_dict
     family.settle_prediction(model, from_file)
     place_model(model, device, dtype)
+    timer.done("weights_to_device")
     sha256, legacy = hashes.result()
+    timer.done("wait_for_hashes")
     v = model.parameterization == "v"
     info = ModelInfo(path, family, v, family.resolution(v), sha256, legacy)
     return model, info
+
+
+class _PhaseTimer:
+    """Writes the seconds since the last mark into ``phases`` under each name (nothing where None)."""
+
+    def __init__(self, phases: dict[str, float] | None):
+        self.phases = phases
+        self.mark = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.phases is not None:
+            self.phases[name] = round(now - self.mark, 3)
+        self.mark = now
 
 
 def place_model(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:

@@ -77,6 +77,8 @@ class Trainer(StartCaches):
         # GPU: the most memory allocated and reserved so far at the end of each phase (run.json's
         # memory_peaks_gib): the first phase whose figure reaches the run's is where the peak is.
         self.memory_peaks: dict[str, dict[str, float]] = {}
+        # Seconds each epoch's end took, by part (run.json's epoch_end_s): time between epochs' steps.
+        self.epoch_ends: list[dict[str, float]] = []
 
     @contextlib.contextmanager
     def _phase(self, name: str):
@@ -153,7 +155,8 @@ class Trainer(StartCaches):
                 position, losses = self._train(cache, items, train_captions, buckets, schedule, saver, record, resume_state,
                                                validation, text_cache, validation_text)
         self._note_memory_peak("run")
-        record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases, graph_pools=self.graph_pools,
+        record.finish("finished", losses, saver.files, self.validation_losses, phases=self.phases, epoch_ends=self.epoch_ends,
+                      graph_pools=self.graph_pools,
                       memory_peaks_gib=self.memory_peaks)
         return RunResult("finished", list(saver.files), losses, position.global_step, self.job.run_dir, list(self.validation_losses))
 
@@ -258,14 +261,20 @@ class Trainer(StartCaches):
                         self._sample(network, train_captions, epoch + 1, schedule.epochs, position.global_step)
                 self._flush(pending, losses, position.global_step)
                 position = Position(epoch + 1, 0, position.global_step)
+                marks = [time.perf_counter()]
                 validation_loss = validate(epoch + 1)
+                marks.append(time.perf_counter())
                 self.on_progress(Progress("saving", epoch=epoch + 1, epochs=schedule.epochs, step=position.global_step, total_steps=schedule.total_steps))
                 if world.main:
                     for path in saver.save_epoch(network, epoch + 1, position.global_step, validation_loss):
                         self.on_epoch_file(path)
                     self._sample(network, train_captions, epoch + 1, schedule.epochs)
+                marks.append(time.perf_counter())
                 save(position)
-                record.update(losses, saver.files, self.validation_losses, self.phases)
+                marks.append(time.perf_counter())
+                self.epoch_ends.append({"epoch": epoch + 1, **{part: round(b - a, 3) for part, a, b in
+                                                               zip(("validation", "files_and_samples", "resume_state"), marks, marks[1:])}})
+                record.update(losses, saver.files, self.validation_losses, self.phases, self.epoch_ends)
                 if position.global_step >= schedule.total_steps:
                     break
         return position, losses

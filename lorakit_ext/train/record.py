@@ -107,9 +107,10 @@ class RunRecord:
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
     def update(self, losses: list[float], files: list[Path], validation: list[tuple[int, int, float]] = (),
-               phases: dict | None = None) -> None:
+               phases: dict | None = None, epoch_ends: list[dict] | None = None) -> None:
         """``validation``: ``(epoch, step, loss)`` rows; each loss goes beside its step's.
-        ``phases``: seconds each part of the start took (latents, network, first step…)."""
+        ``phases``: seconds each part of the start took (latents, network, first step…);
+        ``epoch_ends``: each epoch end's seconds by part (validation, files and samples, resume state)."""
         at_step = {step: loss for _, step, loss in validation}
         rows = "".join(f"{i + 1},{loss:.6f},{_number(at_step.get(i + 1))}\n" for i, loss in enumerate(losses))
         atomic_write_text(self.run_dir / "loss.csv", "step,loss,validation_loss\n" + rows)
@@ -118,6 +119,8 @@ class RunRecord:
         self.info["validation"] = [{"epoch": e, "step": s, "loss": v} for e, s, v in validation]
         if phases:
             self.info["phases_s"] = dict(phases)
+        if epoch_ends:
+            self.info["epoch_end_s"] = list(epoch_ends)
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
     def fail(self, error: str) -> None:
@@ -129,9 +132,10 @@ class RunRecord:
         self.info.update(status=status, finished_at=time.time(), **details)
         atomic_write_json(self.run_dir / RUN_FILE, self.info)
 
-    def finish(self, status: str, losses: list[float], files: list[Path], validation=(), phases=None, **details) -> None:
+    def finish(self, status: str, losses: list[float], files: list[Path], validation=(), phases=None, epoch_ends=None,
+               **details) -> None:
         self.info.update(status=status, finished_at=time.time(), **details)
-        self.update(losses, files, validation, phases)
+        self.update(losses, files, validation, phases, epoch_ends)
 
 
 def _number(value: float | None) -> str:

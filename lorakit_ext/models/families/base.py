@@ -108,6 +108,11 @@ class ModelFamily(ABC):
         """The model config of a checkpoint that has no .yaml beside it."""
 
     @abstractmethod
+    def import_code(self) -> None:
+        """Imports the family's model classes (seconds on a first import): a run does it with its
+        other imports, before :meth:`build`, which would otherwise pay it."""
+
+    @abstractmethod
     def build(self, config: dict) -> nn.Module:
         """The model ``config`` describes, built offline on the CPU in fp32 with its weights left
         uninitialised: the checkpoint's come next."""

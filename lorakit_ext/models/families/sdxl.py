@@ -90,6 +90,11 @@ class SdxlFamily(ModelFamily):
 
         return sdxl_config(v="v_pred" in state_dict, clip_l_folder=SD1_TEXT_ENCODER_ID)
 
+    def import_code(self) -> None:
+        from lorakit_ext.models.sgm_import import import_sgm
+
+        import_sgm()
+
     def build(self, config: dict) -> nn.Module:
         from lorakit_ext.models.sgm_import import build_sgm
 

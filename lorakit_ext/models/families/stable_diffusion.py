@@ -60,6 +60,11 @@ class LdmFamily(ModelFamily):
                 f"(UNet {found[0]}, text {found[1]}); put its .yaml config beside it with the same name."
             )
 
+    def import_code(self) -> None:
+        from lorakit_ext.models.ldm_import import import_ldm
+
+        import_ldm()
+
     def build(self, config: dict) -> nn.Module:
         from lorakit_ext.models.ldm_import import build_latent_diffusion
 

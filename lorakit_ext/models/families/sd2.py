@@ -57,8 +57,10 @@ class Sd2Family(LdmFamily):
         x = torch.full((1, 4, 8, 8), 0.5, device=param.device, dtype=param.dtype)
         context = torch.full((1, 2, self.widths.context_dim), 0.5, device=param.device, dtype=param.dtype)
         t = torch.tensor([999], device=param.device)
-        with torch.no_grad():
-            return (unet(x, t, context=context) - x).mean().item() < -1
+        # As A1111 runs it, under autocast: ldm's timestep embedding is fp32 whatever the weights are.
+        half = param.dtype in (torch.float16, torch.bfloat16)
+        with torch.no_grad(), torch.autocast(param.device.type, dtype=param.dtype, enabled=half):
+            return (unet(x, t, context=context).float() - x.float()).mean().item() < -1
 
     def architecture(self, v: bool) -> str:
         return "stable-diffusion-v2-768-v/lora" if v else "stable-diffusion-v2-512/lora"

@@ -12,6 +12,7 @@
 #   bash dev/gpu_session.sh setup triton                # the Triton GroupNorm+SiLU: its tests on CUDA, then b8 with and without
 #   bash dev/gpu_session.sh setup compile               # compiled UNet blocks against stock at b8 and b2, compile time per shape
 #   bash dev/gpu_session.sh setup startup               # the seed run's start-up under cProfile, memory over time, kohya beside it
+#   bash dev/gpu_session.sh setup startup_kohya_libs    # the same start-up on kohya's transformers 4.54 and peft 0.13.2
 #   bash dev/gpu_session.sh setup profile_sources       # SD1.5 b8: the operators and lines behind the elementwise/copy time
 #   bash dev/gpu_session.sh setup layout                # channels_last against the standard layout at SD1.5 b2/b8 and SDXL b1 (layout_sd1, layout_sdxl)
 #
@@ -19,6 +20,7 @@
 #   .whl/                 wheels for the machine's Python: ldm's and sgm's needs, the optional optimizers
 #   .gpu/sgm/             Stability-AI/generative-models' sgm package (SDXL's model code)
 #   .gpu/kohya-wheels/    the packages sd-scripts 48d368f pins (transformers 4.54.1, diffusers 0.32.1, …)
+#   .gpu/pinned-wheels/   peft 0.13.2 (dev/constraints.txt's), for startup_kohya_libs
 #   .kohya/sd-scripts/    sd-scripts 48d368f: library, networks, train_network.py, sdxl_train_network.py
 # Results and logs go to $OUT (default /tmp/out).
 set -uo pipefail
@@ -68,24 +70,42 @@ phase_seed() {
 
 # Where the start-up goes: a short run on the seed dataset (under cProfile with STARTUP_PROFILE=1),
 # then again (warm page cache) with -X importtime and nvidia-smi's memory over time, then kohya from
-# that run's TOML pair (SEED_KOHYA_STEPS=0: not).
-phase_startup() {
-    local extra=()
+# that run's TOML pair (SEED_KOHYA_STEPS=0: not). $1 names the work folder under /tmp and the files.
+startup_rows() {
+    local name=$1 work=/tmp/$1 extra=()
     [ "${STARTUP_PROFILE:-0}" = 1 ] && extra+=(--profile)
     [ "${SEED_KOHYA_STEPS:-60}" != 0 ] && extra+=("${KOHYA[@]}" --kohya-steps "${SEED_KOHYA_STEPS:-60}")
-    timeout "${STARTUP_LIMIT:-420}" python3 dev/seed_run.py --out /tmp/start --max-steps 60 "${extra[@]}" 2>&1 | tail -5
-    if [ -f /tmp/start/train.prof ]; then
-        python3 -c "import pstats, sys; s = pstats.Stats('/tmp/start/train.prof', stream=sys.stdout); s.sort_stats('cumulative').print_stats(150); s.sort_stats('tottime').print_stats(40)
+    timeout "${STARTUP_LIMIT:-420}" python3 dev/seed_run.py --out "$work" --max-steps 60 "${extra[@]}" 2>&1 | tail -5
+    if [ -f "$work/train.prof" ]; then
+        python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1], stream=sys.stdout); s.sort_stats('cumulative').print_stats(150); s.sort_stats('tottime').print_stats(40)
 s.print_callers('custom_ops.py|library.py:129|_top_level_inferred|_jit_internal.py.*_overload|fsdp/__init__|graphs.py.*pool|cli/train.py')" \
-            > "$OUT/startup_profile.txt" 2>&1
+            "$work/train.prof" > "$OUT/${name}_profile.txt" 2>&1
     fi
-    cp /tmp/start/seed_run.json "$OUT/startup_run.json"
-    cp /tmp/start/train.log "$OUT/startup_train.log"
-    cp /tmp/start/first.log "$OUT/startup_first.log"
-    local runs=(/tmp/start/work/projects/kat3r1na/runs/*)
-    cp "${runs[0]}/run.json" "$OUT/startup_first_run.json" 2>/dev/null
-    cp "${runs[-1]}/run.json" "$OUT/startup_run_record.json" 2>/dev/null
-    cp /tmp/start/work/kohya/kohya.log "$OUT/startup_kohya.log" 2>/dev/null
+    cp "$work/seed_run.json" "$OUT/${name}_run.json"
+    # -X importtime writes thousands of lines: the log comes back without them, the slowest imports
+    # (cumulative µs, nesting depth, module) beside it.
+    grep -v "import time:" "$work/train.log" > "$OUT/${name}_train.log"
+    grep "import time:" "$work/train.log" | awk -F'|' '{n = $3; sub(/^ /, "", n); depth = match(n, /[^ ]/) - 1
+        if (depth <= 8) print $2, depth / 2, substr(n, depth + 1)}' | sort -rn | head -150 > "$OUT/${name}_imports.txt"
+    cp "$work/first.log" "$OUT/${name}_first.log"
+    local runs=("$work"/work/projects/kat3r1na/runs/*)
+    cp "${runs[0]}/run.json" "$OUT/${name}_first_run.json" 2>/dev/null
+    cp "${runs[-1]}/run.json" "$OUT/${name}_run_record.json" 2>/dev/null
+    cp "$work/work/kohya/kohya.log" "$OUT/${name}_kohya.log" 2>/dev/null
+}
+phase_startup() { startup_rows startup; }
+
+# The same start-up with kohya's library set in front of the machine's (transformers 4.54.1,
+# accelerate 1.6, huggingface_hub 0.34, from .gpu/kohya-wheels) and dev/constraints.txt's peft
+# 0.13.2 (.gpu/pinned-wheels): what the machine's transformers 5 costs the imports, and both sides
+# on the same libraries.
+phase_startup_kohya_libs() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pinned .gpu/pinned-wheels/*.whl || return
+    local path="/tmp/pinned:/tmp/kohya-site:$PYTHONPATH"
+    PYTHONPATH=$path python3 -c "import transformers, peft, accelerate, huggingface_hub as h
+print('kohya libs: transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'hub', h.__version__)" \
+        | tee -a "$OUT/gpu.txt"
+    PYTHONPATH=$path startup_rows startup_kohya_libs
 }
 
 # Graphs only and few steps, so that both sides' rows of one batch size fit a call; kohya's

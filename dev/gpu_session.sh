@@ -13,6 +13,7 @@
 #   bash dev/gpu_session.sh setup compile               # compiled UNet blocks against stock at b8 and b2, compile time per shape
 #   bash dev/gpu_session.sh setup startup               # the seed run's start-up under cProfile, memory over time, kohya beside it
 #   bash dev/gpu_session.sh setup startup_kohya_libs    # the same start-up on kohya's transformers 4.54 and peft 0.13.2
+#   bash dev/gpu_session.sh setup startup_compiled      # the same with compiled UNet blocks: compile time per bucket shape
 #   bash dev/gpu_session.sh setup profile_sources       # SD1.5 b8: the operators and lines behind the elementwise/copy time
 #   bash dev/gpu_session.sh setup layout                # channels_last against the standard layout at SD1.5 b2/b8 and SDXL b1 (layout_sd1, layout_sdxl)
 #
@@ -75,7 +76,7 @@ startup_rows() {
     local name=$1 work=/tmp/$1 extra=()
     [ "${STARTUP_PROFILE:-0}" = 1 ] && extra+=(--profile)
     [ "${SEED_KOHYA_STEPS:-60}" != 0 ] && extra+=("${KOHYA[@]}" --kohya-steps "${SEED_KOHYA_STEPS:-60}")
-    timeout "${STARTUP_LIMIT:-420}" python3 dev/seed_run.py --out "$work" --max-steps 60 "${extra[@]}" 2>&1 | tail -5
+    timeout "${STARTUP_LIMIT:-420}" python3 dev/seed_run.py --out "$work" --max-steps "${STARTUP_STEPS:-60}" "${extra[@]}" "${@:2}" 2>&1 | tail -5
     if [ -f "$work/train.prof" ]; then
         python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1], stream=sys.stdout); s.sort_stats('cumulative').print_stats(150); s.sort_stats('tottime').print_stats(40)
 s.print_callers('custom_ops.py|library.py:129|_top_level_inferred|_jit_internal.py.*_overload|fsdp/__init__|graphs.py.*pool|cli/train.py')" \
@@ -94,6 +95,11 @@ s.print_callers('custom_ops.py|library.py:129|_top_level_inferred|_jit_internal.
     cp "$work/work/kohya/kohya.log" "$OUT/${name}_kohya.log" 2>/dev/null
 }
 phase_startup() { startup_rows startup; }
+
+# The same short run with the UNet's blocks compiled: compile time per bucket shape (graph_pools'
+# first warm-up step of each), set against the per-step gain phase_compile measures, tells whether
+# compiling pays on the seed run's 6 300 steps.
+phase_startup_compiled() { SEED_KOHYA_STEPS=0 STARTUP_STEPS=${STARTUP_STEPS:-200} startup_rows startup_compiled --compile-blocks; }
 
 # The same start-up with kohya's library set in front of the machine's (transformers 4.54.1,
 # accelerate 1.6, huggingface_hub 0.34, from .gpu/kohya-wheels) and dev/constraints.txt's peft

@@ -123,6 +123,8 @@ def main() -> int:
                         help="start-up only: train this many steps, twice (the second with -X importtime into train.log), "
                              "no compare")
     parser.add_argument("--profile", action="store_true", help="with --max-steps: the first run under cProfile, to --out/train.prof")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="train with the UNet's blocks compiled (each bucket shape's compile time is in the record's graph_pools)")
     args = parser.parse_args()
     work = args.out / "work"
     root = work / "projects"
@@ -136,6 +138,8 @@ def main() -> int:
         "--repeats", "1", "--epochs", "2", "--batch-size", "2", "--set", "resolution=64", "--set", "min_bucket_reso=64"]
     if args.max_steps:
         options += ["--set", f"max_train_steps={args.max_steps}"]
+    if args.compile_blocks:
+        options.append("--compile-blocks")
     command = ["train", "kat3r1na", "--root", str(root), "--base-model", str(checkpoint), *options]
     report = {}
     if args.max_steps:

@@ -82,17 +82,29 @@ startup_rows() {
 s.print_callers('custom_ops.py|library.py:129|_top_level_inferred|_jit_internal.py.*_overload|fsdp/__init__|graphs.py.*pool|cli/train.py')" \
             "$work/train.prof" > "$OUT/${name}_profile.txt" 2>&1
     fi
-    cp "$work/seed_run.json" "$OUT/${name}_run.json"
-    # -X importtime writes thousands of lines: the log comes back without them, the slowest imports
-    # (cumulative µs, nesting depth, module) beside it.
-    grep -v "import time:" "$work/train.log" > "$OUT/${name}_train.log"
+    # A call brings back at most 8 files: the logs and records travel as one archive, the figures
+    # that matter are printed. -X importtime writes thousands of lines: the log keeps none of them,
+    # the slowest imports (cumulative µs, nesting depth, module) go beside it.
+    local pack=$work/pack runs=("$work"/work/projects/kat3r1na/runs/*)
+    mkdir -p "$pack"
+    cp "$work/seed_run.json" "$pack/run.json"
+    grep -v "import time:" "$work/train.log" > "$pack/train.log"
     grep "import time:" "$work/train.log" | awk -F'|' '{n = $3; sub(/^ /, "", n); depth = match(n, /[^ ]/) - 1
-        if (depth <= 8) print $2, depth / 2, substr(n, depth + 1)}' | sort -rn | head -150 > "$OUT/${name}_imports.txt"
-    cp "$work/first.log" "$OUT/${name}_first.log"
-    local runs=("$work"/work/projects/kat3r1na/runs/*)
-    cp "${runs[0]}/run.json" "$OUT/${name}_first_run.json" 2>/dev/null
-    cp "${runs[-1]}/run.json" "$OUT/${name}_run_record.json" 2>/dev/null
-    cp "$work/work/kohya/kohya.log" "$OUT/${name}_kohya.log" 2>/dev/null
+        if (depth <= 8) print $2, depth / 2, substr(n, depth + 1)}' | sort -rn | head -150 > "$pack/imports.txt"
+    cp "$work/first.log" "$pack/first.log"
+    cp "${runs[0]}/run.json" "$pack/first_run_record.json" 2>/dev/null
+    cp "${runs[-1]}/run.json" "$pack/run_record.json" 2>/dev/null
+    cp "$work/work/kohya/kohya.log" "$pack/kohya.log" 2>/dev/null
+    tar -czf "$OUT/$name.tgz" -C "$pack" .
+    python3 -c "import json, sys
+for path in sys.argv[1:]:
+    r = json.load(open(path))
+    print(path.rsplit('/', 1)[-1], 'phases_s', r.get('phases_s'), 'epoch_end_s', r.get('epoch_end_s'),
+          'warm-ups', [p.get('warmup_s') for p in r.get('graph_pools') or []])
+s = json.load(open(sys.argv[1].rsplit('/', 1)[0] + '/run.json'))
+print({k: {x: s[k].get(x) for x in ('plan_s', 'first_step_s', 'wall_s', 'smi_peak_MiB')} for k in ('first', 'train', 'kohya') if k in s})" \
+        "$pack/first_run_record.json" "$pack/run_record.json"
+    head -12 "$pack/imports.txt"
 }
 phase_startup() { startup_rows startup; }
 

@@ -88,3 +88,33 @@ def test_held_out_images_do_not_train_and_the_loss_is_written_beside_the_epochs(
         written = read_lora_metadata(path).get("ss_validation_loss")
         assert (written is None) if epoch not in by_epoch else float(written) == pytest.approx(by_epoch[epoch], abs=1e-6)
     assert "2 of 20 images held out" in (result.run_dir / "plan.txt").read_text()
+
+
+def test_every_epoch_end_measures_the_same_noise_drawn_once_and_reads_the_device_once(monkeypatch):
+    """The validation loss compares epochs only if each one sees the same noise; drawing it once
+    (and summing on the device) also keeps the GPU from waiting at every batch and timestep."""
+    import torch
+
+    from lorakit_ext.train import validation
+
+    entries = [validation._Entry(torch.full((4, 8, 8 + 8 * (i % 2)), float(i)), f"c{i}", (0,) * 6, 100 + i) for i in range(6)]
+    drawn = []
+    monkeypatch.setattr(validation, "_noise", lambda entry, t: drawn.append((entry.seed, t)) or torch.ones(entry.latent.shape) * t / 1000)
+    reads = []
+
+    class Counted(torch.Tensor):
+        def __float__(self):
+            reads.append(1)
+            return super().__float__()
+
+    def error(latents, text, sizes, noise, timesteps):
+        return (latents - noise).square().mean(dim=(1, 2, 3)).as_subclass(Counted)
+
+    held = validation.ValidationSet(entries, held_out=True)
+    first = held.loss(error, lambda indices: None)
+    second = held.loss(error, lambda indices: None)
+    assert first == second
+    assert sorted(drawn) == sorted((e.seed, t) for e in entries for t in validation.TIMESTEPS)
+    assert len(reads) == 2  # one read per epoch end, not one per batch and timestep
+    expected = sum(((e.latent - t / 1000) ** 2).mean().item() for e in entries for t in validation.TIMESTEPS) / (6 * 5)
+    assert first == pytest.approx(expected, rel=1e-6)

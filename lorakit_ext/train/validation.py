@@ -39,9 +39,10 @@ class ValidationSet:
     def __init__(self, entries: Sequence[_Entry], held_out: bool):
         self.entries = list(entries)
         self.held_out = held_out
-        # Each batch's stacked latents and its noise at every timestep, by layout (channels_last or
-        # not), made at the first epoch's end and kept: none drawn or copied to the device again.
-        self._inputs: dict[bool, list[tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]]] = {}
+        # Each batch's stacked latents, size conditioning and noise at every timestep, by layout
+        # (channels_last or not), made at the first epoch's end and kept: none drawn or copied to
+        # the device again.
+        self._inputs: dict[bool, list[tuple[list[int], torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]]] = {}
 
     @classmethod
     def build(cls, cache, captions: Sequence[str], plan: BucketPlan, seed: int, *, held_out: bool) -> ValidationSet:
@@ -73,7 +74,7 @@ class ValidationSet:
             for root in roots:
                 root.train()
 
-    def _batch_inputs(self, channels_last: bool) -> list[tuple[list[int], torch.Tensor, dict[int, torch.Tensor]]]:
+    def _batch_inputs(self, channels_last: bool) -> list[tuple[list[int], torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]]:
         if channels_last not in self._inputs:
             inputs = self._inputs[channels_last] = []
             for indices in self.batches():
@@ -81,8 +82,9 @@ class ValidationSet:
                 latents = torch.stack([e.latent for e in batch])
                 if channels_last:
                     latents = latents.contiguous(memory_format=torch.channels_last)
+                sizes = torch.tensor([e.sizes for e in batch], dtype=torch.float32, device=latents.device)
                 noise = {t: torch.stack([_noise(e, t) for e in batch]).to(latents.device, latents.dtype) for t in TIMESTEPS}
-                inputs.append((indices, latents, noise))
+                inputs.append((indices, latents, sizes, noise))
         return self._inputs[channels_last]
 
     @torch.no_grad()
@@ -92,9 +94,8 @@ class ValidationSet:
         encoders' states for those entries (once per batch, for every timestep). The sum stays on
         the device until the end: one read instead of one wait for the GPU per batch and timestep."""
         total, count = None, 0
-        for indices, latents, noise in self._batch_inputs(channels_last):
+        for indices, latents, sizes, noise in self._batch_inputs(channels_last):
             text = text_states(indices)
-            sizes = torch.tensor([self.entries[i].sizes for i in indices], dtype=torch.float32, device=latents.device)
             for t in TIMESTEPS:
                 timesteps = torch.full((len(indices),), t, device=latents.device, dtype=torch.long)
                 # Each batch's float32 sum added in float64, in the order a host-side sum would take.

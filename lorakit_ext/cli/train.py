@@ -17,6 +17,7 @@ from pathlib import Path
 from lorakit_ext.cli.a1111_dir import add_a1111_dir
 from lorakit_ext.cli.output import Result
 from lorakit_ext.cli.progress import ProgressPrinter, first_ctrl_c_stops
+from lorakit_ext.cli.stack_import import import_training_stack
 from lorakit_ext.cli.train_options import add_train_options, config_from_args, given_train_options
 from lorakit_ext.errors import UserError
 from lorakit_ext.project import open_project
@@ -141,7 +142,7 @@ def run(args) -> Result:
             try:
                 point, options, config, family = _settings(args, project, world)
                 placement = _device_and_dtype(world.device(options["device"]), options["weights"])
-                args.imported += _import_training_stack(family)
+                args.imported += import_training_stack(family)
                 pre = _preflight(args, project, config, options, point, world, placement[0])
             except UserError as exc:
                 world.broadcast(("error", str(exc)))
@@ -166,20 +167,6 @@ def _settings(args, project, world):
     # and the dataset were checked.
     family = family_of_checkpoint(options["base_model"]) if Path(options["base_model"]).is_file() else None
     return None, options, config_from_args(args, family or SD1), family
-
-
-def _import_training_stack(family) -> float:
-    """Imports the trainer (transformers and peft with it: seconds on a large environment) and the
-    checkpoint's ``family``'s model code (where known) once the settings are known good; returns
-    the seconds, which the run record counts as imports rather than as the checks or the model
-    build that would otherwise pay them."""
-    started = time.perf_counter()
-    import lorakit_ext.train.loop  # noqa: F401
-    import lorakit_ext.train.preflight  # noqa: F401
-
-    if family is not None:
-        family.import_code()
-    return time.perf_counter() - started
 
 
 def _preflight(args, project, config, options, point, world, device):

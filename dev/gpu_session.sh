@@ -62,7 +62,9 @@ phase_graphs() {
 # SEED_LIMIT (seconds) cuts the script short and still copies back what it finished; SEED_KOHYA_STEPS
 # shortens kohya's part.
 phase_seed() {
-    timeout "${SEED_LIMIT:-3600}" python3 dev/seed_run.py --out /tmp/seed "${KOHYA[@]}" --kohya-steps "${SEED_KOHYA_STEPS:-200}" 2>&1 | tail -40
+    # SEED_ARGS: more of seed_run.py's options (e.g. --no-compare).
+    # shellcheck disable=SC2086
+    timeout "${SEED_LIMIT:-3600}" python3 dev/seed_run.py --out /tmp/seed "${KOHYA[@]}" --kohya-steps "${SEED_KOHYA_STEPS:-200}" ${SEED_ARGS:-} 2>&1 | tail -40
     cp /tmp/seed/work/projects/kat3r1na/runs/*/epochs.json "$OUT/seed_epochs.json" 2>/dev/null
     cp /tmp/seed/seed_run.json /tmp/seed/train.log /tmp/seed/compare.log "$OUT/" 2>/dev/null
     cp /tmp/seed/work/projects/kat3r1na/runs/*/run.json "$OUT/seed_record.json" 2>/dev/null

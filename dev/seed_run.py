@@ -123,6 +123,7 @@ def main() -> int:
                         help="start-up only: train this many steps, twice (the second with -X importtime into train.log), "
                              "no compare")
     parser.add_argument("--profile", action="store_true", help="with --max-steps: the first run under cProfile, to --out/train.prof")
+    parser.add_argument("--no-compare", action="store_true", help="skip compare after the run (its grid takes minutes of a call)")
     parser.add_argument("--compile-blocks", action="store_true",
                         help="train with the UNet's blocks compiled (each bucket shape's compile time is in the record's graph_pools)")
     args = parser.parse_args()
@@ -164,11 +165,12 @@ def main() -> int:
                 save()
             print(json.dumps(report, indent=1))
             return train["exit"]
-        compare = timed_cli(["compare", "kat3r1na", "--root", str(root), "--json", "--steps", "20" if not args.tiny else "3",
-                             "--size", str(side)], env, args.out / "compare.log")
-        report["compare"] = compare
-        report["epochs"] = json.loads((runs[-1] / "epochs.json").read_text(encoding="utf-8"))
-        save()
+        if not args.no_compare:
+            compare = timed_cli(["compare", "kat3r1na", "--root", str(root), "--json", "--steps", "20" if not args.tiny else "3",
+                                 "--size", str(side)], env, args.out / "compare.log")
+            report["compare"] = compare
+            report["epochs"] = json.loads((runs[-1] / "epochs.json").read_text(encoding="utf-8"))
+            save()
         if args.kohya_sd_scripts:
             report["kohya"] = kohya_on_run(runs[-1], args.kohya_sd_scripts, args.kohya_python, args.kohya_steps, work / "kohya")
             save()

@@ -64,11 +64,28 @@ phase_graphs() {
 phase_seed() {
     # SEED_ARGS: more of seed_run.py's options (e.g. --no-compare).
     # shellcheck disable=SC2086
-    timeout "${SEED_LIMIT:-3600}" python3 dev/seed_run.py --out /tmp/seed "${KOHYA[@]}" --kohya-steps "${SEED_KOHYA_STEPS:-200}" ${SEED_ARGS:-} 2>&1 | tail -40
+    timeout "${SEED_LIMIT:-3600}" python3 dev/seed_run.py --out /tmp/seed "${KOHYA[@]}" --kohya-steps "${SEED_KOHYA_STEPS:-200}" ${SEED_ARGS:-} > "$OUT/seed_out.txt" 2>&1
+    tail -4 "$OUT/seed_out.txt"
     cp /tmp/seed/work/projects/kat3r1na/runs/*/epochs.json "$OUT/seed_epochs.json" 2>/dev/null
     cp /tmp/seed/seed_run.json /tmp/seed/train.log /tmp/seed/compare.log "$OUT/" 2>/dev/null
     cp /tmp/seed/work/projects/kat3r1na/runs/*/run.json "$OUT/seed_record.json" 2>/dev/null
     cp /tmp/seed/work/kohya/kohya.log "$OUT/seed_kohya.log" 2>/dev/null
+    python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+try:
+    s = json.load(open(out + "/seed_run.json"))
+    for side in ("train", "kohya"):
+        print(side, {k: v for k, v in s.get(side, {}).items() if k != "smi_MiB_at_s"})
+    r = json.load(open(out + "/seed_record.json"))
+except (OSError, ValueError) as exc:
+    sys.exit(f"no summary: {exc}")
+print("steps", r.get("steps_done"), "phases_s", r.get("phases_s"))
+print("epoch_end_s", [[e[k] for k in ("validation", "files_and_samples", "resume_state")] for e in r.get("epoch_end_s", [])])
+print("graph_pools", [(p["latents"], p.get("pool_added_gib"), p.get("warmup_s")) for p in r.get("graph_pools", [])])
+print("memory_peaks_gib", r.get("memory_peaks_gib"))
+print("validation", [round(v["loss"], 4) for v in r.get("validation", [])], "run s", round(r.get("finished_at", 0) - r.get("started_at", 0), 1))
+PY
 }
 
 # Where the start-up goes: a short run on the seed dataset (under cProfile with STARTUP_PROFILE=1),

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from tiny_sd2 import TINY_SD2_WIDTHS, tiny_sd2_config
+from zero_init import zeroes
 
 from lorakit_ext.errors import UserError
 from lorakit_ext.fsutil import atomic_write_bytes
@@ -70,13 +71,6 @@ def test_missing_ldm_says_how_to_install(monkeypatch):
         import_ldm.cache_clear()
 
 
-def _ones_after_zero_module(zero_module) -> bool:
-    layer = torch.nn.Conv2d(2, 2, 1)
-    torch.nn.init.ones_(layer.weight)
-    zero_module(layer)
-    return bool(layer.weight.eq(1).all())
-
-
 def test_a_build_for_a_checkpoint_leaves_block_outputs_unwritten_and_restores_zero_module(tiny_ckpt):
     """ldm zeroes every block's output layer as it builds: a quarter of a full UNet written page by
     page, which the checkpoint overwrites. Models built for other uses still get their zeros."""
@@ -88,8 +82,8 @@ def test_a_build_for_a_checkpoint_leaves_block_outputs_unwritten_and_restores_ze
     holders = _zero_module_holders()
     assert openaimodel in holders
     with skip_random_init():
-        assert all(_ones_after_zero_module(module.zero_module) for module in holders)
-    assert not any(_ones_after_zero_module(module.zero_module) for module in holders)
+        assert not any(zeroes(module.zero_module) for module in holders)
+    assert all(zeroes(module.zero_module) for module in holders)
 
 
 # ---- the tiny SD1.5 model ------------------------------------------------------------------------

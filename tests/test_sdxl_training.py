@@ -15,6 +15,7 @@ import pytest
 import torch
 from tiny_datasets import fill_dataset
 from tiny_sdxl import sgm_dir, write_tiny_sdxl_checkpoint
+from zero_init import zeroes
 
 from lorakit_ext.cli import main
 from lorakit_ext.export.writer import read_lora_file
@@ -177,11 +178,6 @@ def test_loading_sdxl_leaves_its_block_outputs_unwritten_and_restores_zero_modul
     model, _ = load_sd_checkpoint(checkpoint)
     output_layer = model.model.diffusion_model.out[-1]
     assert not output_layer.weight.eq(0).all()  # the file's weights, not zeros left by the build
-
-    def zeroes(zero_module) -> bool:
-        layer = torch.nn.Conv2d(2, 2, 1)
-        torch.nn.init.ones_(layer.weight)
-        return bool(zero_module(layer).weight.eq(0).all())
 
     holders = [module for module in _zero_module_holders() if module.__name__.startswith("sgm.")]
     assert "sgm.modules.diffusionmodules.openaimodel" in {module.__name__ for module in holders}

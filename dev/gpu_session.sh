@@ -120,7 +120,10 @@ for path in sys.argv[1:]:
     r = json.load(open(path))
     print(path.rsplit('/', 1)[-1], 'phases_s', r.get('phases_s'), 'epoch_end_s', r.get('epoch_end_s'),
           'warm-ups', [p.get('warmup_s') for p in r.get('graph_pools') or []])
-s = json.load(open(sys.argv[1].rsplit('/', 1)[0] + '/run.json'))
+try:  # seed_run.py writes it last: a run cut by STARTUP_LIMIT leaves only the records above
+    s = json.load(open(sys.argv[1].rsplit('/', 1)[0] + '/run.json'))
+except OSError:
+    s = {}
 print({k: {x: s[k].get(x) for x in ('plan_s', 'first_step_s', 'wall_s', 'smi_peak_MiB')} for k in ('first', 'train', 'kohya') if k in s})" \
         "$pack/first_run_record.json" "$pack/run_record.json"
     head -12 "$pack/imports.txt"

@@ -118,8 +118,8 @@ def test_a_resume_in_another_number_of_processes_is_refused_by_every_rank(tmp_pa
     calls = {"n": 0}
     report = Trainer._report
 
-    def stop_after_two(self, *args):
-        report(self, *args)
+    def stop_after_two(self, *args, **kwargs):
+        report(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 2:
             self.should_stop = lambda: True

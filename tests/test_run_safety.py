@@ -183,8 +183,8 @@ def interrupt_after(monkeypatch, steps: int) -> None:
 
     original, seen = loop.Trainer._report, {"n": 0}
 
-    def report(self, *args):
-        original(self, *args)
+    def report(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         seen["n"] += 1
         if seen["n"] == steps:
             os.kill(os.getpid(), signal.SIGINT)
@@ -356,8 +356,8 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_epoch_still_resumes(project,
 
     original, seen = loop.Trainer._report, {"n": 0}
 
-    def report(self, *args):
-        original(self, *args)
+    def report(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         seen["n"] += 1
         if seen["n"] == 3:  # in epoch 2, after epoch 1's state was saved
             raise KeyboardInterrupt

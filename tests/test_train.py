@@ -326,3 +326,24 @@ def test_resume_refuses_an_optimiser_state_another_optimiser_saved(tmp_path):
     state["optimizer"]["state"] = {0: {"state1": torch.zeros(2, 3, dtype=torch.uint8), "step": torch.tensor(1.0)}}
     with pytest.raises(UserError, match="saved by bitsandbytes.optim.adamw.AdamW8bit"):
         restore(torch.optim.AdamW(network.parameters()), state)
+
+
+def test_progress_reports_the_learning_rate_as_a_number_read_with_the_losses(sd_model, project, tmp_path, monkeypatch):
+    # A captured optimiser's scheduler hands its rate back as a device tensor: the job status (JSON
+    # over HTTP) needs a number, and reading the tensor at every step would wait for the GPU each time.
+    reads = []
+
+    def rate_as_tensor(scheduler):
+        reads.append(len(reads))
+        return [torch.tensor(scheduler.optimizer.param_groups[0]["lr"])]
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LRScheduler, "get_last_lr", rate_as_tensor)
+    trainer = run(sd_model, make_job(project, tmp_path, max_train_epochs=3, text_encoder_lr=0.0, unet_lr=1e-3))
+    trainer.loss_read_every = 2
+    progress = []
+    trainer.on_progress = lambda p: progress.append(p) if p.phase == "training" and p.step else None
+    trainer.run()
+    steps = [p.step for p in progress]
+    assert len(steps) >= 6 and all(type(p.lr) is float and p.lr == pytest.approx(1e-3) for p in progress)
+    # Read at the first report, then only at steps whose losses were just read (every 2nd).
+    assert 1 < len(reads) < len(steps)

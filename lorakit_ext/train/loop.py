@@ -68,6 +68,7 @@ class Trainer(StartCaches):
         self.world = job.world
         self.stop_agreed = False  # data-parallel: some rank asked to stop, as of the last loss read
         self.loss_read_every = 1 if self.device.type == "cpu" else 10
+        self.reported_lr: float | None = None
         # Seconds each part of the run's start took (run.json's phases_s), to see where the wait goes,
         # after those the caller measured before (``phases``: the CLI's imports, checks and model load);
         # to_first_step counts from the start of latent caching to the end of the first step.
@@ -254,7 +255,7 @@ class Trainer(StartCaches):
                     position.global_step += 1
                     if len(pending) >= self.loss_read_every:
                         self._flush(pending, losses, position.global_step)
-                    self._report(epoch, schedule, position.global_step, losses, scheduler, started, first_step)
+                    self._report(epoch, schedule, position.global_step, losses, scheduler, started, first_step, synced=not pending)
                     if world.main:
                         for path in saver.save_step(network, epoch + 1, position.global_step):
                             self.on_epoch_file(path)
@@ -315,7 +316,11 @@ class Trainer(StartCaches):
                 )
         losses.extend(values)
 
-    def _report(self, epoch, schedule, global_step, losses, scheduler, started, first_step) -> None:
+    def _report(self, epoch, schedule, global_step, losses, scheduler, started, first_step, *, synced: bool) -> None:
+        # A captured optimiser keeps its learning rate in a device tensor; reading it at every step
+        # would wait for the GPU at every step, so it is read just after the losses were (``synced``).
+        if synced or self.reported_lr is None:
+            self.reported_lr = float(scheduler.get_last_lr()[0])
         done = global_step - first_step
         elapsed = time.perf_counter() - started
         rate = done / elapsed if elapsed > 0 else None
@@ -328,7 +333,7 @@ class Trainer(StartCaches):
                 step=global_step,
                 total_steps=schedule.total_steps,
                 loss=losses[-1] if losses else None,
-                lr=scheduler.get_last_lr()[0],
+                lr=self.reported_lr,
                 it_per_s=rate,
                 eta_s=eta,
             )

@@ -61,8 +61,8 @@ def test_users_lora_kept_interrupted_run_resumed_from_the_tab(tab, projects, a11
 
     original, seen = loop.Trainer._report, {"n": 0}
 
-    def report(self, *args):
-        original(self, *args)
+    def report(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         seen["n"] += 1
         if seen["n"] == 3:
             a1111.state.interrupt()  # the Interrupt button

@@ -70,22 +70,7 @@ phase_seed() {
     cp /tmp/seed/seed_run.json /tmp/seed/train.log /tmp/seed/compare.log "$OUT/" 2>/dev/null
     cp /tmp/seed/work/projects/kat3r1na/runs/*/run.json "$OUT/seed_record.json" 2>/dev/null
     cp /tmp/seed/work/kohya/kohya.log "$OUT/seed_kohya.log" 2>/dev/null
-    python3 - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-try:
-    s = json.load(open(out + "/seed_run.json"))
-    for side in ("train", "kohya"):
-        print(side, {k: v for k, v in s.get(side, {}).items() if k != "smi_MiB_at_s"})
-    r = json.load(open(out + "/seed_record.json"))
-except (OSError, ValueError) as exc:
-    sys.exit(f"no summary: {exc}")
-print("steps", r.get("steps_done"), "phases_s", r.get("phases_s"))
-print("epoch_end_s", [[e[k] for k in ("validation", "files_and_samples", "resume_state")] for e in r.get("epoch_end_s", [])])
-print("graph_pools", [(p["latents"], p.get("pool_added_gib"), p.get("warmup_s")) for p in r.get("graph_pools", [])])
-print("memory_peaks_gib", r.get("memory_peaks_gib"))
-print("validation", [round(v["loss"], 4) for v in r.get("validation", [])], "run s", round(r.get("finished_at", 0) - r.get("started_at", 0), 1))
-PY
+    python3 dev/run_figures.py "$OUT/seed_run.json" "$OUT/seed_record.json"
 }
 
 # Where the start-up goes: a short run on the seed dataset (under cProfile with STARTUP_PROFILE=1),
@@ -115,17 +100,7 @@ s.print_callers('custom_ops.py|library.py:129|_top_level_inferred|_jit_internal.
     cp "${runs[-1]}/run.json" "$pack/run_record.json" 2>/dev/null
     cp "$work/work/kohya/kohya.log" "$pack/kohya.log" 2>/dev/null
     tar -czf "$OUT/$name.tgz" -C "$pack" .
-    python3 -c "import json, sys
-for path in sys.argv[1:]:
-    r = json.load(open(path))
-    print(path.rsplit('/', 1)[-1], 'phases_s', r.get('phases_s'), 'epoch_end_s', r.get('epoch_end_s'),
-          'warm-ups', [p.get('warmup_s') for p in r.get('graph_pools') or []])
-try:  # seed_run.py writes it last: a run cut by STARTUP_LIMIT leaves only the records above
-    s = json.load(open(sys.argv[1].rsplit('/', 1)[0] + '/run.json'))
-except OSError:
-    s = {}
-print({k: {x: s[k].get(x) for x in ('plan_s', 'first_step_s', 'wall_s', 'smi_peak_MiB')} for k in ('first', 'train', 'kohya') if k in s})" \
-        "$pack/first_run_record.json" "$pack/run_record.json"
+    python3 dev/run_figures.py "$pack/run.json" "$pack/first_run_record.json" "$pack/run_record.json"
     head -12 "$pack/imports.txt"
 }
 phase_startup() { startup_rows startup; }

@@ -40,7 +40,7 @@ def _skip_our_rows(sd_model, project, args, spec, *, device, kohya, world):
     return {"weights": spec.weights, "mode": spec.mode, "notes": [], "train": spec.train, "text_encoder_outputs_cached": True,
             "gradient_checkpointing": spec.checkpointing, "channels_last": spec.layout, "compiled_blocks": spec.compiled,
             "batch": spec.batch, "precision": "bf16",
-            "out_of_memory": False, "it_per_s": 1.0, "images_per_s": float(spec.batch), "kohya_record": kohya}
+            "out_of_memory": False, "it_per_s": 1.0, "images_per_s": float(spec.batch), "graph_warmup_s": [], "kohya_record": kohya}
 
 
 def test_kohya_sdxl_rows_get_the_sdxl_script_settings_and_tokenizers(tmp_path, monkeypatch, capsys):

@@ -86,6 +86,16 @@ def test_bench_train_measures_the_trainer(capsys):
     assert "kohya_it_per_s" not in row, "recorded H200 kohya figures are not a reference for the tiny model"
 
 
+def test_a_finished_row_names_its_speed_and_each_captured_shapes_first_warm_up_step():
+    from lorakit_ext.bench.train import RowSpec, row_done_line
+
+    spec = RowSpec("bf16", "unet", 8, False, "graphs", "auto", compiled=True)
+    row = {"out_of_memory": False, "it_per_s": 12.345, "graph_warmup_s": [[95.21, 0.2, 0.2], [], [40.0, 0.1]]}
+    assert row_done_line(row, spec) == "row bf16-unet-b8-nogc-graphs-auto-compiled: 12.35 it/s, first warm-up step per captured shape 95.2, 40.0 s"
+    assert row_done_line({**row, "graph_warmup_s": []}, spec).endswith(": 12.35 it/s")
+    assert row_done_line({"out_of_memory": True}, spec).endswith(": out of memory")
+
+
 def test_compiled_block_rows_run_the_trainer_with_the_blocks_compiled(monkeypatch, capsys):
     from lorakit_ext.models import compiled_blocks
 
@@ -93,9 +103,13 @@ def test_compiled_block_rows_run_the_trainer_with_the_blocks_compiled(monkeypatc
     calls = []
     monkeypatch.setattr(compiled_blocks, "compile_blocks", lambda unet: calls.append(unet) or (lambda: None))
     assert main([*TINY, "--compile-blocks", "off,on"]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
+    out, err = capsys.readouterr()
+    rows = json.loads(out)["rows"]
     assert [r["compiled_blocks"] for r in rows] == [False, True] and len(calls) == 1
     assert all(r["it_per_s"] > 0 for r in rows)
+    # Each row says it is done as it finishes, before the report: a bench cut short still tells.
+    said = [line for line in err.splitlines() if line.startswith("row ")]
+    assert len(said) == 2 and said[1].startswith("row fp32-te-b2-") and "-compiled: " in said[1] and " it/s" in said[1]
 
 
 def test_kernel_kinds_sort_cuda_kernels_and_torch_operators():

@@ -291,6 +291,16 @@ def _memory_fraction(device: torch.device, budget_gib: float | None) -> float | 
     return budget_gib * 2**30 / total
 
 
+def row_done_line(row: dict, spec: RowSpec) -> str:
+    """What a finished row says before the report: a bench cut short (minutes of compiling, a time
+    limit) still tells what it measured. The first warm-up step of each captured shape is where a
+    compile's time shows."""
+    if row["out_of_memory"]:
+        return f"row {spec.name}: out of memory"
+    firsts = ", ".join(f"{steps[0]:.1f}" for steps in row["graph_warmup_s"] if steps)
+    return f"row {spec.name}: {row['it_per_s']:.2f} it/s" + (f", first warm-up step per captured shape {firsts} s" if firsts else "")
+
+
 def run_bench(args) -> dict:
     """The rows of this process (of this rank, under ``--gpus``)."""
     family = FAMILIES[args.family]
@@ -344,6 +354,7 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
             for train, batch, gc_on, mode, layout, compiled in itertools.product(trains, batches, checkpointing, modes, layouts, compiling):
                 spec = RowSpec(w, train, batch, gc_on, mode, layout, compiled)
                 rows.append(_measure(sd_model, project, args, spec, device=device, kohya=kohya.get(spec.kohya_key), world=world))
+                print(row_done_line(rows[-1], spec), file=sys.stderr, flush=True)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "family": family.name,

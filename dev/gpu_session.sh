@@ -11,6 +11,7 @@
 #   bash dev/gpu_session.sh setup ranks queue           # one NCCL rank against one process; 2 queued runs on one GPU
 #   bash dev/gpu_session.sh setup triton                # the Triton GroupNorm+SiLU: its tests on CUDA, then b8 with and without
 #   bash dev/gpu_session.sh setup compile               # compiled UNet blocks against stock at b8 and b2, compile time per shape
+#   bash dev/gpu_session.sh setup cold                  # the first step on a fresh machine: page cache, the libraries' warm-up
 #   bash dev/gpu_session.sh setup startup               # the seed run's start-up under cProfile, memory over time, kohya beside it
 #   bash dev/gpu_session.sh setup startup_kohya_libs    # the same start-up on kohya's transformers 4.54 and peft 0.13.2
 #   bash dev/gpu_session.sh setup startup_compiled      # the same with compiled UNet blocks: compile time per bucket shape
@@ -95,15 +96,21 @@ s.print_callers('custom_ops.py|library.py:129|_top_level_inferred|_jit_internal.
     grep -v "import time:" "$work/train.log" > "$pack/train.log"
     grep "import time:" "$work/train.log" | awk -F'|' '{n = $3; sub(/^ /, "", n); depth = match(n, /[^ ]/) - 1
         if (depth <= 8) print $2, depth / 2, substr(n, depth + 1)}' | sort -rn | head -150 > "$pack/imports.txt"
-    cp "$work/first.log" "$pack/first.log"
-    cp "${runs[0]}/run.json" "$pack/first_run_record.json" 2>/dev/null
-    cp "${runs[-1]}/run.json" "$pack/run_record.json" 2>/dev/null
+    local i log
+    for log in "$work"/*.log; do [ "${log##*/}" = train.log ] || cp "$log" "$pack/"; done
+    for i in "${!runs[@]}"; do cp "${runs[$i]}/run.json" "$pack/record_$i.json" 2>/dev/null; done
     cp "$work/work/kohya/kohya.log" "$pack/kohya.log" 2>/dev/null
     tar -czf "$OUT/$name.tgz" -C "$pack" .
-    python3 dev/run_figures.py "$pack/run.json" "$pack/first_run_record.json" "$pack/run_record.json"
+    python3 dev/run_figures.py "$pack/run.json" "$pack"/record_*.json
     head -12 "$pack/imports.txt"
 }
 phase_startup() { startup_rows startup; }
+
+# The first step on a freshly started machine took 9.4 s against 1.3–1.7 s later: whether that is the
+# CUDA libraries' pages missing from the page cache, and whether the run's background read of them
+# (lorakit_ext.cli.library_warmup) hides it (COLD=libraries), or the CUDA driver's JIT cache (COLD=jit-cache).
+# First of a fresh machine's phases.
+phase_cold() { SEED_KOHYA_STEPS=0 STARTUP_STEPS=${STARTUP_STEPS:-30} startup_rows cold --cold "${COLD:-libraries}"; }
 
 # The same short run with the UNet's blocks compiled: compile time per bucket shape (graph_pools'
 # first warm-up step of each), set against the per-step gain phase_compile measures, tells whether
@@ -215,13 +222,18 @@ phase_profile_sources() {
     sed -n '/by operator/,$p' "$OUT/profile_sources_b8.txt" | cut -c1-220 | head -30
 }
 
-# Compiled UNet blocks against stock, b8 and b2 (graphs): it/s, the first warm-up step per shape
-# (the compile time), and the kernel breakdown of the compiled b8 step. Then equivalence.
+# Compiled UNet blocks against stock at SD1.5 UNet-only batch 8 (COMPILE_BATCHES: others), graphs:
+# it/s, the first warm-up step per shape (the compile time) and each row's kernel time by kind. Each
+# row is printed as it ends, so COMPILE_LIMIT still leaves what finished.
 phase_compile() {
-    python3 -m lorakit_ext bench train --weights bf16 --batch 8,2 --train unet --modes graphs --compile-blocks off,on \
-        --steps 200 --warmup 10 --json > "$OUT/bench_compile.json" 2> "$OUT/bench_compile.log"
-    grep -E "^bf16|^compiled|^note" "$OUT/bench_compile.log"
-    python3 -m pytest -q -p no:cacheprovider -s tests/gpu/test_graphs_cuda.py -k compiled 2>&1 | tail -4
+    timeout "${COMPILE_LIMIT:-420}" python3 -m lorakit_ext bench train --weights bf16 --batch "${COMPILE_BATCHES:-8}" --train unet \
+        --modes graphs --compile-blocks off,on --steps 100 --warmup 10 --kernel-breakdown --json > "$OUT/bench_compile.json" 2> "$OUT/bench_compile.log"
+    grep -E "^row |^bf16|^note" "$OUT/bench_compile.log"
+    python3 -c "import json, sys
+for r in json.load(open(sys.argv[1]))['rows']:
+    k = r.get('kernels') or {}
+    print('compiled' if r['compiled_blocks'] else 'stock', r['batch'], round(r.get('it_per_s') or 0, 2), 'it/s, smi', r.get('smi_peak_gib'),
+          'kernel ms', round(k.get('step_ms', 0), 1), {n: round(ms, 1) for n, ms in k.get('kinds_ms', {}).items()})" "$OUT/bench_compile.json" 2>/dev/null
 }
 
 # channels_last against the standard layout, SD1.5 UNet-only b2 and b8 and SDXL b1 (graphs): the

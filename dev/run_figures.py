@@ -23,9 +23,9 @@ def _read(path: str) -> dict | None:
 
 def main(seed_run: str, *records: str) -> None:
     report = _read(seed_run) or {}
-    for side in ("first", "train", "kohya"):
-        if side in report:
-            print(side, {k: v for k, v in report[side].items() if k != "smi_MiB_at_s"})
+    for side, figures in report.items():
+        if isinstance(figures, dict) and side != "epochs":
+            print(side, {k: v for k, v in figures.items() if k != "smi_MiB_at_s"})
     for path in records:
         r = _read(path)
         if r is None:

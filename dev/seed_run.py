@@ -6,6 +6,12 @@ Prints (and writes to ``--out``/seed_run.json) the wall time to the plan, to the
 report and to the end, the run's steps and it/s, nvidia-smi's peak, and the epoch report. Run on a
 CUDA machine; ``--tiny`` is a CPU check of the script itself (tiny model, 8 images, 1 epoch).
 
+With ``--max-steps N --cold WHAT`` the start-up is measured cold as well, after the first run (as
+the machine comes): ``libraries``: two more runs after dropping the CUDA libraries' pages from the
+page cache (posix_fadvise, no root needed), one with the run's own background read of them
+switched off, one with it on; ``jit-cache``: one more after removing the CUDA driver's cache of
+kernels it compiled at run time (``~/.nv/ComputeCache``), which a freshly started machine lacks.
+
 With ``--kohya-sd-scripts`` kohya's ``train_network.py`` then trains on the same 3-bucket dataset
 from the run's own kohya TOML pair, cut to ``--kohya-steps`` steps (enough to meet every bucket),
 for its start-up, rate and nvidia-smi peak beside ours.
@@ -16,8 +22,11 @@ for its start-up, rate and nvidia-smi peak beside ours.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,7 +66,45 @@ def write_checkpoint(path: Path, tiny: bool) -> Path:
     return path
 
 
-def timed_cli(args: list[str], env: dict, log: Path, profile: Path | None = None) -> dict:
+MODULE = ("-m", "lorakit_ext")
+# The CLI with its background read of the CUDA libraries switched off (lorakit_ext.cli.library_warmup).
+NO_WARMUP = ("-c", "import runpy, sys; from lorakit_ext.cli import library_warmup as w; w.read_gpu_libraries_in_background = lambda: None; "
+             "sys.argv[0] = 'lorakit_ext'; runpy.run_module('lorakit_ext', run_name='__main__', alter_sys=True)")
+
+
+def resident_share(files: list[Path]) -> float:
+    """The share of the files' pages in the page cache (mincore on a read-only mapping of each)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    resident = total = 0
+    for path in files:
+        size = path.stat().st_size
+        pages = -(-size // mmap.PAGESIZE)
+        with open(path, "rb") as fh:
+            address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fh.fileno(), 0) if size else None
+            if not address or address == ctypes.c_void_p(-1).value:
+                continue
+            vector = (ctypes.c_ubyte * pages)()
+            if libc.mincore(address, size, vector) == 0:
+                resident += sum(v & 1 for v in vector)
+                total += pages
+            libc.munmap(address, size)
+    return resident / total if total else 0.0
+
+
+def evict(files: list[Path]) -> None:
+    """Drops the files' clean pages from the page cache, as a freshly started machine has none."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed_cli(args: list[str], env: dict, log: Path, profile: Path | None = None, launcher: tuple[str, ...] = MODULE) -> dict:
     """Runs the CLI, noting when the plan and the first training line appear (seconds from start)
     and nvidia-smi's peak and its changes while it runs; its output goes to ``log`` line by line, so
     a run cut short still leaves what it said. ``profile``: under cProfile, its statistics there;
@@ -67,7 +114,7 @@ def timed_cli(args: list[str], env: dict, log: Path, profile: Path | None = None
     started = time.perf_counter()
     marks = {}
     with SmiPeak(torch.device("cuda" if torch.cuda.is_available() else "cpu")) as smi, subprocess.Popen(
-            [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []), "-m", "lorakit_ext", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [sys.executable, *(["-m", "cProfile", "-o", str(profile)] if profile else []), *launcher, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True) as proc, open(log, "w", encoding="utf-8") as out:
         for line in proc.stdout:
             now = time.perf_counter() - started
@@ -112,6 +159,51 @@ def kohya_on_run(run: Path, sd_scripts: str, python: str, steps: int, work: Path
     return record
 
 
+def jit_cache() -> Path:
+    return Path(os.environ.get("CUDA_CACHE_PATH", "~/.nv/ComputeCache")).expanduser()
+
+
+def _tree_mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.is_dir() else 0.0
+
+
+def _evict_libraries() -> dict:
+    from lorakit_ext.cli.library_warmup import gpu_library_files
+
+    libraries = gpu_library_files()
+    evict(libraries)
+    return {"libraries_resident_before": resident_share(libraries)}
+
+
+def _clear_jit_cache() -> dict:
+    cleared = {"jit_cache_MiB_before": _tree_mib(jit_cache())}
+    shutil.rmtree(jit_cache(), ignore_errors=True)
+    return cleared
+
+
+# --cold's runs after the first: (name, what to do before it, how the CLI is started).
+COLD_RUNS = {
+    "libraries": [("evicted", _evict_libraries, NO_WARMUP), ("evicted_warmed", _evict_libraries, MODULE)],
+    "jit-cache": [("jit_cache_cleared", _clear_jit_cache, MODULE)],
+}
+
+
+def cold_start(args, command: list[str], env: dict, report: dict, save) -> None:
+    """The first run (it meets a machine whose libraries may not be in the page cache yet, nor its
+    JIT cache filled), then ``--cold``'s runs."""
+    from lorakit_ext.cli.library_warmup import gpu_library_files
+
+    libraries = gpu_library_files()
+    report["before_first"] = {"libraries": len(libraries), "libraries_GiB": sum(p.stat().st_size for p in libraries) / 2**30,
+                              "libraries_resident": resident_share(libraries), "jit_cache_MiB": _tree_mib(jit_cache())}
+    report["first"] = timed_cli(command, env, args.out / "first.log", profile=args.out / "train.prof" if args.profile else None)
+    save()
+    for name, prepare, launcher in COLD_RUNS.get(args.cold, []):
+        prepared = prepare()
+        report[name] = {**prepared, **timed_cli(command, env, args.out / f"{name}.log", launcher=launcher)}
+        save()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -123,6 +215,8 @@ def main() -> int:
                         help="start-up only: train this many steps, twice (the second with -X importtime into train.log), "
                              "no compare")
     parser.add_argument("--profile", action="store_true", help="with --max-steps: the first run under cProfile, to --out/train.prof")
+    parser.add_argument("--cold", choices=sorted(COLD_RUNS), help="with --max-steps: more runs after the first, each from a "
+                        "start made cold in one way (see the module's help)")
     parser.add_argument("--no-compare", action="store_true", help="skip compare after the run (its grid takes minutes of a call)")
     parser.add_argument("--compile-blocks", action="store_true",
                         help="train with the UNet's blocks compiled (each bucket shape's compile time is in the record's graph_pools)")
@@ -143,16 +237,14 @@ def main() -> int:
         options.append("--compile-blocks")
     command = ["train", "kat3r1na", "--root", str(root), "--base-model", str(checkpoint), *options]
     report = {}
-    if args.max_steps:
-        # The first run meets a cold machine (libraries not yet in the page cache); the second shows
-        # what a user's later runs pay.
-        report["first"] = timed_cli(command, env, args.out / "first.log", profile=args.out / "train.prof" if args.profile else None)
-    timed = {**env, "PYTHONPROFILEIMPORTTIME": "1"} if args.max_steps else env
-    train = report["train"] = timed_cli(command, timed, args.out / "train.log")
 
     def save() -> None:  # after each part, so a run cut short by a time limit still tells what it did
         (args.out / "seed_run.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
 
+    if args.max_steps:
+        cold_start(args, command, env, report, save)
+    timed = {**env, "PYTHONPROFILEIMPORTTIME": "1"} if args.max_steps else env
+    train = report["train"] = timed_cli(command, timed, args.out / "train.log")
     save()
     if train["exit"] == 0:
         runs = sorted((root / "kat3r1na" / "runs").iterdir())

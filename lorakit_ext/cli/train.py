@@ -11,6 +11,7 @@ checks the settings and creates the run folder, and tells the other ranks what i
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -110,8 +111,13 @@ def _resolved_option(key: str, value: str) -> str:
 
 
 def run(args) -> Result:
+    from lorakit_ext.cli.library_warmup import read_gpu_libraries_in_background
     from lorakit_ext.models.file_hashes import hashes_in_background
 
+    # Several GB of CUDA libraries reach the page cache during the imports rather than by single
+    # page faults in the first step. Ranks of --gpus find them read by the process that started them.
+    if args.device != "cpu" and "WORLD_SIZE" not in os.environ:
+        read_gpu_libraries_in_background()
     # The checkpoint's hashes go into every file's metadata; reading 2–7 GB for them overlaps
     # importing torch and checking the dataset. Ranks of --gpus hash when they load.
     checkpoint = Path(_resolved(args.base_model)) if args.base_model and not args.resume and args.gpus is None else None

@@ -231,6 +231,7 @@ def _measure(sd_model, project, args, spec: RowSpec, *, device, kohya: dict | No
         row.update(it_per_s=it_s, images_per_s=it_s * spec.batch * world.size, start_to_first_step_s=marks["first_step"] - started,
                    final_loss=result.losses[-1], graph_warmup_s=[p["warmup_s"] for p in trainer.graph_pools],
                    phases_s=trainer.phases, memory_peaks_gib=trainer.memory_peaks, graph_pools=trainer.graph_pools)
+    print(row_done_line(row, spec), file=sys.stderr, flush=True)
     if args.kernel_breakdown and result is not None:
         row["kernels"] = _kernel_breakdown(model, project, args, spec, world)
     return {**row, **_kohya_columns(args, FAMILIES[args.family], spec, it_s, kohya)}
@@ -292,8 +293,9 @@ def _memory_fraction(device: torch.device, budget_gib: float | None) -> float | 
 
 
 def row_done_line(row: dict, spec: RowSpec) -> str:
-    """What a finished row says before the report: a bench cut short (minutes of compiling, a time
-    limit) still tells what it measured. The first warm-up step of each captured shape is where a
+    """What a row says once measured, before its kernel breakdown (which compiles again with
+    ``--compile-blocks``) and the report: a bench cut short (minutes of compiling, a time limit)
+    still tells what it measured. The first warm-up step of each captured shape is where a
     compile's time shows."""
     if row["out_of_memory"]:
         return f"row {spec.name}: out of memory"
@@ -354,7 +356,6 @@ def _run_rows(args, family: BenchFamily, device: torch.device, world: World) -> 
             for train, batch, gc_on, mode, layout, compiled in itertools.product(trains, batches, checkpointing, modes, layouts, compiling):
                 spec = RowSpec(w, train, batch, gc_on, mode, layout, compiled)
                 rows.append(_measure(sd_model, project, args, spec, device=device, kohya=kohya.get(spec.kohya_key), world=world))
-                print(row_done_line(rows[-1], spec), file=sys.stderr, flush=True)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "family": family.name,

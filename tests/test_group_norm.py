@@ -56,3 +56,41 @@ def test_fp32_inputs_and_inference_use_the_stock_forward():
     assert net(x).grad_fn.name() != "_GroupNormFromHalfBackward"
     with torch.no_grad():
         assert torch.equal(net(x.bfloat16()), GroupNorm32.forward(net[0], x.bfloat16()))
+
+
+class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the copies (casts, relayouts) that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] in ("_to_copy", "clone", "copy_")
+        return func(*args, **(kwargs or {}))
+
+
+def test_with_cudas_kernel_layout_a_channels_last_activation_stays_channels_last_in_one_copy_each_way(monkeypatch):
+    from lorakit_ext.models import group_norm
+
+    # On CUDA aten's GroupNorm takes the standard layout only; the same rule on the CPU here.
+    monkeypatch.setattr(group_norm, "_layout", lambda x: torch.contiguous_format)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(GroupNorm32(32, 64))
+    x = torch.randn(2, 64, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    g = torch.randn(2, 64, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    # The reference runs on the standard layout too: the CPU's channels_last kernel sums in another order.
+    standard = x.detach().contiguous().requires_grad_(True)
+    stock_out, stock_grads, _ = _run(net, standard, g.contiguous())
+    undo = use_half_saving_group_norm(net)
+    try:
+        with _Copies() as copies:
+            out, grads, _ = _run(net, x, g)
+    finally:
+        undo()
+    assert torch.equal(out, stock_out) and all(torch.equal(a, b) for a, b in zip(grads, stock_grads))
+    # The next convolution (channels_last weights) and the gradient's path back take them as they are.
+    assert out.is_contiguous(memory_format=torch.channels_last) and grads[0].is_contiguous(memory_format=torch.channels_last)
+    # Input to fp32, output to half; incoming gradient and saved input to fp32, input gradient to
+    # half (the fp32 weight and bias gradients are the fp32 parameters' already).
+    assert copies.count == 2 + 3

@@ -29,17 +29,28 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return memory_format_of(x) if x.device.type == "cpu" else torch.contiguous_format
 
 
+def _fp32(t: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    # Cast and relayout in one copy: ``t.float().contiguous()`` of a channels_last half tensor
+    # writes the fp32 tensor twice.
+    return t.to(torch.float32, memory_format=layout)
+
+
+def _half(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # Back in the layout the activation came in: a channels_last UNet's next convolution would
+    # otherwise copy a standard-layout result into channels_last again.
+    return t.to(like.dtype, memory_format=memory_format_of(like))
+
+
 class _GroupNormFromHalf(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps):
         n, c = x.shape[:2]
         hw = x.numel() // max(n * c, 1)
-        xf = x.float().contiguous(memory_format=_layout(x))
-        out, mean, rstd = torch.ops.aten.native_group_norm(xf, weight.float(), bias.float(), n, c, hw, groups, eps)
+        out, mean, rstd = torch.ops.aten.native_group_norm(_fp32(x, _layout(x)), weight.float(), bias.float(), n, c, hw, groups, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.shape = (n, c, hw, groups)
         ctx.param_dtypes = (weight.dtype, bias.dtype)
-        return out.to(x.dtype)
+        return _half(out, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -48,11 +59,10 @@ class _GroupNormFromHalf(torch.autograd.Function):
         layout = _layout(x)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            grad.float().contiguous(memory_format=layout), x.float().contiguous(memory_format=layout),
-            mean, rstd, weight.float(), n, c, hw, groups, mask,
+            _fp32(grad, layout), _fp32(x, layout), mean, rstd, weight.float(), n, c, hw, groups, mask,
         )
         return (
-            gx.to(x.dtype) if gx is not None else None,
+            _half(gx, x) if gx is not None else None,
             gw.to(ctx.param_dtypes[0]) if gw is not None else None,
             gb.to(ctx.param_dtypes[1]) if gb is not None else None,
             None,

@@ -53,7 +53,7 @@ def test_windows_builds_bundle_their_cuda_libraries_in_torch_lib(site):
 
 
 def test_reading_covers_every_byte_and_skips_what_it_cannot_open(tmp_path):
-    big = _library(tmp_path / "big.so", size=3 * library_warmup._CHUNK + 5)
+    big = _library(tmp_path / "big.so", size=3 * (1 << 23) + 5)  # three whole 8 MiB reads and a part
     small = _library(tmp_path / "small.so", size=7)
     assert library_warmup.read_files([big, tmp_path / "gone.so", tmp_path, small]) == big.stat().st_size + 7
 

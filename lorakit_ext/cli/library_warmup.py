@@ -14,7 +14,7 @@ import importlib.util
 import threading
 from pathlib import Path
 
-_CHUNK = 1 << 23  # as the checkpoint hash reads: few GIL takes beside the busy import thread
+from lorakit_ext.models.file_hashes import chunks
 
 
 def _is_library(path: Path) -> bool:
@@ -42,13 +42,11 @@ def gpu_library_files() -> list[Path]:
 
 def read_files(files: list[Path]) -> int:
     """Reads each file to its end (an unreadable one is skipped); returns the bytes read."""
-    buffer = memoryview(bytearray(_CHUNK))
     total = 0
     for path in files:
         try:
             with open(path, "rb", buffering=0) as fh:
-                while read := fh.readinto(buffer):
-                    total += read
+                total += sum(len(chunk) for chunk in chunks(fh))
         except OSError:
             continue
     return total

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from copy_count import Copies
 from ldm.modules.diffusionmodules.util import GroupNorm32
 
 from lorakit_ext.models.group_norm import use_half_saving_group_norm
@@ -58,17 +59,6 @@ def test_fp32_inputs_and_inference_use_the_stock_forward():
         assert torch.equal(net(x.bfloat16()), GroupNorm32.forward(net[0], x.bfloat16()))
 
 
-class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the copies (casts, relayouts) that run inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.__name__.split(".")[0] in ("_to_copy", "clone", "copy_")
-        return func(*args, **(kwargs or {}))
-
 
 def test_with_cudas_kernel_layout_a_channels_last_activation_stays_channels_last_in_one_copy_each_way(monkeypatch):
     from lorakit_ext.models import group_norm
@@ -84,7 +74,7 @@ def test_with_cudas_kernel_layout_a_channels_last_activation_stays_channels_last
     stock_out, stock_grads, _ = _run(net, standard, g.contiguous())
     undo = use_half_saving_group_norm(net)
     try:
-        with _Copies() as copies:
+        with Copies() as copies:
             out, grads, _ = _run(net, x, g)
     finally:
         undo()

@@ -173,6 +173,7 @@ class Trainer(StartCaches):
                 network = stack.enter_context(injected(model, config, config.seed))
                 if config.network_weights and resume_state is None:
                     network.load_weights(Path(config.network_weights))
+                half_weights = network.use_half_weights(self.precision.autocast) if self.precision.autocast else None
             stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
             stack.callback(use_training_forwards(model.unet, self.device, stock_attention=self.job.patch_attention))
             if self.job.compile_blocks:
@@ -188,7 +189,7 @@ class Trainer(StartCaches):
             world = self.world
             step_fn = StepFunction(model, self.schedule, config, self.precision, network.parameters(), optimizer,
                                    config.text_encoder_lr > 0, text_cached=config.cache_text_encoder_outputs,
-                                   sync=GradientSync(world) if world.distributed else None)
+                                   sync=GradientSync(world) if world.distributed else None, half_weights=half_weights)
             graphed = GraphedStep(step_fn, on_fallback=lambda reason: self.on_progress(Progress("training", message=f"CUDA graphs off: {reason}")))
             self.graph_pools = graphed.pools
             stack.callback(graphed.release)

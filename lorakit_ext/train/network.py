@@ -30,6 +30,10 @@ from lorakit_ext.export.writer import ModuleTensors, ModuleWeights, read_lora_fi
 from lorakit_ext.models.families.base import ATTENTION
 from lorakit_ext.models.patching import patch_forwards
 from lorakit_ext.train import attention_lora
+from lorakit_ext.train.half_weights import HalfWeights
+
+# Where a LoRA layer finds its (down, up) half copies while HalfWeights are in use.
+HALF_WEIGHTS = "lorakit_half_weights"
 
 
 @dataclass
@@ -87,8 +91,10 @@ def _lora_forward(layer: BaseTunerLayer):
     peft's own forward casts every LoRA input to the LoRA weights' dtype (fp32 here). Under autocast
     that is an fp32 copy and a half copy of each input, and the half copy is kept for backward:
     an activation-sized tensor per module that kohya's network does not keep, and four extra
-    kernels per module. Here the input stays as it is and autocast casts the small LoRA weights.
-    Dropout acts on the rank-sized down output, as kohya's ``network_dropout`` does.
+    kernels per module. Here the input stays as it is, and the weights are the half copies of
+    :class:`~lorakit_ext.train.half_weights.HalfWeights` in a training forward (else autocast
+    casts the small fp32 weights). Dropout acts on the rank-sized down output, as kohya's
+    ``network_dropout`` does.
 
     The scale multiplies that rank-sized output rather than the layer-sized one (the same product:
     ``up`` is linear), and for a Linear the up projection adds itself into the base output inside
@@ -98,16 +104,27 @@ def _lora_forward(layer: BaseTunerLayer):
     base = layer.get_base_layer()
     down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
     dropout, scale = layer.lora_dropout[ADAPTER], layer.scaling[ADAPTER]
+
+    def weights():
+        half = getattr(layer, HALF_WEIGHTS, None)
+        return half if half is not None and torch.is_grad_enabled() else (down.weight, up.weight)
+
     if not isinstance(base, nn.Linear):
-        return lambda x, *args, **kwargs: base(x, *args, **kwargs) + up(dropout(down(x)) * scale)
+        def conv_forward(x, *args, **kwargs):
+            w_down, w_up = weights()
+            low = dropout(down._conv_forward(x, w_down, None)) * scale
+            return base(x, *args, **kwargs) + up._conv_forward(low, w_up, None)
+
+        return conv_forward
 
     def forward(x, *args, **kwargs):
+        w_down, w_up = weights()
         # On rows, so that the base output is a fresh 2-D tensor: an in-place op on a view of it
         # would make autograd copy the whole gradient back in backward.
         rows = x.reshape(-1, x.shape[-1])
         out = base(rows, *args, **kwargs)
-        low = dropout(down(rows)) * scale
-        out.addmm_(low.to(out.dtype), up.weight.to(out.dtype).t())
+        low = dropout(F.linear(rows, w_down)) * scale
+        out.addmm_(low.to(out.dtype), w_up.to(out.dtype).t())
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
@@ -194,6 +211,19 @@ class LoraNetwork:
                     component.params.append(param)
         for comp in self.components:
             comp.root.train()
+
+    def use_half_weights(self, dtype: torch.dtype) -> HalfWeights | None:
+        """Half copies of the LoRA and LoCon layers' weights for training forwards under an
+        autocast to ``dtype``; None for network types that keep their own forward."""
+        layers = [m for comp in self.components for m in comp.root.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.network_type.factored or not layers:
+            return None
+        pairs = [(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight) for layer in layers]
+        half = HalfWeights([p for pair in pairs for p in pair], dtype)
+        for layer, (down, up) in zip(layers, pairs):
+            # A plain attribute (not a registered tensor): the layer's state_dict stays peft's.
+            object.__setattr__(layer, HALF_WEIGHTS, (half.of[down], half.of[up]))
+        return half
 
     def remove(self) -> None:
         for comp in self.components:

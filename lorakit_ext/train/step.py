@@ -63,8 +63,9 @@ class DeviceLossScale:
 
 class StepFunction:
     def __init__(self, model, schedule, config, precision, params, optimizer, train_te: bool, text_cached: bool = False,
-                 sync=None):
+                 sync=None, half_weights=None):
         self.sync = sync  # averages the gradients over data-parallel ranks (train.data_parallel), None: one process
+        self.half_weights = half_weights  # the forward's half copies of params (train.half_weights), or None
         self.model = model
         self.schedule = schedule
         self.config = config
@@ -138,6 +139,8 @@ class StepFunction:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
                 torch._foreach_zero_(grads)
+            if self.half_weights is not None:
+                self.half_weights.refresh()
         c = self.config
         total, keep = (latents.shape[0], slice(None)) if rows is None else (rows.total, slice(rows.start, rows.start + rows.count))
         noise = draw_noise((total, *latents.shape[1:]), latents.device, None, c.noise_offset, c.multires_noise_iterations,
@@ -149,9 +152,14 @@ class StepFunction:
         loss = self.loss(latents, text, sizes, noise, timesteps, input_noise, weights)
         share = loss / c.gradient_accumulation_steps if c.gradient_accumulation_steps > 1 else loss
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(share).backward()
+            share = self.grad_scaler.scale(share)
+        elif self.loss_scale is not None:
+            share = share * self.loss_scale.scale
+        share.backward()
+        if self.half_weights is not None:
+            self.half_weights.fold_gradients()
+        if self.grad_scaler is not None:
             return self._host_scaled_step(loss) if last else loss.detach().float()
-        (share * self.loss_scale.scale if self.loss_scale is not None else share).backward()
         if not last:
             return loss.detach().float()
         self._sync()

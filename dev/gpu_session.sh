@@ -17,6 +17,7 @@
 #   bash dev/gpu_session.sh setup startup_compiled      # the same with compiled UNet blocks: compile time per bucket shape
 #   bash dev/gpu_session.sh setup profile_sources       # SD1.5 b8: the operators and lines behind the elementwise/copy time
 #   bash dev/gpu_session.sh setup layout                # channels_last against the standard layout at SD1.5 b2/b8 and SDXL b1 (layout_sd1, layout_sdxl)
+#   TREES=".gpu/old ." bash dev/gpu_session.sh setup trees   # one bench row on earlier commits' trees and this one (ROW, NAME)
 #
 # Inputs, git-ignored and carried along (never committed):
 #   .whl/                 wheels for the machine's Python: ldm's and sgm's needs, the optional optimizers
@@ -253,6 +254,19 @@ layout_rows() {
     python3 -c "import json, sys
 for r in json.load(open(sys.argv[1]))['rows']:
     print('batch', r['batch'], 'channels_last', r['channels_last'], f\"{r['it_per_s']:.2f} it/s, reserved {r['peak_reserved_gib']:.2f} GiB\")" "$1"
+}
+
+# One bench row on several source trees one after another on the same GPU: what each commit
+# changed. TREES: folders holding a tree each (`git archive <commit> | tar -x -C .gpu/<name>`,
+# carried along; "." is this one), ROW: the bench options, NAME: the row's name in $OUT.
+phase_trees() {
+    local tree
+    for tree in ${TREES:-.}; do
+        # shellcheck disable=SC2086
+        (cd "$tree" && PYTHONPATH="$PWD:/tmp/site" python3 -m lorakit_ext bench train ${ROW:---weights bf16 --batch 8 --train unet --modes graphs} --json) \
+            >> "$OUT/trees_${NAME:-row}.jsonl" 2> /tmp/trees.log
+        grep "^row" /tmp/trees.log | sed "s|^|$tree |" | tee -a "$OUT/trees.txt"
+    done
 }
 
 phase_queue() {

@@ -3,15 +3,22 @@ as autocast's own casts, with a few flat copies per step instead of several per 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from copy_count import Copies
+from tiny_datasets import fill_dataset
+from tiny_runs import tiny_sd15_trainer
 
+from lorakit_ext.models import compiled_blocks
 from lorakit_ext.models.ldm import LdmModel
+from lorakit_ext.project import create_project
+from lorakit_ext.train import loop
 from lorakit_ext.train import step as step_module
 from lorakit_ext.train.half_weights import HalfWeights
 from lorakit_ext.train.loss import NoiseSchedule
-from lorakit_ext.train.network import injected
+from lorakit_ext.train.network import HALF_WEIGHTS, injected
 from lorakit_ext.train.precision import Precision
 from lorakit_ext.train.step import StepFunction
 from lorakit_ext.train_config import TrainConfig
@@ -93,3 +100,29 @@ def test_lohas_keep_their_own_forward(tiny_sd15):
     model = LdmModel(sd_model, clip_skip=1, max_token_length=75)
     with injected(model, TrainConfig(**SMALL, network_type="LoHa"), seed=3) as network:
         assert network.use_half_weights(torch.bfloat16) is None
+
+
+@pytest.fixture
+def project(tmp_path):
+    project = create_project(tmp_path / "projects", "kat")
+    fill_dataset(project.dataset)
+    return project
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["stock", "compiled-blocks"])
+def test_a_half_precision_run_trains_on_half_copies_unless_its_blocks_are_compiled(tiny_sd15_dir, project, tmp_path, monkeypatch,
+                                                                                compiled):
+    monkeypatch.setattr(loop, "resolve_precision", lambda *args: BF16)
+    monkeypatch.setattr(compiled_blocks, "BACKEND", "eager")
+    made = []
+    monkeypatch.setattr(HalfWeights, "refresh", lambda self, stock=HalfWeights.refresh: made.append(self) or stock(self))
+    config = TrainConfig(**SMALL, min_bucket_reso=64, max_bucket_reso=128, num_repeats=1, max_train_epochs=2,
+                         train_batch_size=2, lr_scheduler="constant", keep_only_last_n_epochs=0).validate()
+    trainer = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / "out")
+    trainer.job.compile_blocks = compiled
+    result = trainer.run()
+    assert [p.name for p in result.files] == ["kat-01.safetensors", "kat-02.safetensors"]
+    assert all(math.isfinite(loss) for loss in result.losses)
+    # One refresh when the copies are made, then one per optimizer step; none with compiled blocks.
+    assert len(made) == (0 if compiled else 1 + result.steps)
+    assert not any(hasattr(m, HALF_WEIGHTS) for m in trainer.model.sd_model.modules())

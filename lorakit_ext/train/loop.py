@@ -173,7 +173,10 @@ class Trainer(StartCaches):
                 network = stack.enter_context(injected(model, config, config.seed))
                 if config.network_weights and resume_state is None:
                     network.load_weights(Path(config.network_weights))
-                half_weights = network.use_half_weights(self.precision.autocast) if self.precision.autocast else None
+                # Compiled blocks fuse the LoRA weights' casts into their own kernels; with the half
+                # copies as well, one H100 run had not compiled its shape in twice the time.
+                half_weights = (network.use_half_weights(self.precision.autocast)
+                                if self.precision.autocast and not self.job.compile_blocks else None)
             stack.callback(configure_checkpointing(model.unet, config.gradient_checkpointing))
             stack.callback(use_training_forwards(model.unet, self.device, stock_attention=self.job.patch_attention))
             if self.job.compile_blocks:

@@ -117,7 +117,8 @@ def test_a_half_precision_run_trains_on_half_copies_unless_its_blocks_are_compil
     made = []
     monkeypatch.setattr(HalfWeights, "refresh", lambda self, stock=HalfWeights.refresh: made.append(self) or stock(self))
     config = TrainConfig(**SMALL, min_bucket_reso=64, max_bucket_reso=128, num_repeats=1, max_train_epochs=2,
-                         train_batch_size=2, lr_scheduler="constant", keep_only_last_n_epochs=0).validate()
+                         train_batch_size=2, lr_scheduler="constant", keep_only_last_n_epochs=0,
+                         gradient_checkpointing=True).validate()  # the recompute uses the half copies too
     trainer = tiny_sd15_trainer(tiny_sd15_dir, project, config, tmp_path / "out")
     trainer.job.compile_blocks = compiled
     result = trainer.run()

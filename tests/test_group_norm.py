@@ -59,7 +59,6 @@ def test_fp32_inputs_and_inference_use_the_stock_forward():
         assert torch.equal(net(x.bfloat16()), GroupNorm32.forward(net[0], x.bfloat16()))
 
 
-
 def test_with_cudas_kernel_layout_a_channels_last_activation_stays_channels_last_in_one_copy_each_way(monkeypatch):
     from lorakit_ext.models import group_norm
 

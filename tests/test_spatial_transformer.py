@@ -13,7 +13,6 @@ from lorakit_ext.models.layout import relayout_module
 from lorakit_ext.models.spatial_transformer import use_layout_keeping_transformers
 
 
-
 def _transformer(cls, use_linear: bool, depth: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)
     net = cls(64, 4, 16, depth=depth, context_dim=32, use_linear=use_linear, use_checkpoint=False)
